@@ -1,0 +1,88 @@
+"""Load a DINOv3 (or DINOv2) vision transformer through ``transformers`` and turn images into CLS and stage grids.
+
+This is the only module that knows the token layout ``[CLS | registers | patches]`` and the only one that imports
+``transformers``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+import torch.nn.functional as F
+
+from himatch_med.config import default_stages
+from himatch_med.errors import WeightsUnavailableError
+
+WEIGHTS_HELP = """\
+Could not load the backbone weights {model!r}: {reason}
+
+DINOv3 weights are gated on the Hugging Face Hub. To use them:
+  1. accept the licence at https://huggingface.co/{hub_id} (signed in to your account),
+  2. log in on this machine: `hf auth login` (or set HF_TOKEN), then run again;
+or pass weights you already have: `--model /path/to/local/folder` (a folder saved with `save_pretrained`),
+or use an ungated DINOv2 model, e.g. `--model facebook/dinov2-base`."""
+
+
+class Backbone:
+    """A frozen ViT returning unit-norm CLS and unit-norm, layer-normed patch grids of chosen stages.
+
+    Args:
+        model: a loaded ``transformers`` DINOv3/DINOv2 model.
+        model_id: the Hub id or folder it came from.
+        stages: 1-based blocks to return; empty for four evenly spaced blocks ending at the last.
+    """
+
+    def __init__(self, model: torch.nn.Module, model_id: str, stages: tuple[int, ...] = ()) -> None:
+        config = model.config
+        self.model = model.eval().requires_grad_(False)
+        self.model_id = model_id
+        self.patch_size = int(config.patch_size)
+        self.depth = int(config.num_hidden_layers)
+        self.stages = tuple(stages) or default_stages(self.depth)
+        if max(self.stages) > self.depth:
+            raise ValueError(f"stages={self.stages} but {model_id} has only {self.depth} blocks")
+        # DINOv3 and DINOv2-with-registers put registers between CLS and patches; plain DINOv2 has none.
+        self.prefix = 1 + int(getattr(config, "num_register_tokens", 0) or 0)
+        self.norm = getattr(model, "norm", None) or getattr(model, "layernorm")
+
+    @property
+    def device(self) -> torch.device:
+        """Where the weights live."""
+        return next(self.model.parameters()).device
+
+    @torch.inference_mode()
+    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """Images ``(S, 3, H', W')`` -> unit CLS ``(S, D)`` and one unit grid ``(S, h, w, D)`` per stage (float32)."""
+        height, width = images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size
+        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if images.device.type == "cuda"
+                    else contextlib.nullcontext())
+        with autocast:
+            hidden = self.model(pixel_values=images, output_hidden_states=True).hidden_states
+            # hidden[0] is the embedding output, hidden[i] the output of block i.
+            tokens = [self.norm(hidden[stage]) for stage in self.stages]
+        cls = F.normalize(tokens[-1][:, 0].float(), dim=-1)
+        grids = tuple(F.normalize(t[:, self.prefix:].float(), dim=-1).unflatten(1, (height, width)) for t in tokens)
+        return cls, grids
+
+
+def load_backbone(model_id: str, *, stages: tuple[int, ...] = (), device: str | torch.device = "cpu") -> Backbone:
+    """Load weights from a Hub id or a local folder; :class:`WeightsUnavailableError` says how to get missing ones."""
+    from transformers import AutoModel
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
+    try:
+        model = AutoModel.from_pretrained(model_id)
+    except (OSError, ValueError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        hub_id = model_id if "/" in model_id and not model_id.startswith((".", "/")) else \
+            "facebook/dinov3-vitb16-pretrain-lvd1689m"
+        raise WeightsUnavailableError(WEIGHTS_HELP.format(model=model_id, reason=reason, hub_id=hub_id)) from error
+    if not hasattr(model.config, "patch_size") or not hasattr(model, "embeddings"):
+        raise WeightsUnavailableError(f"{model_id!r} is a {type(model).__name__}, not a DINOv3/DINOv2 vision "
+                                      "transformer; pass a DINOv3 or DINOv2 model with --model")
+    return Backbone(model.to(device), model_id, stages)

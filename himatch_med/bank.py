@@ -1,0 +1,176 @@
+"""The reference bank: descriptors of normal slices, their clustered features, and the calibration.
+
+Format (version 1), written by :func:`himatch_med.io.write_bank` as a folder with two files:
+
+- ``bank.safetensors``: ``cls`` (N, D) fp16, ``layout`` (N, g*g, D) fp16, ``centroids`` (N, L, c, D) fp16,
+  ``sizes`` (N, L, c) int32, ``positions`` (N,) fp32, ``groups`` (N,) int64 (which reference volume a slice came
+  from), ``calibration_mean`` and ``calibration_std`` (L,) fp32, ``calibration_slice_scores`` (M,) fp32,
+  ``calibration_volume_scores`` (V,) fp32;
+- ``bank.json``: ``format_version``, the settings a query must repeat (model, modality, window, image size), the
+  ``stages``, the sources (file and slice of every reference), the calibration settings, and a SHA-256 of the
+  arrays file.
+"""
+
+from __future__ import annotations
+
+if __name__ == "__main__":
+    # `python -m himatch_med.bank build ...`: dispatch before the heavy imports below so that --help is instant.
+    import sys
+
+    from himatch_med.run import bank_main
+
+    sys.exit(bank_main())
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from himatch_med.errors import InputError
+from himatch_med.matching import spherical_kmeans
+
+FORMAT_VERSION = 1
+ARRAYS = ("cls", "layout", "centroids", "sizes", "positions", "groups", "calibration_mean", "calibration_std",
+          "calibration_slice_scores", "calibration_volume_scores")
+STORAGE_DTYPE = torch.float16
+
+
+@dataclass
+class Bank:
+    """References ``N`` with ``L`` stages of ``c`` centroids each, and the calibration of their stage maps."""
+
+    cls: torch.Tensor
+    layout: torch.Tensor
+    centroids: torch.Tensor
+    sizes: torch.Tensor
+    positions: torch.Tensor
+    groups: torch.Tensor
+    calibration_mean: torch.Tensor
+    calibration_std: torch.Tensor
+    calibration_slice_scores: torch.Tensor
+    calibration_volume_scores: torch.Tensor
+    meta: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_stored(cls, tensors: dict[str, torch.Tensor], meta: dict, *, source: str) -> Bank:
+        """A bank from the arrays and metadata :func:`himatch_med.io.read_bank` returns."""
+        version = meta.get("format_version")
+        if version != FORMAT_VERSION:
+            raise InputError(f"{source}: bank format version {version!r}, this version of himatch-med reads "
+                             f"{FORMAT_VERSION}; rebuild the bank")
+        missing = [name for name in ARRAYS if name not in tensors]
+        if missing:
+            raise InputError(f"{source}: the bank lacks arrays {', '.join(missing)}; rebuild the bank")
+        return cls(**{name: tensors[name] for name in ARRAYS}, meta=meta)
+
+    def __len__(self) -> int:
+        return len(self.cls)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The arrays by name, as stored."""
+        return {name: getattr(self, name) for name in ARRAYS}
+
+    def memory(self, indices: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """Centroids of the references ``indices`` ``(B, K)`` as float32 ``(L, B, K, c, D)`` on ``device``."""
+        rows = self.centroids[indices.flatten().cpu()]
+        rows = rows.to(device=device, dtype=torch.float32)
+        return rows.unflatten(0, indices.shape).movedim(2, 0)
+
+    def check(self, expected: dict, *, source: str) -> None:
+        """Raise :class:`InputError` unless the bank was built with the ``expected`` settings (model, stages, ...)."""
+        recorded = self.meta.get("settings", {})
+        wrong = [f"{key}: bank has {recorded.get(key)!r}, this run asks for {value!r}"
+                 for key, value in expected.items() if _plain(recorded.get(key)) != _plain(value)]
+        if wrong:
+            raise InputError(f"{source} was built with other settings than this run: " + "; ".join(wrong)
+                             + ". Run with the bank's settings, or build a new bank with these.")
+
+
+def _plain(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+@dataclass
+class Sample:
+    """One reference slice kept for calibration: its features and foreground."""
+
+    cls: torch.Tensor
+    layout: torch.Tensor
+    stages: tuple[torch.Tensor, ...]
+    patch_foreground: torch.Tensor
+    foreground: torch.Tensor
+    position: float
+    group: int
+
+
+class BankBuilder:
+    """Accumulates references slice batch by slice batch; keeps a seeded reservoir sample for calibration.
+
+    Args:
+        centroids: c, centroids per slice and stage.
+        iterations: k-means iterations.
+        seed: seed of k-means and of the calibration sample.
+        calibration_slices: size of the calibration sample.
+    """
+
+    def __init__(self, *, centroids: int, iterations: int, seed: int, calibration_slices: int) -> None:
+        self.k, self.iterations, self.seed = centroids, iterations, seed
+        self.capacity = calibration_slices
+        self.parts: dict[str, list[torch.Tensor]] = {name: [] for name in ARRAYS[:6]}
+        self.samples: list[Sample] = []
+        self.sources: list[dict] = []
+        self.seen = 0
+        self.random = np.random.default_rng(seed)
+
+    def add(self, cls: torch.Tensor, layout: torch.Tensor, stages: tuple[torch.Tensor, ...],
+            patch_foreground: torch.Tensor, foreground: torch.Tensor, positions: torch.Tensor, group: int,
+            sources: list[dict]) -> None:
+        """Add ``B`` reference slices of one volume.
+
+        Args:
+            cls, layout, stages: their features (``(B, D)``, ``(B, g*g, D)``, ``L`` grids ``(B, h, w, D)``).
+            patch_foreground: foreground patches ``(B, h, w)``; each slice needs at least one.
+            foreground: foreground pixels ``(B, H, W)``.
+            positions: relative slice positions ``(B,)``.
+            group: index of the reference volume.
+            sources: one record per slice (file, slice index) for the bank's metadata.
+        """
+        valid = patch_foreground.flatten(1)
+        clustered = [spherical_kmeans(grid.flatten(1, 2), valid, self.k, iterations=self.iterations, seed=self.seed)
+                     for grid in stages]
+        self.parts["cls"].append(cls.to("cpu", STORAGE_DTYPE))
+        self.parts["layout"].append(layout.to("cpu", STORAGE_DTYPE))
+        self.parts["centroids"].append(torch.stack([c for c, _ in clustered], dim=1).to("cpu", STORAGE_DTYPE))
+        self.parts["sizes"].append(torch.stack([s for _, s in clustered], dim=1).to("cpu", torch.int32))
+        self.parts["positions"].append(positions.to("cpu", torch.float32))
+        self.parts["groups"].append(torch.full((len(cls),), group, dtype=torch.int64))
+        self.sources.extend(sources)
+        for row in range(len(cls)):
+            slot = self._reservoir_slot()
+            if slot is not None:
+                sample = Sample(cls[row].cpu(), layout[row].cpu(),
+                                tuple(grid[row].to("cpu", STORAGE_DTYPE) for grid in stages),
+                                patch_foreground[row].cpu(), foreground[row].cpu(), float(positions[row]), group)
+                if slot == len(self.samples):
+                    self.samples.append(sample)
+                else:
+                    self.samples[slot] = sample
+
+    def _reservoir_slot(self) -> int | None:
+        self.seen += 1
+        if len(self.samples) < self.capacity:
+            return len(self.samples)
+        slot = int(self.random.integers(0, self.seen))
+        return slot if slot < self.capacity else None
+
+    def bank(self, meta: dict) -> Bank:
+        """The references gathered so far, not yet calibrated (calibration arrays empty)."""
+        if not self.parts["cls"]:
+            raise InputError("no usable reference slice: every reference slice lacks foreground or is labelled; "
+                             "check the reference files, --foreground and --min-foreground")
+        arrays = {name: torch.cat(parts) for name, parts in self.parts.items()}
+        stages = arrays["centroids"].shape[1]
+        empty = torch.zeros(0)
+        return Bank(**arrays, calibration_mean=torch.zeros(stages), calibration_std=torch.ones(stages),
+                    calibration_slice_scores=empty, calibration_volume_scores=empty,
+                    meta={**meta, "format_version": FORMAT_VERSION, "sources": self.sources})

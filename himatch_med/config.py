@@ -1,0 +1,100 @@
+"""Every tunable setting of himatch-med, with its default, documented once.
+
+The CLI builds its options from :class:`Settings`, so ``--help`` always shows these defaults. Library functions take
+the few values they need, never the whole object.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+
+DEFAULT_MODEL = "facebook/dinov3-vitb16-pretrain-lvd1689m"
+MODALITIES = ("mri", "ct", "oct")
+CT_WINDOWS = {"liver": (40.0, 400.0), "brain": (40.0, 80.0), "abdomen": (50.0, 350.0)}
+"""Named CT windows as (level, width) in HU."""
+FOREGROUNDS = ("nonzero", "body", "otsu", "all")
+AXES = ("axial", "coronal", "sagittal")
+FUSIONS = ("uncertainty", "mean", "max", "last")
+
+# Per-modality defaults for the settings left at ``None``: MRI and masked CT from BMAD have an exact-zero background;
+# raw CT is cut at the body outline; OCT has a speckled background that Otsu separates from the retina.
+MODALITY_DEFAULTS = {
+    "mri": {"foreground": "nonzero", "position_window": 0.1},
+    "ct": {"foreground": "body", "position_window": 0.0},
+    "oct": {"foreground": "otsu", "position_window": 0.0},
+}
+BODY_THRESHOLD_HU = -500.0
+
+
+def _setting(default, help: str, choices=None, bank: bool = False):  # noqa: A002
+    return field(default=default, metadata={"help": help, "choices": choices, "bank": bank})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The settings of one run; fields marked ``bank`` must match between a bank and its queries."""
+
+    model: str = _setting(DEFAULT_MODEL, "Hub id or local folder of a DINOv3 (or DINOv2) model", bank=True)
+    modality: str = _setting("mri", "intensity preset: mri (0.5-99.5 percentiles), ct (HU window), oct (1-99 "
+                             "percentiles)", MODALITIES, bank=True)
+    window: str = _setting("liver", "CT window (level/width HU): liver 40/400, brain 40/80, abdomen 50/350",
+                           tuple(CT_WINDOWS), bank=True)
+    image_size: int = _setting(448, "shorter side of the backbone image in pixels (a multiple of the patch size)",
+                               bank=True)
+    stages: tuple[int, ...] = _setting((), "transformer blocks (1-based) whose patch tokens are matched; empty: "
+                                       "4 evenly spaced ending at the last", bank=True)
+    axis: str = _setting("axial", "slice axis in RAS: axial, coronal or sagittal", AXES)
+    foreground: str | None = _setting(None, "foreground mode: nonzero, body (CT > -500 HU), otsu, all; empty: the "
+                                      "modality's default (mri nonzero, ct body, oct otsu)", FOREGROUNDS)
+    min_foreground: float = _setting(0.01, "slices with less foreground than this fraction are not scored")
+    patch_foreground: float = _setting(0.5, "a patch is foreground when this fraction of its pixels is")
+    layout_cells: int = _setting(4, "cells per side of the coarse layout descriptor (patch branch of retrieval)")
+    centroids: int = _setting(32, "centroids per reference slice and stage (spherical k-means)")
+    kmeans_iterations: int = _setting(20, "spherical k-means iterations")
+    calibration_slices: int = _setting(512, "bank slices sampled for the z-unit and percentile calibration")
+    references_k: int = _setting(8, "references retrieved per query slice")
+    cls_weight: float = _setting(0.5, "weight of the CLS branch in retrieval (the layout branch gets the rest)")
+    position_window: float | None = _setting(None, "only retrieve references within this relative slice position "
+                                             "(0 = off); empty: the modality's default (mri 0.1, else off)")
+    fusion: str = _setting("uncertainty", "how stage maps are fused: uncertainty, mean, max, last", FUSIONS)
+    temperature: float = _setting(1.0, "temperature of the uncertainty softmax over stages")
+    smoothing_sigma: float = _setting(4.0, "Gaussian smoothing of the maps, in backbone-image pixels")
+    top_fraction: float = _setting(0.01, "slice/volume score = mean of this top fraction of foreground values")
+    seed: int = _setting(0, "seed of every random choice (k-means, calibration sample)")
+    batch_size: int = _setting(16, "slices per backbone batch")
+    chunk_size: int = _setting(4096, "bank rows compared at once (bounds memory)")
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if choices and value is not None and value not in choices:
+                raise ValueError(f"{f.name}={value!r} is not one of {', '.join(choices)}")
+        for name in ("image_size", "layout_cells", "centroids", "kmeans_iterations", "references_k", "batch_size",
+                     "chunk_size", "calibration_slices"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
+        for name in ("min_foreground", "patch_foreground", "cls_weight", "top_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name}={getattr(self, name)} must lie in [0, 1]")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature={self.temperature} must be positive")
+        if self.smoothing_sigma < 0:
+            raise ValueError(f"smoothing_sigma={self.smoothing_sigma} must not be negative")
+        if any(s < 1 for s in self.stages):
+            raise ValueError(f"stages={self.stages}: blocks are numbered from 1")
+
+    def resolved(self) -> Settings:
+        """The same settings with the modality's defaults filled in for those left at ``None``."""
+        defaults = MODALITY_DEFAULTS[self.modality]
+        return replace(self, **{k: v for k, v in defaults.items() if getattr(self, k) is None})
+
+    def bank_fields(self) -> dict:
+        """The settings a bank records and a query must repeat."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata.get("bank")}
+
+
+def default_stages(depth: int) -> tuple[int, ...]:
+    """Four blocks evenly spaced ending at the last, e.g. 12 -> (3, 6, 9, 12), 24 -> (6, 12, 18, 24)."""
+    count = min(4, depth)
+    return tuple(round(depth * (i + 1) / count) for i in range(count))

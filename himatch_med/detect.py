@@ -1,0 +1,265 @@
+"""Orchestration on tensors: prepare a volume, build a bank, detect anomalies. Never touches files.
+
+A volume flows as: canonical volume -> :class:`Prepared` slices -> batches through the extractor -> retrieval and
+stage maps against the bank -> fused patch maps -> maps on the slice grid -> back to the canonical volume.
+Only the patch maps of the whole volume are held at once; stage grids live for one batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from himatch_med.bank import Bank, BankBuilder, Sample
+from himatch_med.config import Settings
+from himatch_med.features import Extractor, Features, describe
+from himatch_med.fusion import calibrate, fuse, stage_uncertainty
+from himatch_med.matching import reference_distances
+from himatch_med.retrieval import retrieve
+from himatch_med.scoring import percentile, slice_scores, top_mean, volume_score
+from himatch_med.transforms import foreground_mask, patch_foreground, scale_intensity, to_backbone_images
+from himatch_med.volume import AXIS_INDEX, backbone_size, from_slices, maps_to_slices, relative_positions, to_slices
+
+Progress = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A volume cut into backbone-ready slices.
+
+    ``slices`` (S, H, W) in [0, 1]; ``foreground`` (S, H, W); ``scored`` (S,) slices with enough foreground;
+    ``positions`` (S,) relative positions along the foreground; ``axis`` the canonical slice axis.
+    """
+
+    slices: torch.Tensor
+    foreground: torch.Tensor
+    scored: torch.Tensor
+    positions: torch.Tensor
+    axis: int
+
+
+@dataclass(frozen=True)
+class Detection:
+    """Result for one volume: maps as canonical volumes, scores per slice and per volume."""
+
+    anomaly: torch.Tensor
+    uncertainty: torch.Tensor
+    slice_scores: torch.Tensor
+    slice_percentiles: torch.Tensor
+    scored: torch.Tensor
+    volume_score: float
+    volume_percentile: float
+
+
+def prepare(volume: torch.Tensor, settings: Settings, *, foreground: torch.Tensor | None = None,
+            excluded: torch.Tensor | None = None) -> Prepared:
+    """Scale intensities, find the foreground and cut a canonical volume ``(X, Y, Z)`` into slices.
+
+    Args:
+        volume: raw intensities of the canonical volume.
+        settings: resolved settings (modality, window, foreground, axis, min_foreground).
+        foreground: a given foreground mask (overrides the foreground mode).
+        excluded: voxels whose slices must not be scored nor used as references (lesion labels of annotated
+            reference volumes).
+    """
+    mask = foreground if foreground is not None else foreground_mask(volume, settings.foreground)
+    scaled = scale_intensity(volume, mask, modality=settings.modality, window=settings.window)
+    axis = AXIS_INDEX[settings.axis]
+    slices, fg = to_slices(scaled, axis), to_slices(mask.bool(), axis)
+    scored = fg.flatten(1).float().mean(dim=1) >= max(settings.min_foreground, 1e-9)
+    if excluded is not None:
+        scored &= ~to_slices(excluded.bool(), axis).flatten(1).any(dim=1)
+    return Prepared(slices, fg, scored, relative_positions(fg.flatten(1).any(dim=1)), axis)
+
+
+def batches(extractor: Extractor, prepared: Prepared, settings: Settings, device: torch.device
+            ) -> Iterator[tuple[torch.Tensor, Features, torch.Tensor]]:
+    """Yield ``(slice indices, features, patch foreground)`` for the scored slices, one backbone batch at a time.
+
+    Slices whose patch grid holds no foreground patch (a sliver of foreground) are left out.
+    """
+    height, width = prepared.slices.shape[1:]
+    size = backbone_size(height, width, image_size=settings.image_size, patch_size=extractor.patch_size)
+    grid = (size[0] // extractor.patch_size, size[1] // extractor.patch_size)
+    indices = torch.nonzero(prepared.scored).flatten()
+    for part in indices.split(settings.batch_size):
+        patches = patch_foreground(prepared.foreground[part].to(device), grid, settings.patch_foreground)
+        keep = patches.flatten(1).any(dim=1)
+        if not keep.any():
+            continue
+        part, patches = part[keep.cpu()], patches[keep]
+        images = to_backbone_images(prepared.slices[part].to(device), size)
+        cls, stages = extractor(images)
+        yield part, describe(cls, stages, settings.layout_cells), patches
+
+
+def stage_distances(features: Features, bank: Bank, settings: Settings, positions: torch.Tensor,
+                    groups: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Retrieve references for a batch and measure each stage against their centroids.
+
+    Returns:
+        Stage maps ``A`` ``(L, B, h, w)`` and per-reference distances ``d`` ``(L, B, h, w, K)``.
+    """
+    device = features.cls.device
+    available = len(bank) - (int(torch.bincount(bank.groups).max()) if groups is not None else 0)
+    index, _ = retrieve(features.cls, features.layout, bank.cls, bank.layout, k=min(settings.references_k, available),
+                        cls_weight=settings.cls_weight, chunk=settings.chunk_size,
+                        query_positions=positions.to(device), bank_positions=bank.positions,
+                        window=settings.position_window, query_groups=None if groups is None else groups.to(device),
+                        bank_groups=None if groups is None else bank.groups)
+    memory = bank.memory(index, device)
+    distances = torch.stack([reference_distances(grid.flatten(1, 2), memory[stage], chunk=settings.chunk_size)
+                             for stage, grid in enumerate(features.stages)])
+    per_reference = distances.unflatten(2, features.grid)
+    return per_reference.amin(dim=-1), per_reference
+
+
+def fused_maps(stage_maps: torch.Tensor, per_reference: torch.Tensor, bank: Bank, settings: Settings
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Calibrated, fused patch maps ``F`` and ``U`` ``(B, h, w)`` from :func:`stage_distances`' output."""
+    mean = bank.calibration_mean.to(stage_maps)
+    std = bank.calibration_std.to(stage_maps)
+    return fuse(calibrate(stage_maps, mean, std), stage_uncertainty(per_reference, std),
+                mode=settings.fusion, temperature=settings.temperature)
+
+
+def fill_background(maps: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
+    """Patch maps ``(B, h, w)`` with background patches set to their slice's foreground minimum."""
+    low = maps.masked_fill(~patches, torch.inf).flatten(1).amin(dim=1)
+    return torch.where(patches, maps, low[:, None, None])
+
+
+def slice_sigma(settings: Settings, height: int, width: int, patch_size: int) -> float:
+    """The smoothing sigma in slice pixels (the setting is in backbone-image pixels)."""
+    size = backbone_size(height, width, image_size=settings.image_size, patch_size=patch_size)
+    return settings.smoothing_sigma * height / size[0]
+
+
+def detect(extractor: Extractor, bank: Bank, prepared: Prepared, settings: Settings,
+           progress: Progress | None = None) -> Detection:
+    """Anomaly and uncertainty maps and scores of one prepared volume against a bank.
+
+    Args:
+        extractor: the backbone (or a stand-in with the same interface).
+        bank: a calibrated bank built with the same model, stages, image size and preset.
+        prepared: the volume from :func:`prepare`.
+        settings: resolved settings.
+        progress: called with the number of slices finished after each batch.
+    """
+    device = _device(extractor)
+    count, height, width = prepared.slices.shape
+    grid_maps: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    for part, features, patches in batches(extractor, prepared, settings, device):
+        stage_maps, per_reference = stage_distances(features, bank, settings, prepared.positions[part])
+        anomaly, uncertainty = fused_maps(stage_maps, per_reference, bank, settings)
+        anomaly, uncertainty = fill_background(anomaly, patches), fill_background(uncertainty, patches)
+        for row, index in enumerate(part.tolist()):
+            grid_maps[index] = (anomaly[row].cpu(), uncertainty[row].cpu())
+        if progress:
+            progress(len(part))
+    scored = torch.zeros(count, dtype=torch.bool)
+    scored[list(grid_maps)] = True
+    sigma = slice_sigma(settings, height, width, extractor.patch_size)
+    anomaly = _slice_maps([grid_maps.get(i, (None, None))[0] for i in range(count)], (height, width), sigma)
+    uncertainty = _slice_maps([grid_maps.get(i, (None, None))[1] for i in range(count)], (height, width), sigma)
+    scores = slice_scores(anomaly, prepared.foreground, scored, settings.top_fraction)
+    volume = volume_score(anomaly, prepared.foreground, scored, settings.top_fraction) if scored.any() else 0.0
+    return Detection(
+        anomaly=from_slices(anomaly, prepared.axis), uncertainty=from_slices(uncertainty, prepared.axis),
+        slice_scores=scores, slice_percentiles=percentile(scores, bank.calibration_slice_scores), scored=scored,
+        volume_score=volume,
+        volume_percentile=float(percentile(torch.tensor([volume]), bank.calibration_volume_scores)[0]))
+
+
+def _slice_maps(maps: list[torch.Tensor | None], size: tuple[int, int], sigma: float, chunk: int = 64
+                ) -> torch.Tensor:
+    """Patch maps of every slice (None where not scored) -> smoothed slice maps ``(S, H, W)``.
+
+    Slices that were not scored take the lowest value of the scored ones, so they read as normal.
+    """
+    present = [m for m in maps if m is not None]
+    low = min(float(m.min()) for m in present) if present else 0.0
+    grid = present[0].shape if present else (1, 1)
+    stack = torch.stack([m if m is not None else torch.full(grid, low) for m in maps])
+    return torch.cat([maps_to_slices(part, size, sigma=sigma) for part in stack.split(chunk)])
+
+
+def _device(extractor: Extractor) -> torch.device:
+    return getattr(extractor, "device", torch.device("cpu"))
+
+
+def build_bank(extractor: Extractor, volumes: Iterable[tuple[str, Prepared]], settings: Settings,
+               progress: Progress | None = None) -> Bank:
+    """Build and calibrate a bank from prepared normal volumes (each a 2D image or a 3D volume).
+
+    Args:
+        extractor: the backbone.
+        volumes: ``(source name, prepared volume)`` pairs; their scored slices become references.
+        settings: resolved settings.
+        progress: called with the number of slices finished after each batch.
+    """
+    device = _device(extractor)
+    builder = BankBuilder(centroids=settings.centroids, iterations=settings.kmeans_iterations, seed=settings.seed,
+                          calibration_slices=settings.calibration_slices)
+    for group, (source, prepared) in enumerate(volumes):
+        for part, features, patches in batches(extractor, prepared, settings, device):
+            builder.add(features.cls, features.layout, features.stages, patches, prepared.foreground[part],
+                        prepared.positions[part], group, [{"source": source, "slice": i} for i in part.tolist()])
+            if progress:
+                progress(len(part))
+    meta = {"settings": {**settings.bank_fields(), "stages": list(extractor.stages)},
+            "calibration": {name: getattr(settings, name) for name in (
+                "references_k", "cls_weight", "position_window", "fusion", "temperature", "smoothing_sigma",
+                "top_fraction", "foreground", "axis", "centroids", "layout_cells", "seed")},
+            "patch_size": extractor.patch_size}
+    bank = builder.bank(meta)
+    return calibrate_bank(bank, builder.samples, settings, extractor.patch_size, device)
+
+
+def calibrate_bank(bank: Bank, samples: list[Sample], settings: Settings, patch_size: int,
+                   device: torch.device) -> Bank:
+    """Fill in the bank's calibration by querying sampled references against the bank without their own volume.
+
+    A bank made from a single volume (or image) leaves out only the sampled slice itself.
+    """
+    single = int(bank.groups.max()) == 0
+    groups = torch.arange(len(bank)) if single else bank.groups
+    probe = Bank(**{**bank.tensors(), "groups": groups}, meta=bank.meta)
+    if len(bank) < 2:
+        raise ValueError("a bank needs at least two reference slices to calibrate; add reference images")
+    sample_groups = _sample_rows(bank, samples) if single else torch.tensor([s.group for s in samples])
+    raw = []
+    for sample, group in zip(samples, sample_groups.tolist()):
+        features = Features(sample.cls[None].to(device), sample.layout[None].to(device),
+                            tuple(g[None].to(device, torch.float32) for g in sample.stages))
+        stage_maps, per_reference = stage_distances(features, probe, settings, torch.tensor([sample.position]),
+                                                    torch.tensor([group]))
+        raw.append((stage_maps, per_reference))
+    foreground_values = torch.cat([a[:, 0][:, s.patch_foreground.to(a.device)] for (a, _), s in zip(raw, samples)],
+                                  dim=1)
+    mean = foreground_values.mean(dim=1).cpu().float()
+    std = foreground_values.std(dim=1).clamp(min=1e-6).cpu().float()
+    calibrated = Bank(**{**bank.tensors(), "calibration_mean": mean, "calibration_std": std}, meta=bank.meta)
+    slice_values, volume_values = [], {}
+    for (stage_maps, per_reference), sample in zip(raw, samples):
+        anomaly, _ = fused_maps(stage_maps, per_reference, calibrated, settings)
+        anomaly = fill_background(anomaly, sample.patch_foreground[None].to(anomaly.device)).cpu()
+        height, width = sample.foreground.shape
+        slice_map = maps_to_slices(anomaly, (height, width), sigma=slice_sigma(settings, height, width, patch_size))[0]
+        values = slice_map[sample.foreground]
+        slice_values.append(float(top_mean(values, settings.top_fraction)))
+        volume_values.setdefault(sample.group, []).append(values)
+    volume_scores = [float(top_mean(torch.cat(v), settings.top_fraction)) for v in volume_values.values()]
+    calibrated.calibration_slice_scores = torch.tensor(slice_values, dtype=torch.float32)
+    calibrated.calibration_volume_scores = torch.tensor(volume_scores, dtype=torch.float32)
+    calibrated.meta = {**bank.meta, "calibration": {**bank.meta.get("calibration", {}), "sampled_slices": len(samples),
+                                                    "volumes": len(volume_scores)}}
+    return calibrated
+
+
+def _sample_rows(bank: Bank, samples: list[Sample]) -> torch.Tensor:
+    """Bank row of each sample, found by its CLS vector (a single-volume bank has no other key)."""
+    rows = [int(((bank.cls.float() - s.cls.to(torch.float16).float()).abs().sum(dim=1)).argmin()) for s in samples]
+    return torch.tensor(rows)

@@ -1,0 +1,303 @@
+"""File-level jobs shared by the CLI and the pipelines: read a volume, detect, write its outputs; build banks.
+
+This is where files meet tensors: :mod:`himatch_med.io` on one side, :mod:`himatch_med.detect` on the other.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from himatch_med import __version__, io
+from himatch_med.bank import Bank
+from himatch_med.config import Settings
+from himatch_med.detect import Detection, Prepared, build_bank, detect, prepare
+from himatch_med.errors import InputError
+from himatch_med.features import Extractor
+from himatch_med.volume import AXIS_INDEX, from_canonical, to_canonical, to_slices
+
+OUTPUTS = ("anomaly", "uncertainty", "overview", "report")
+"""Files written per input; the report is written last, so its presence means the outputs are complete."""
+TOP_SLICES = 5
+OVERVIEW_SLICES = 4
+
+
+def output_paths(path: Path, folder: Path) -> dict[str, Path]:
+    """Where the outputs of one input go: ``<name>_anomaly.nii.gz``, ``_uncertainty.nii.gz``, ``_overview.png``,
+    ``_report.json``."""
+    name = io.stem(path)
+    return {"anomaly": folder / f"{name}_anomaly.nii.gz", "uncertainty": folder / f"{name}_uncertainty.nii.gz",
+            "overview": folder / f"{name}_overview.png", "report": folder / f"{name}_report.json"}
+
+
+def expand_inputs(paths: list[Path]) -> list[Path]:
+    """Files as given, folders replaced by the images in them (a folder of DICOM files is one series)."""
+    expanded = []
+    for path in paths:
+        if not path.exists():
+            raise InputError(f"{path}: no such file or folder")
+        if path.is_dir() and not _is_dicom_folder(path):
+            found = io.list_images(path)
+            if not found:
+                raise InputError(f"{path}: holds no NIfTI, DICOM or 2D image files")
+            expanded.extend(found)
+        else:
+            expanded.append(path)
+    return expanded
+
+
+def _is_dicom_folder(path: Path) -> bool:
+    files = [p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")]
+    return bool(files) and all(p.suffix.lower() in (".dcm", "") for p in files) and \
+        not any(p.is_dir() for p in path.iterdir())
+
+
+def check_output_folder(folder: Path, inputs: list[Path]) -> None:
+    """Refuse an output folder that cannot be written, or outputs that would overwrite an input."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            pass
+    except OSError as error:
+        raise InputError(f"{folder}: the output folder cannot be written ({error.strerror}); choose another with "
+                         "-o") from error
+    resolved = {p.resolve() for p in inputs}
+    for path in inputs:
+        for output in output_paths(path, folder).values():
+            if output.resolve() in resolved:
+                raise InputError(f"{output}: writing it would overwrite an input; choose another output folder "
+                                 "with -o")
+
+
+def device_of(name: str) -> torch.device:
+    """The torch device for ``--device`` (``auto``: CUDA when available)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {name}: no CUDA device is available here; use --device cpu")
+    return device
+
+
+def load(settings: Settings, device: str = "auto") -> Extractor:
+    """The backbone for ``settings.model`` and ``settings.stages`` on ``device``."""
+    from himatch_med.backbone import load_backbone
+
+    return load_backbone(settings.model, stages=settings.stages, device=device_of(device))
+
+
+def bank_settings(settings: Settings, extractor: Extractor) -> dict:
+    """What a bank must share with a query: model, preset, image size, and the stages actually used."""
+    return {**settings.bank_fields(), "model": extractor.model_id, "stages": list(extractor.stages)}
+
+
+def open_bank(folder: Path, settings: Settings, extractor: Extractor) -> Bank:
+    """Read a bank and check it was built with this run's model, stages, image size and preset."""
+    tensors, meta = io.read_bank(folder)
+    bank = Bank.from_stored(tensors, meta, source=str(folder))
+    bank.check(bank_settings(settings, extractor), source=str(folder))
+    return bank
+
+
+def read_volume(path: Path, settings: Settings, *, options: dict | None = None,
+                labels: Path | None = None, mask: Path | None = None) -> tuple[io.Image, np.ndarray, Prepared]:
+    """Read a file and prepare it: the image as read, its orientation, and the prepared slices."""
+    image = io.read_image(path, **(options or {}))
+    check_values(image)
+    canonical, orientation = to_canonical(image.array, image.affine)
+    if image.kind == "image" and settings.axis != "axial":
+        raise InputError(f"{path}: is a 2D image; it can only be sliced along --axis axial")
+    excluded = _aligned(labels, image, "--reference-labels") if labels is not None else None
+    foreground = _aligned(mask, image, "--mask") if mask is not None else None
+    prepared = prepare(torch.from_numpy(canonical), settings,
+                       foreground=None if foreground is None else torch.from_numpy(foreground),
+                       excluded=None if excluded is None else torch.from_numpy(excluded))
+    return image, orientation, prepared
+
+
+def check_values(image: io.Image) -> None:
+    """Refuse volumes with NaN or infinite voxels, or with an empty axis."""
+    if min(image.array.shape) == 0:
+        raise InputError(f"{image.path}: has an axis of size 0 (shape {image.array.shape})")
+    bad = int(np.count_nonzero(~np.isfinite(image.array)))
+    if bad:
+        raise InputError(f"{image.path}: has {bad} NaN or infinite voxels; fix the file")
+
+
+def _aligned(path: Path, image: io.Image, option: str) -> np.ndarray:
+    other = io.read_image(path)
+    if other.array.shape != image.array.shape or not np.allclose(other.affine, image.affine, atol=1e-3):
+        raise InputError(f"{path}: {option} must lie on the grid of {image.path} (shape {image.array.shape}, same "
+                         f"affine); it has shape {other.array.shape}")
+    return to_canonical(other.array > 0, other.affine)[0]
+
+
+def reference_volumes(references: list[Path], labels: Path | None, settings: Settings, options: dict | None,
+                      warn=None):
+    """Yield ``(name, prepared)`` for each readable reference; unreadable ones are reported through ``warn``."""
+    for path in references:
+        label = _label_for(path, labels) if labels is not None else None
+        try:
+            _, _, prepared = read_volume(path, settings, options=options, labels=label)
+        except InputError as error:
+            if warn:
+                warn(f"skipping reference {error}")
+            continue
+        yield str(path), prepared
+
+
+def _label_for(path: Path, labels: Path) -> Path:
+    name = io.stem(path)
+    for candidate in sorted(labels.iterdir()):
+        if io.stem(candidate) in (name, f"{name}_seg", f"{name}_label", f"{name}_mask"):
+            return candidate
+    raise InputError(f"{path}: no label named like it in {labels} (expected {name}.nii.gz or {name}_seg.nii.gz)")
+
+
+def build_bank_folder(references: list[Path], labels: Path | None, settings: Settings, extractor: Extractor,
+                      folder: Path, *, options: dict | None = None) -> Path:
+    """Build a bank from reference files and write it to ``folder``."""
+    from tqdm.auto import tqdm
+
+    if not references:
+        raise InputError("no reference files given")
+    warnings: list[str] = []
+    bar = tqdm(total=None, unit="slice", desc="building bank", leave=False)
+    started = time.perf_counter()
+    bank = build_bank(extractor, reference_volumes(references, labels, settings, options, warnings.append),
+                      settings, progress=bar.update)
+    bar.close()
+    for warning in warnings:
+        print(f"warning: {warning}")
+    meta = {**bank.meta, "created_by": f"himatch-med {__version__}", "warnings": warnings,
+            "build_seconds": round(time.perf_counter() - started, 2)}
+    return io.write_bank(bank.tensors(), meta, folder)
+
+
+def cached_bank(references: list[Path], labels: Path | None, settings: Settings, extractor: Extractor,
+                cache: Path | None, *, options: dict | None = None) -> Bank:
+    """The bank of these references and settings, built on first use and reused from the cache afterwards."""
+    files = expand_inputs(references)
+    key = _cache_key(files, labels, settings, extractor)
+    cache = cache or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "himatch-med" / "banks"
+    folder = cache / key
+    if not (folder / io.BANK_META).exists():
+        build_bank_folder(files, labels, settings, extractor, folder, options=options)
+    return open_bank(folder, settings, extractor)
+
+
+def _cache_key(files: list[Path], labels: Path | None, settings: Settings, extractor: Extractor) -> str:
+    stamp = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    if labels is not None:
+        stamp += [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(labels.iterdir())]
+    text = json.dumps([stamp, asdict(settings), list(extractor.stages), extractor.model_id], default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def process(path: Path, extractor: Extractor, bank: Bank, settings: Settings, folder: Path, *,
+            options: dict | None = None, mask: Path | None = None, progress: bool = True) -> dict:
+    """Detect anomalies in one input and write its four outputs; returns the report."""
+    from tqdm.auto import tqdm
+
+    timings = {}
+    started = time.perf_counter()
+    image, orientation, prepared = read_volume(path, settings, options=options, mask=mask)
+    timings["read_prepare"] = time.perf_counter() - started
+    bar = tqdm(total=int(prepared.scored.sum()), unit="slice", desc=io.stem(path), leave=False, disable=not progress)
+    started = time.perf_counter()
+    detection = detect(extractor, bank, prepared, settings, progress=bar.update)
+    bar.close()
+    timings["detect"] = time.perf_counter() - started
+    started = time.perf_counter()
+    paths = output_paths(path, folder)
+    anomaly = from_canonical(detection.anomaly.numpy(), orientation)
+    io.write_map(anomaly, image, paths["anomaly"])
+    io.write_map(from_canonical(detection.uncertainty.numpy(), orientation), image, paths["uncertainty"])
+    report = make_report(image, orientation, prepared, detection, bank, settings, extractor, paths)
+    io.write_figure(overview_figure(prepared, detection, report), paths["overview"])
+    timings["write"] = time.perf_counter() - started
+    report["timings_seconds"] = {k: round(v, 3) for k, v in timings.items()}
+    io.write_json(report, paths["report"])
+    return report
+
+
+def file_slice_index(index: int, axis: int, orientation: np.ndarray, shape: tuple[int, ...]) -> tuple[int, int]:
+    """The file's own (voxel axis, voxel index) of canonical slice ``index`` along canonical ``axis``."""
+    file_axis = int(np.flatnonzero(orientation[:, 0] == axis)[0])
+    flipped = orientation[file_axis, 1] < 0
+    return file_axis, (shape[file_axis] - 1 - index) if flipped else index
+
+
+def make_report(image: io.Image, orientation: np.ndarray, prepared: Prepared, detection: Detection, bank: Bank,
+                settings: Settings, extractor: Extractor, paths: dict[str, Path]) -> dict:
+    """The JSON report of one input: scores, per-slice scores, top slices, settings, versions."""
+    scores = detection.slice_scores
+    order = [i for i in torch.argsort(scores, descending=True).tolist() if detection.scored[i]][:TOP_SLICES]
+    top = []
+    for index in order:
+        file_axis, file_index = file_slice_index(index, prepared.axis, orientation, image.array.shape)
+        top.append({"slice": index, "file_axis": "ijk"[file_axis], "file_index": file_index,
+                    "score": float(scores[index]), "percentile": float(detection.slice_percentiles[index])})
+    return {
+        "input": str(image.path), "kind": image.kind, "shape": list(image.array.shape),
+        "affine": np.round(image.affine, 6).tolist(), "notes": list(image.notes),
+        "volume_score": detection.volume_score, "volume_percentile": detection.volume_percentile,
+        "slice_axis": settings.axis,
+        "slice_order": "slice i lies along the canonical (RAS) axis, from left/posterior/inferior upwards",
+        "slice_scores": [round(float(s), 5) for s in scores],
+        "slice_percentiles": [round(float(p), 2) for p in detection.slice_percentiles],
+        "scored_slices": [int(i) for i in torch.nonzero(detection.scored).flatten()],
+        "top_slices": top,
+        "outputs": {k: p.name for k, p in paths.items()},
+        "model": extractor.model_id, "stages": list(extractor.stages),
+        "bank": {"id": str(bank.meta.get("arrays_sha256", ""))[:16], "references": len(bank),
+                 "volumes": int(bank.groups.max()) + 1 if len(bank) else 0,
+                 "calibration": bank.meta.get("calibration", {})},
+        "settings": asdict(settings), "seed": settings.seed, "versions": versions(),
+        "device": str(getattr(extractor, "device", "cpu")),
+    }
+
+
+def versions() -> dict:
+    """Versions of Python and the main packages, for reports."""
+    import importlib.metadata as metadata
+
+    found = {"python": platform.python_version(), "himatch_med": __version__}
+    for name in ("torch", "transformers", "monai", "nibabel", "SimpleITK", "numpy", "scipy"):
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def overview_figure(prepared: Prepared, detection: Detection, report: dict, contours: np.ndarray | None = None):
+    """The overview picture: the most anomalous slices with their heatmaps."""
+    from himatch_med.figures import overview
+
+    chosen = [t["slice"] for t in report["top_slices"][:OVERVIEW_SLICES]] or [len(prepared.slices) // 2]
+    maps = to_slices(detection.anomaly, prepared.axis)[chosen].numpy()
+    titles = [f"slice {t['file_axis']}={t['file_index']}  score {t['score']:.2f}" for t in report["top_slices"]]
+    titles = (titles + [""] * len(chosen))[: len(chosen)]
+    name = Path(report["input"]).name
+    return overview(prepared.slices[chosen].numpy(), maps, prepared.foreground[chosen].numpy(), titles,
+                    title=f"{name}: volume score {report['volume_score']:.2f} z", contours=contours)
+
+
+def describe_error(path: Path, error: Exception) -> str:
+    """A one-line message for a failed input, naming the file."""
+    if isinstance(error, InputError):
+        return str(error)
+    return f"{path}: {type(error).__name__}: {error}"
+
+
+__all__ = ["AXIS_INDEX", "OUTPUTS", "process", "build_bank_folder", "cached_bank", "open_bank", "load"]

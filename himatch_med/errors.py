@@ -1,0 +1,11 @@
+"""The one exception type a user is meant to read: its message names the file and the fix."""
+
+from __future__ import annotations
+
+
+class InputError(ValueError):
+    """A bad input file, folder or setting; the message says which and what to do about it."""
+
+
+class WeightsUnavailableError(RuntimeError):
+    """The backbone weights could not be loaded; the message says how to get them."""

@@ -1,0 +1,77 @@
+"""Clustered normal features and stage maps: seeded spherical k-means, nearest-centroid distances."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def spherical_kmeans(
+    points: torch.Tensor, valid: torch.Tensor, k: int, *, iterations: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cluster the valid unit vectors of each slice into at most ``k`` unit centroids, for a batch of slices at once.
+
+    Initial centroids are the valid points ranked highest by a seeded random priority over patch positions, so a
+    slice's clustering does not depend on which batch it came in. A slice with ``k`` or fewer valid points keeps them
+    as its centroids. Unused centroid slots repeat the slice's largest centroid with size 0, which leaves every
+    nearest-centroid distance unchanged.
+
+    Args:
+        points: unit vectors ``(B, n, D)``.
+        valid: which points take part ``(B, n)``; every slice needs at least one.
+        k: centroids per slice.
+        iterations: Lloyd iterations.
+        seed: seed of the initial choice.
+
+    Returns:
+        Centroids ``(B, k, D)`` and cluster sizes ``(B, k)`` (0 for unused slots).
+    """
+    if not valid.any(dim=1).all():
+        raise ValueError("spherical_kmeans needs at least one valid point per slice")
+    batch, count, _ = points.shape
+    generator = torch.Generator().manual_seed(seed)
+    priority = torch.rand(count, generator=generator).to(points.device).expand(batch, -1)
+    priority = priority.masked_fill(~valid, -1.0)
+    first, chosen = priority.topk(min(k, count), dim=1)
+    centroids = torch.gather(points, 1, chosen[..., None].expand(-1, -1, points.shape[-1]))
+    live = first >= 0
+    if live.shape[1] < k:
+        pad = k - live.shape[1]
+        centroids = torch.cat([centroids, centroids[:, :1].expand(-1, pad, -1)], dim=1)
+        live = torch.cat([live, live.new_zeros(batch, pad)], dim=1)
+    weights = valid.to(points.dtype)
+    for _ in range(iterations + 1):
+        similarity = (points @ centroids.transpose(1, 2)).masked_fill(~live[:, None], -torch.inf)
+        members = F.one_hot(similarity.argmax(dim=2), k).to(points.dtype) * weights[..., None]
+        sizes = members.sum(dim=1)
+        sums = members.transpose(1, 2) @ points
+        filled = sizes > 0
+        centroids = torch.where(filled[..., None], F.normalize(sums, dim=-1), centroids)
+        live = live & filled
+    largest = sizes.argmax(dim=1)
+    spare = torch.gather(centroids, 1, largest[:, None, None].expand(-1, 1, centroids.shape[-1]))
+    centroids = torch.where(live[..., None], centroids, spare)
+    return centroids, torch.where(live, sizes, torch.zeros_like(sizes))
+
+
+def nearest_distance(queries: torch.Tensor, memory: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+    """Cosine distance ``1 - cos`` from each query row ``(Q, D)`` to its nearest unit-norm memory row ``(M, D)``."""
+    return torch.cat([1 - (part @ memory.T).amax(dim=1) for part in queries.split(chunk)])
+
+
+def reference_distances(grid: torch.Tensor, memory: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """Distance of every patch to the nearest centroid of each of its slice's references.
+
+    Args:
+        grid: query patch features ``(B, P, D)``, unit norm (P patches per slice).
+        memory: the centroids of each slice's ``K`` references ``(B, K, c, D)``, unit norm.
+        chunk: patches compared at once (bounds memory at ``B * chunk * K * c``).
+
+    Returns:
+        ``d`` of shape ``(B, P, K)``: ``1 - max_m cos(f(p), m)`` over the centroids of reference k. The stage map is
+        ``d.amin(-1)``, the distance to the union of all references' centroids.
+    """
+    batch, refs, cents, dim = memory.shape
+    flat = memory.reshape(batch, refs * cents, dim).transpose(1, 2)
+    parts = [(part @ flat).unflatten(-1, (refs, cents)).amax(dim=-1) for part in grid.split(chunk, dim=1)]
+    return 1 - torch.cat(parts, dim=1)

@@ -1,0 +1,65 @@
+"""Dual-branch retrieval: CLS similarity and layout (patch-branch) similarity, jointly, top-K over the bank."""
+
+from __future__ import annotations
+
+import torch
+
+OUT_OF_WINDOW_PENALTY = 4.0
+"""Subtracted from the similarity (which lies in [-1, 1]) of references outside the position window: they are taken
+only when fewer than K lie inside it."""
+
+
+def similarity(
+    query_cls: torch.Tensor, query_layout: torch.Tensor, bank_cls: torch.Tensor, bank_layout: torch.Tensor,
+    *, cls_weight: float,
+) -> torch.Tensor:
+    """``α cos(cls_q, cls_n) + (1 - α) mean_cells cos(layout_q, layout_n)`` for all pairs ``(Q, N)``.
+
+    Args:
+        query_cls: unit CLS ``(Q, D)``; query_layout: unit cells ``(Q, G, D)``.
+        bank_cls: unit CLS ``(N, D)``; bank_layout: unit cells ``(N, G, D)``.
+        cls_weight: α.
+    """
+    cells = query_layout.shape[1]
+    cls_term = query_cls @ bank_cls.T
+    # Each cell is unit norm, so the mean of per-cell cosines is one dot product of the flattened layouts.
+    layout_term = query_layout.flatten(1) @ bank_layout.flatten(1).T / cells
+    return cls_weight * cls_term + (1 - cls_weight) * layout_term
+
+
+def retrieve(
+    query_cls: torch.Tensor, query_layout: torch.Tensor, bank_cls: torch.Tensor, bank_layout: torch.Tensor,
+    *, k: int, cls_weight: float, chunk: int, query_positions: torch.Tensor | None = None,
+    bank_positions: torch.Tensor | None = None, window: float = 0.0, query_groups: torch.Tensor | None = None,
+    bank_groups: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices ``(Q, K)`` and similarities of the K most similar bank rows, best first, scanning the bank in chunks.
+
+    Args:
+        query_cls, query_layout, bank_cls, bank_layout, cls_weight: as in :func:`similarity`.
+        k: references per query (at most the number of allowed rows).
+        chunk: bank rows compared at once; memory stays ``O(Q * (chunk + k))`` whatever the bank size.
+        query_positions, bank_positions: relative slice positions ``(Q,)``, ``(N,)`` for the position prior.
+        window: references farther than this in position are used only to fill up to K (0: no prior).
+        query_groups, bank_groups: a query never retrieves a bank row of its own group (used to leave a
+            reference volume out of its own calibration).
+    """
+    best_sim = query_cls.new_full((len(query_cls), 0), -torch.inf)
+    best_idx = torch.zeros((len(query_cls), 0), dtype=torch.long, device=query_cls.device)
+    for start in range(0, len(bank_cls), chunk):
+        stop = min(start + chunk, len(bank_cls))
+        sim = similarity(query_cls, query_layout, bank_cls[start:stop].to(query_cls),
+                         bank_layout[start:stop].to(query_layout), cls_weight=cls_weight)
+        if window > 0 and query_positions is not None and bank_positions is not None:
+            far = (query_positions[:, None] - bank_positions[None, start:stop].to(query_positions)).abs() > window
+            sim = sim - OUT_OF_WINDOW_PENALTY * far
+        if query_groups is not None and bank_groups is not None:
+            own = query_groups[:, None] == bank_groups[None, start:stop].to(query_groups)
+            sim = sim.masked_fill(own, -torch.inf)
+        index = torch.arange(start, stop, device=sim.device).expand(len(sim), -1)
+        merged_sim, merged_idx = torch.cat([best_sim, sim], dim=1), torch.cat([best_idx, index], dim=1)
+        best_sim, order = merged_sim.topk(min(k, merged_sim.shape[1]), dim=1)
+        best_idx = torch.gather(merged_idx, 1, order)
+    if torch.isinf(best_sim).any():
+        raise ValueError(f"fewer than k={k} references are allowed for some query; lower references_k")
+    return best_idx, best_sim

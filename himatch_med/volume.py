@@ -1,0 +1,87 @@
+"""Geometry: volumes to and from canonical RAS, volumes to and from slices, patch maps back to slice size.
+
+Slices are cut in the canonical (RAS) array and shown in a fixed display orientation (the plane transposed and both
+axes flipped: anterior or superior at the top, the patient's right on the image's left), so that the backbone sees
+anatomy upright whatever the file's own orientation. Every operation here has its exact inverse.
+"""
+
+from __future__ import annotations
+
+import nibabel.orientations as nio
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.networks.layers.convutils import gaussian_1d
+from monai.networks.layers.simplelayers import separable_filtering
+
+AXIS_INDEX = {"sagittal": 0, "coronal": 1, "axial": 2}
+"""Slice axis name -> index of the canonical RAS array."""
+
+
+def to_canonical(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Reorient a volume to RAS by axis permutation and flips only (no resampling).
+
+    Args:
+        array: the volume ``(X, Y, Z)`` as stored in its file.
+        affine: its voxel-to-world affine ``(4, 4)``.
+
+    Returns:
+        The reoriented volume and the orientation ``(3, 2)`` that :func:`from_canonical` needs to undo it.
+    """
+    orientation = nio.io_orientation(affine)
+    to_ras = nio.ornt_transform(orientation, nio.axcodes2ornt("RAS"))
+    return np.ascontiguousarray(nio.apply_orientation(array, to_ras)), orientation
+
+
+def from_canonical(array: np.ndarray, orientation: np.ndarray) -> np.ndarray:
+    """Undo :func:`to_canonical`: put a canonical ``(X', Y', Z')`` array back on the file's own voxel grid."""
+    back = nio.ornt_transform(nio.axcodes2ornt("RAS"), orientation)
+    return np.ascontiguousarray(nio.apply_orientation(array, back))
+
+
+def to_slices(volume: torch.Tensor, axis: int) -> torch.Tensor:
+    """Cut a canonical volume ``(X, Y, Z)`` into display-oriented slices ``(S, H, W)`` along ``axis``."""
+    planes = volume.movedim(axis, 0)
+    return planes.transpose(1, 2).flip(1, 2)
+
+
+def from_slices(slices: torch.Tensor, axis: int) -> torch.Tensor:
+    """Stack display-oriented slices ``(S, H, W)`` back into a canonical volume; the inverse of :func:`to_slices`."""
+    return slices.flip(1, 2).transpose(1, 2).movedim(0, axis)
+
+
+def relative_positions(valid: torch.Tensor) -> torch.Tensor:
+    """Position of each slice ``(S,)`` between the first (0) and last (1) slice that holds foreground.
+
+    Measuring along the foreground rather than the field of view lets a brain cut with a wide margin line up with
+    one cut tightly.
+    """
+    index = torch.arange(len(valid), dtype=torch.float32)
+    if not valid.any():
+        return torch.zeros(len(valid))
+    first, last = index[valid].min(), index[valid].max()
+    return ((index - first) / (last - first).clamp(min=1)).clamp(0, 1)
+
+
+def backbone_size(height: int, width: int, *, image_size: int, patch_size: int) -> tuple[int, int]:
+    """Backbone image size keeping the slice's aspect: shorter side ``image_size``, both sides multiples of the patch."""
+    if image_size % patch_size:
+        raise ValueError(f"image_size={image_size} is not a multiple of the patch size {patch_size}")
+    scale = image_size / min(height, width)
+    return tuple(max(patch_size, round(side * scale / patch_size) * patch_size) for side in (height, width))
+
+
+def maps_to_slices(maps: torch.Tensor, size: tuple[int, int], *, sigma: float) -> torch.Tensor:
+    """Upsample patch maps ``(S, h, w)`` bilinearly to slice size ``(S, H, W)`` and smooth each slice.
+
+    Args:
+        maps: maps on the patch grid.
+        size: the slice size ``(H, W)``.
+        sigma: Gaussian standard deviation in slice pixels (0: no smoothing).
+    """
+    slices = F.interpolate(maps[:, None].float(), size=size, mode="bilinear", align_corners=False)
+    if sigma > 0:
+        # Replicate padding: zero padding would pull the border towards 0, which is a meaningful z-value.
+        kernel = gaussian_1d(torch.tensor(sigma), truncated=4.0).to(slices)
+        slices = separable_filtering(slices, [kernel, kernel], mode="replicate")
+    return slices[:, 0]

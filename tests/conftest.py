@@ -1,0 +1,119 @@
+"""Shared fixtures: synthetic volumes with awkward headers, a weight-free stand-in extractor, a tiny DINOv3."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+# Oblique (rotated ~10 degrees about two axes), anisotropic, with a flipped axis: an identity affine hides bugs.
+OBLIQUE = np.array([
+    [-1.46, 0.25, 0.10, 80.0],
+    [0.26, 1.95, -0.35, -60.0],
+    [0.05, 0.34, 2.96, -40.0],
+    [0.0, 0.0, 0.0, 1.0],
+])
+# LPS-stored with permuted axes: file axis i runs posterior->anterior... (codes P, S, L).
+PERMUTED = np.array([[0, 0, -2.0, 10], [-1.5, 0, 0, 3], [0, 3.0, 0, 1], [0, 0, 0, 1]])
+LPS = np.diag([-1.2, -1.2, 2.5, 1.0])
+
+
+def brain_volume(seed: int, shape=(40, 44, 14), lesion: tuple[int, int, int] | None = None, radius: float = 4.0
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """A synthetic 'brain': textured ellipsoid on an exact-zero background, optionally with a bright lesion.
+
+    Returns the volume (float32) and the lesion mask (bool).
+    """
+    rng = np.random.default_rng(seed)
+    x, y, z = np.meshgrid(*[np.arange(s, dtype=np.float32) for s in shape], indexing="ij")
+    centre = [(s - 1) / 2 for s in shape]
+    inside = sum(((a - c) / (0.45 * s)) ** 2 for a, c, s in zip((x, y, z), centre, shape)) < 1
+    texture = 100 + 25 * np.sin(x / 2.5) * np.cos(y / 3.0) + 10 * np.sin(z / 2.0) + rng.normal(0, 2, shape)
+    volume = (texture * inside).astype(np.float32)
+    mask = np.zeros(shape, dtype=bool)
+    if lesion is not None:
+        mask = (((x - lesion[0]) ** 2 + (y - lesion[1]) ** 2 + ((z - lesion[2]) * 1.5) ** 2) < radius**2) & inside
+        volume[mask] = 220 + rng.normal(0, 2, int(mask.sum()))
+    return volume, mask
+
+
+def save_nifti(array: np.ndarray, affine: np.ndarray, path: Path, *, sform_code: int = 1, qform_code: int = 1) -> Path:
+    image = nib.Nifti1Image(array, affine)
+    image.set_sform(affine, code=sform_code)
+    image.set_qform(affine, code=qform_code)
+    nib.save(image, path)
+    return path
+
+
+class StandIn:
+    """A weight-free extractor with the backbone's interface: fixed random projections of raw patch pixels.
+
+    Stage l projects the patch pixels after averaging over (2l-1)x(2l-1) neighbouring patches, so stages see the image
+    at different scales, like transformer stages do. Everything is seeded: the same image gives the same features.
+    """
+
+    model_id = "stand-in"
+    patch_size = 8
+
+    def __init__(self, stages: int = 3, dim: int = 24, device: str = "cpu") -> None:
+        generator = torch.Generator().manual_seed(1234)
+        self.stages = tuple(range(1, stages + 1))
+        self.projections = [torch.randn(self.patch_size**2 + 2, dim, generator=generator) for _ in self.stages]
+        self.device = torch.device(device)
+
+    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        pixels = images[:, :1]
+        patches = F.unfold(pixels, self.patch_size, stride=self.patch_size)  # (S, p*p, h*w)
+        height, width = images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size
+        patches = patches.transpose(1, 2)
+        stats = torch.stack([patches.mean(-1), patches.std(-1)], dim=-1)
+        raw = torch.cat([patches, stats], dim=-1).unflatten(1, (height, width))  # (S, h, w, p*p+2)
+        grids = []
+        for level, projection in zip(self.stages, self.projections):
+            size = 2 * level - 1
+            pooled = F.avg_pool2d(raw.permute(0, 3, 1, 2), size, stride=1, padding=size // 2,
+                                  count_include_pad=False).permute(0, 2, 3, 1)
+            grids.append(F.normalize(torch.tanh(pooled @ projection.to(pooled)), dim=-1))
+        cls = F.normalize(grids[-1].mean(dim=(1, 2)), dim=-1)
+        return cls, tuple(grids)
+
+
+@pytest.fixture(scope="session")
+def stand_in() -> StandIn:
+    return StandIn()
+
+
+@pytest.fixture(scope="session")
+def tiny_dinov3(tmp_path_factory) -> Path:
+    """A tiny random DINOv3 (4 registers) saved with save_pretrained, as a user's local folder would be."""
+    from transformers import DINOv3ViTConfig, DINOv3ViTModel
+
+    torch.manual_seed(0)
+    config = DINOv3ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2,
+                             num_register_tokens=4, patch_size=16, image_size=64)
+    folder = tmp_path_factory.mktemp("tiny-dinov3")
+    DINOv3ViTModel(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_dinov2(tmp_path_factory) -> Path:
+    """A tiny random DINOv2 (no registers) saved with save_pretrained."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    torch.manual_seed(0)
+    config = Dinov2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2,
+                          patch_size=14, image_size=56)
+    folder = tmp_path_factory.mktemp("tiny-dinov2")
+    Dinov2Model(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    """Tests never reach the network: a Hub id fails at once instead of retrying."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
