@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -75,8 +76,11 @@ def load_backbone(model_id: str, *, stages: tuple[int, ...] = (), device: str | 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
+    if model_id.startswith((".", "/", "~")) and not Path(model_id).expanduser().is_dir():
+        raise WeightsUnavailableError(f"--model {model_id}: no such folder; pass a folder saved with "
+                                      "`save_pretrained` or a Hub id such as facebook/dinov2-base")
     try:
-        model = AutoModel.from_pretrained(model_id)
+        model = AutoModel.from_pretrained(str(Path(model_id).expanduser()) if model_id.startswith("~") else model_id)
     except (OSError, ValueError) as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         hub_id = model_id if "/" in model_id and not model_id.startswith((".", "/")) else \

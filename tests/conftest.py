@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import nibabel as nib
@@ -9,6 +10,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+
+# Tests never reach the network: a Hub id fails at once instead of retrying. Set before transformers is imported.
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 # Oblique (rotated ~10 degrees about two axes), anisotropic, with a flipped axis: an identity affine hides bugs.
 OBLIQUE = np.array([
@@ -111,9 +115,3 @@ def tiny_dinov2(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("tiny-dinov2")
     Dinov2Model(config).save_pretrained(folder)
     return folder
-
-
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch):
-    """Tests never reach the network: a Hub id fails at once instead of retrying."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -1,0 +1,61 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from himatch_med.backbone import load_backbone
+from himatch_med.errors import WeightsUnavailableError
+from himatch_med.features import describe, layout_descriptor
+
+
+def test_tiny_dinov3_loads_through_the_product_path_and_drops_registers(tiny_dinov3):
+    backbone = load_backbone(str(tiny_dinov3))
+    assert backbone.prefix == 1 + 4
+    assert backbone.stages == (1, 2, 3, 4)
+    images = torch.randn(2, 3, 48, 80)  # non-square: 3 x 5 patches
+    cls, grids = backbone(images)
+    assert cls.shape == (2, 32)
+    assert [g.shape for g in grids] == [(2, 3, 5, 32)] * 4
+    # Against the model's own tokens: CLS first, then 4 registers, then the patches row by row.
+    hidden = backbone.model(pixel_values=images, output_hidden_states=True).hidden_states
+    tokens = backbone.model.norm(hidden[4])
+    assert tokens.shape[1] == 1 + 4 + 15
+    torch.testing.assert_close(cls, F.normalize(tokens[:, 0], dim=-1))
+    torch.testing.assert_close(grids[-1][:, 1, 2], F.normalize(tokens[:, 5 + 1 * 5 + 2], dim=-1))
+    torch.testing.assert_close(grids[0], F.normalize(backbone.model.norm(hidden[1])[:, 5:], dim=-1).unflatten(1, (3, 5)))
+    assert torch.allclose(grids[1].norm(dim=-1), torch.ones(2, 3, 5))
+
+
+def test_chosen_stages_and_bad_stages(tiny_dinov3):
+    assert load_backbone(str(tiny_dinov3), stages=(2, 4)).stages == (2, 4)
+    with pytest.raises(ValueError, match="only 4 blocks"):
+        load_backbone(str(tiny_dinov3), stages=(5,))
+
+
+def test_dinov2_without_registers(tiny_dinov2):
+    backbone = load_backbone(str(tiny_dinov2))
+    assert backbone.prefix == 1 and backbone.patch_size == 14
+    cls, grids = backbone(torch.randn(1, 3, 28, 42))
+    assert grids[-1].shape == (1, 2, 3, 32)
+    hidden = backbone.model(pixel_values=torch.randn(1, 3, 28, 42), output_hidden_states=True).hidden_states
+    assert hidden[-1].shape[1] == 1 + 6
+
+
+def test_missing_weights_give_one_clear_message(tmp_path):
+    with pytest.raises(WeightsUnavailableError) as raised:
+        load_backbone("facebook/dinov3-vits16-pretrain-lvd1689m")
+    message = str(raised.value)
+    assert "accept the licence" in message and "--model" in message and "dinov2" in message
+    with pytest.raises(WeightsUnavailableError, match="no such folder"):
+        load_backbone(str(tmp_path / "nowhere"))
+
+
+def test_layout_descriptor_is_unit_cells_of_the_pooled_grid():
+    grid = F.normalize(torch.randn(2, 8, 8, 6), dim=-1)
+    layout = layout_descriptor(grid, 4)
+    assert layout.shape == (2, 16, 6)
+    torch.testing.assert_close(layout.norm(dim=-1), torch.ones(2, 16))
+    # Cell (1, 2) averages patches rows 2-3, columns 4-5.
+    expected = F.normalize(grid[:, 2:4, 4:6].mean(dim=(1, 2)), dim=-1)
+    torch.testing.assert_close(layout[:, 1 * 4 + 2], expected)
+    features = describe(torch.randn(2, 6), (grid, grid), 4)
+    assert features.grid == (8, 8)
