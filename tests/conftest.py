@@ -45,6 +45,13 @@ def brain_volume(seed: int, shape=(40, 44, 14), lesion: tuple[int, int, int] | N
     return volume, mask
 
 
+def as_stored(canonical: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """The array a file with ``affine`` stores so that its anatomy in RAS is ``canonical``."""
+    from himatch_med.volume import from_canonical
+
+    return from_canonical(canonical, nib.orientations.io_orientation(affine))
+
+
 def save_nifti(array: np.ndarray, affine: np.ndarray, path: Path, *, sform_code: int = 1, qform_code: int = 1) -> Path:
     image = nib.Nifti1Image(array, affine)
     image.set_sform(affine, code=sform_code)
@@ -56,8 +63,9 @@ def save_nifti(array: np.ndarray, affine: np.ndarray, path: Path, *, sform_code:
 class StandIn:
     """A weight-free extractor with the backbone's interface: fixed random projections of raw patch pixels.
 
-    Stage l projects the patch pixels after averaging over (2l-1)x(2l-1) neighbouring patches, so stages see the image
-    at different scales, like transformer stages do. Everything is seeded: the same image gives the same features.
+    Each stage has its own projection; the last one first averages over 3x3 neighbouring patches, so stages see the
+    image at different scales, like transformer stages do. Everything is seeded: the same image gives the same
+    features.
     """
 
     model_id = "stand-in"
@@ -66,7 +74,9 @@ class StandIn:
     def __init__(self, stages: int = 3, dim: int = 24, device: str = "cpu") -> None:
         generator = torch.Generator().manual_seed(1234)
         self.stages = tuple(range(1, stages + 1))
-        self.projections = [torch.randn(self.patch_size**2 + 2, dim, generator=generator) for _ in self.stages]
+        self.pooling = [1] * (stages - 1) + [3]
+        # Scaled so that tanh stays away from saturation and features keep the patch's detail.
+        self.projections = [0.3 * torch.randn(self.patch_size**2 + 2, dim, generator=generator) for _ in self.stages]
         self.device = torch.device(device)
 
     def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
@@ -77,8 +87,7 @@ class StandIn:
         stats = torch.stack([patches.mean(-1), patches.std(-1)], dim=-1)
         raw = torch.cat([patches, stats], dim=-1).unflatten(1, (height, width))  # (S, h, w, p*p+2)
         grids = []
-        for level, projection in zip(self.stages, self.projections):
-            size = 2 * level - 1
+        for size, projection in zip(self.pooling, self.projections):
             pooled = F.avg_pool2d(raw.permute(0, 3, 1, 2), size, stride=1, padding=size // 2,
                                   count_include_pad=False).permute(0, 2, 3, 1)
             grids.append(F.normalize(torch.tanh(pooled @ projection.to(pooled)), dim=-1))
