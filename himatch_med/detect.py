@@ -138,7 +138,8 @@ def slice_sigma(settings: Settings, height: int, width: int, patch_size: int) ->
 
 
 def detect(extractor: Extractor, bank: Bank, prepared: Prepared, settings: Settings,
-           progress: Progress | None = None) -> Detection:
+           progress: Progress | None = None, computed: Iterable[tuple[torch.Tensor, Features, torch.Tensor]] | None = None
+           ) -> Detection:
     """Anomaly and uncertainty maps and scores of one prepared volume against a bank.
 
     Args:
@@ -147,11 +148,13 @@ def detect(extractor: Extractor, bank: Bank, prepared: Prepared, settings: Setti
         prepared: the volume from :func:`prepare`.
         settings: resolved settings.
         progress: called with the number of slices finished after each batch.
+        computed: the output of :func:`batches` for this volume when already at hand (an evaluation that tries
+            several settings on the same features); computed here otherwise.
     """
     device = _device(extractor)
     count, height, width = prepared.slices.shape
     grid_maps: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    for part, features, patches in batches(extractor, prepared, settings, device):
+    for part, features, patches in computed if computed is not None else batches(extractor, prepared, settings, device):
         stage_maps, per_reference = stage_distances(features, bank, settings, prepared.positions[part])
         anomaly, uncertainty = fused_maps(stage_maps, per_reference, bank, settings)
         anomaly, uncertainty = fill_background(anomaly, patches), fill_background(uncertainty, patches)
@@ -162,8 +165,8 @@ def detect(extractor: Extractor, bank: Bank, prepared: Prepared, settings: Setti
     scored = torch.zeros(count, dtype=torch.bool)
     scored[list(grid_maps)] = True
     sigma = slice_sigma(settings, height, width, extractor.patch_size)
-    anomaly = _slice_maps([grid_maps.get(i, (None, None))[0] for i in range(count)], (height, width), sigma)
-    uncertainty = _slice_maps([grid_maps.get(i, (None, None))[1] for i in range(count)], (height, width), sigma)
+    anomaly = slice_maps([grid_maps.get(i, (None, None))[0] for i in range(count)], (height, width), sigma)
+    uncertainty = slice_maps([grid_maps.get(i, (None, None))[1] for i in range(count)], (height, width), sigma)
     scores = slice_scores(anomaly, prepared.foreground, scored, settings.top_fraction)
     volume = volume_score(anomaly, prepared.foreground, scored, settings.top_fraction) if scored.any() else 0.0
     return Detection(
@@ -173,7 +176,7 @@ def detect(extractor: Extractor, bank: Bank, prepared: Prepared, settings: Setti
         volume_percentile=float(percentile(torch.tensor([volume]), bank.calibration_volume_scores)[0]))
 
 
-def _slice_maps(maps: list[torch.Tensor | None], size: tuple[int, int], sigma: float, chunk: int = 64
+def slice_maps(maps: list[torch.Tensor | None], size: tuple[int, int], sigma: float, chunk: int = 64
                 ) -> torch.Tensor:
     """Patch maps of every slice (None where not scored) -> smoothed slice maps ``(S, H, W)``.
 

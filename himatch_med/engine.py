@@ -206,21 +206,31 @@ def _cache_key(files: list[Path], labels: Path | None, settings: Settings, extra
 def process(path: Path, extractor: Extractor, bank: Bank, settings: Settings, folder: Path, *,
             options: dict | None = None, mask: Path | None = None, progress: bool = True) -> dict:
     """Detect anomalies in one input and write its four outputs; returns the report."""
+    started = time.perf_counter()
+    volume = read_volume(path, settings, options=options, mask=mask)
+    return analyse(volume, extractor, bank, settings, folder, progress=progress,
+                   read_seconds=time.perf_counter() - started)
+
+
+def analyse(volume: tuple[io.Image, np.ndarray, Prepared], extractor: Extractor, bank: Bank, settings: Settings,
+            folder: Path, *, progress: bool = True, read_seconds: float = 0.0) -> dict:
+    """Detect anomalies in a volume already read by :func:`read_volume` and write its outputs; returns the report.
+
+    The report is written last: its presence means the other outputs are complete.
+    """
     from tqdm.auto import tqdm
 
-    timings = {}
-    started = time.perf_counter()
-    image, orientation, prepared = read_volume(path, settings, options=options, mask=mask)
-    timings["read_prepare"] = time.perf_counter() - started
-    bar = tqdm(total=int(prepared.scored.sum()), unit="slice", desc=io.stem(path), leave=False, disable=not progress)
+    image, orientation, prepared = volume
+    timings = {"read_prepare": read_seconds}
+    bar = tqdm(total=int(prepared.scored.sum()), unit="slice", desc=io.stem(image.path), leave=False,
+               disable=not progress)
     started = time.perf_counter()
     detection = detect(extractor, bank, prepared, settings, progress=bar.update)
     bar.close()
     timings["detect"] = time.perf_counter() - started
     started = time.perf_counter()
-    paths = output_paths(path, folder)
-    anomaly = from_canonical(detection.anomaly.numpy(), orientation)
-    io.write_map(anomaly, image, paths["anomaly"])
+    paths = output_paths(image.path, folder)
+    io.write_map(from_canonical(detection.anomaly.numpy(), orientation), image, paths["anomaly"])
     io.write_map(from_canonical(detection.uncertainty.numpy(), orientation), image, paths["uncertainty"])
     report = make_report(image, orientation, prepared, detection, bank, settings, extractor, paths)
     io.write_figure(overview_figure(prepared, detection, report), paths["overview"])
@@ -228,6 +238,18 @@ def process(path: Path, extractor: Extractor, bank: Bank, settings: Settings, fo
     report["timings_seconds"] = {k: round(v, 3) for k, v in timings.items()}
     io.write_json(report, paths["report"])
     return report
+
+
+def is_complete(path: Path, folder: Path) -> bool:
+    """Whether every output of ``path`` is in ``folder`` (the report, written last, is checked to parse)."""
+    paths = output_paths(path, folder)
+    if not all(p.is_file() for p in paths.values()):
+        return False
+    try:
+        json.loads(paths["report"].read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return True
 
 
 def file_slice_index(index: int, axis: int, orientation: np.ndarray, shape: tuple[int, ...]) -> tuple[int, int]:

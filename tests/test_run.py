@@ -1,0 +1,137 @@
+"""The command line as a user runs it: outputs on the input's grid, banks, clear errors."""
+
+import json
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+from conftest import LPS, OBLIQUE, PERMUTED, as_stored, brain_volume, save_nifti
+
+from himatch_med.run import bank_main, main
+
+FAST = ["--image-size", "32", "--centroids", "8", "--calibration-slices", "32", "--kmeans-iterations", "5",
+        "--references-k", "2"]
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cohort")
+    (root / "refs").mkdir()
+    for i, affine in enumerate((OBLIQUE, PERMUTED, LPS)):
+        save_nifti(as_stored(brain_volume(i)[0], affine), affine, root / "refs" / f"normal{i}.nii.gz")
+    array, lesion = brain_volume(9, lesion=(14, 18, 7))
+    query = nib.Nifti1Image(as_stored(array, OBLIQUE).astype(np.int16), OBLIQUE)
+    # qform and sform differ on purpose (codes and values): both must come back unchanged.
+    query.set_qform(OBLIQUE @ np.diag([1, 1, 1.0, 1]) + np.array([[0, 0, 0, 0.5]] + [[0] * 4] * 3), code=1)
+    query.set_sform(OBLIQUE, code=4)
+    query.header["descrip"] = b"oblique query"
+    nib.save(query, root / "query.nii.gz")
+    return root
+
+
+@pytest.fixture(scope="module")
+def bank(cohort, tiny_dinov3):
+    folder = cohort / "bank"
+    assert bank_main(["build", str(cohort / "refs"), "-o", str(folder), "--model", str(tiny_dinov3), *FAST]) == 0
+    return folder
+
+
+def test_heatmap_lies_on_the_input_grid_with_its_header(cohort, bank, tiny_dinov3, tmp_path):
+    out = tmp_path / "out"
+    code = main([str(cohort / "query.nii.gz"), "--bank", str(bank), "--model", str(tiny_dinov3), "-o", str(out), *FAST])
+    assert code == 0
+    source = nib.load(cohort / "query.nii.gz")
+    for name in ("query_anomaly.nii.gz", "query_uncertainty.nii.gz"):
+        heat = nib.load(out / name)
+        assert heat.shape == source.shape
+        assert heat.get_data_dtype() == np.float32
+        np.testing.assert_array_equal(heat.affine, source.affine)
+        for coded in ("get_qform", "get_sform"):
+            mine, theirs = getattr(heat.header, coded)(coded=True), getattr(source.header, coded)(coded=True)
+            np.testing.assert_array_equal(mine[0], theirs[0])
+            assert mine[1] == theirs[1]
+        for field in ("quatern_b", "quatern_c", "quatern_d", "qoffset_x", "pixdim", "xyzt_units", "descrip"):
+            assert np.array_equal(heat.header[field], source.header[field]), field
+        assert np.isfinite(heat.get_fdata()).all()
+    report = json.loads((out / "query_report.json").read_text())
+    assert report["model"] == str(tiny_dinov3) and report["bank"]["references"] > 0
+    assert len(report["slice_scores"]) == source.shape[2]  # OBLIQUE stores the axial axis along k
+    assert (out / "query_overview.png").stat().st_size > 1000
+    assert not list(out.glob(".*part*"))
+
+
+def test_references_build_a_cached_bank_once(cohort, tiny_dinov3, tmp_path):
+    args = [str(cohort / "query.nii.gz"), "--references", str(cohort / "refs"), "--model", str(tiny_dinov3),
+            "--bank-cache", str(tmp_path / "cache"), "-o", str(tmp_path / "out"), *FAST]
+    assert main(args) == 0
+    cached = list((tmp_path / "cache").iterdir())
+    assert len(cached) == 1
+    stamp = (cached[0] / "bank.json").stat().st_mtime_ns
+    assert main(args) == 0
+    assert (cached[0] / "bank.json").stat().st_mtime_ns == stamp
+
+
+def test_a_bank_built_with_other_settings_is_refused(cohort, bank, tiny_dinov3, tmp_path, capsys):
+    code = main([str(cohort / "query.nii.gz"), "--bank", str(bank), "--model", str(tiny_dinov3), "-o",
+                 str(tmp_path), *FAST[:1], "48", *FAST[2:]])
+    assert code == 2
+    error = capsys.readouterr().err
+    assert "image_size: bank has 32, this run asks for 48" in error and "Traceback" not in error
+    assert not list(tmp_path.glob("*.nii.gz"))
+
+
+def test_missing_weights_give_a_message_not_a_traceback(cohort, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "himatch_med.run", str(cohort / "query.nii.gz"), "--references",
+                             str(cohort / "refs"), "--model", "facebook/dinov3-vitb16-pretrain-lvd1689m", "-o",
+                             str(tmp_path)], capture_output=True, text=True, env={**_env(), "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 2
+    assert "accept the licence" in result.stderr and "--model" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_help_lists_every_setting_without_importing_torch():
+    code = ("import sys\nfrom himatch_med.run import run_parser, bank_parser\n"
+            "text = run_parser().format_help()\nassert 'torch' not in sys.modules\nprint(text)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env())
+    assert result.returncode == 0, result.stderr
+    from dataclasses import fields
+
+    from himatch_med.config import Settings
+    for field in fields(Settings):
+        assert "--" + field.name.replace("_", "-") in result.stdout
+    assert "(default: 448)" in result.stdout and "(default: uncertainty)" in result.stdout
+
+
+def test_one_bad_volume_does_not_lose_the_others(cohort, bank, tiny_dinov3, tmp_path, capsys):
+    broken = tmp_path / "broken.nii.gz"
+    broken.write_bytes((cohort / "query.nii.gz").read_bytes()[:200])
+    out = tmp_path / "out"
+    code = main([str(broken), str(cohort / "query.nii.gz"), "--bank", str(bank), "--model", str(tiny_dinov3),
+                 "-o", str(out), *FAST])
+    assert code == 1
+    assert "broken.nii.gz: cannot be read as NIfTI" in capsys.readouterr().err
+    assert (out / "query_anomaly.nii.gz").exists() and not list(out.glob("broken*"))
+
+
+def test_folder_of_2d_images(tmp_path, tiny_dinov3):
+    import SimpleITK as sitk
+
+    (tmp_path / "normal").mkdir()
+    for i in range(3):
+        plane = (brain_volume(i, (48, 40, 3))[0][:, :, 1] * 1.5).clip(0, 255).astype(np.uint8)
+        sitk.WriteImage(sitk.GetImageFromArray(plane), str(tmp_path / "normal" / f"n{i}.png"))
+    plane = (brain_volume(7, (48, 40, 3), lesion=(20, 20, 1))[0][:, :, 1] * 1.5).clip(0, 255).astype(np.uint8)
+    sitk.WriteImage(sitk.GetImageFromArray(plane), str(tmp_path / "query.png"))
+    out = tmp_path / "out"
+    assert main([str(tmp_path / "query.png"), "--references", str(tmp_path / "normal"), "--model", str(tiny_dinov3),
+                 "--bank-cache", str(tmp_path / "cache"), "-o", str(out), *FAST]) == 0
+    heat = nib.load(out / "query_anomaly.nii.gz")
+    assert heat.shape == (40, 48, 1)
+
+
+def _env():
+    import os
+
+    return {k: v for k, v in os.environ.items()}
