@@ -70,9 +70,19 @@ class Bank:
         """The arrays by name, as stored."""
         return {name: getattr(self, name) for name in ARRAYS}
 
+    def to(self, device: torch.device | str, *, centroid_budget: int = 8 << 30) -> Bank:
+        """This bank with its retrieval arrays on ``device``; the centroids follow when they fit ``centroid_budget``
+        bytes (else they stay memory-mapped on the host and only the retrieved rows travel)."""
+        device = torch.device(device)
+        if device.type == "cpu":
+            return self
+        moved = {name: tensor.to(device) for name, tensor in self.tensors().items() if name != "centroids"}
+        fits = self.centroids.numel() * self.centroids.element_size() <= centroid_budget
+        return Bank(**moved, centroids=self.centroids.to(device) if fits else self.centroids, meta=self.meta)
+
     def memory(self, indices: torch.Tensor, device: torch.device) -> torch.Tensor:
         """Centroids of the references ``indices`` ``(B, K)`` as float32 ``(L, B, K, c, D)`` on ``device``."""
-        rows = self.centroids[indices.flatten().cpu()]
+        rows = self.centroids[indices.flatten().to(self.centroids.device)]
         rows = rows.to(device=device, dtype=torch.float32)
         return rows.unflatten(0, indices.shape).movedim(2, 0)
 

@@ -18,6 +18,7 @@ from himatch_med.features import Extractor, Features, describe
 from himatch_med.fusion import calibrate, fuse, stage_uncertainty
 from himatch_med.matching import reference_distances
 from himatch_med.retrieval import retrieve
+from himatch_med.timing import NO_TIMER, Timer
 from himatch_med.scoring import percentile, slice_scores, top_mean, volume_score
 from himatch_med.transforms import foreground_mask, patch_foreground, scale_intensity, to_backbone_images
 from himatch_med.volume import AXIS_INDEX, backbone_size, from_slices, maps_to_slices, relative_positions, to_slices
@@ -74,8 +75,8 @@ def prepare(volume: torch.Tensor, settings: Settings, *, foreground: torch.Tenso
     return Prepared(slices, fg, scored, relative_positions(fg.flatten(1).any(dim=1)), axis)
 
 
-def batches(extractor: Extractor, prepared: Prepared, settings: Settings, device: torch.device
-            ) -> Iterator[tuple[torch.Tensor, Features, torch.Tensor]]:
+def batches(extractor: Extractor, prepared: Prepared, settings: Settings, device: torch.device,
+            timer: Timer = NO_TIMER) -> Iterator[tuple[torch.Tensor, Features, torch.Tensor]]:
     """Yield ``(slice indices, features, patch foreground)`` for the scored slices, one backbone batch at a time.
 
     Slices whose patch grid holds no foreground patch (a sliver of foreground) are left out.
@@ -85,18 +86,21 @@ def batches(extractor: Extractor, prepared: Prepared, settings: Settings, device
     grid = (size[0] // extractor.patch_size, size[1] // extractor.patch_size)
     indices = torch.nonzero(prepared.scored).flatten()
     for part in indices.split(settings.batch_size):
-        patches = patch_foreground(prepared.foreground[part].to(device), grid, settings.patch_foreground)
-        keep = patches.flatten(1).any(dim=1)
-        if not keep.any():
+        with timer("preprocess"):
+            patches = patch_foreground(prepared.foreground[part].to(device), grid, settings.patch_foreground)
+            keep = patches.flatten(1).any(dim=1)
+            part, patches = part[keep.cpu()], patches[keep]
+            images = to_backbone_images(prepared.slices[part].to(device), size) if len(part) else None
+        if images is None:
             continue
-        part, patches = part[keep.cpu()], patches[keep]
-        images = to_backbone_images(prepared.slices[part].to(device), size)
-        cls, stages = extractor(images)
-        yield part, describe(cls, stages, settings.layout_cells), patches
+        with timer("backbone"):
+            cls, stages = extractor(images)
+            features = describe(cls, stages, settings.layout_cells)
+        yield part, features, patches
 
 
 def stage_distances(features: Features, bank: Bank, settings: Settings, positions: torch.Tensor,
-                    groups: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    groups: torch.Tensor | None = None, timer: Timer = NO_TIMER) -> tuple[torch.Tensor, torch.Tensor]:
     """Retrieve references for a batch and measure each stage against their centroids.
 
     Returns:
@@ -104,16 +108,19 @@ def stage_distances(features: Features, bank: Bank, settings: Settings, position
     """
     device = features.cls.device
     available = len(bank) - (int(torch.bincount(bank.groups).max()) if groups is not None else 0)
-    index, _ = retrieve(features.cls, features.layout, bank.cls, bank.layout, k=min(settings.references_k, available),
-                        cls_weight=settings.cls_weight, chunk=settings.chunk_size,
-                        query_positions=positions.to(device), bank_positions=bank.positions,
-                        window=settings.position_window, query_groups=None if groups is None else groups.to(device),
-                        bank_groups=None if groups is None else bank.groups)
-    memory = bank.memory(index, device)
-    distances = torch.stack([reference_distances(grid.flatten(1, 2), memory[stage], chunk=settings.chunk_size)
-                             for stage, grid in enumerate(features.stages)])
-    per_reference = distances.unflatten(2, features.grid)
-    return per_reference.amin(dim=-1), per_reference
+    with timer("retrieval"):
+        index, _ = retrieve(features.cls, features.layout, bank.cls, bank.layout, k=min(settings.references_k, available),
+                            cls_weight=settings.cls_weight, chunk=settings.chunk_size,
+                            query_positions=positions.to(device), bank_positions=bank.positions,
+                            window=settings.position_window,
+                            query_groups=None if groups is None else groups.to(device),
+                            bank_groups=None if groups is None else bank.groups)
+    with timer("matching"):
+        memory = bank.memory(index, device)
+        distances = torch.stack([reference_distances(grid.flatten(1, 2), memory[stage], chunk=settings.chunk_size)
+                                 for stage, grid in enumerate(features.stages)])
+        per_reference = distances.unflatten(2, features.grid)
+        return per_reference.amin(dim=-1), per_reference
 
 
 def fused_maps(stage_maps: torch.Tensor, per_reference: torch.Tensor, bank: Bank, settings: Settings
@@ -138,8 +145,8 @@ def slice_sigma(settings: Settings, height: int, width: int, patch_size: int) ->
 
 
 def detect(extractor: Extractor, bank: Bank, prepared: Prepared, settings: Settings,
-           progress: Progress | None = None, computed: Iterable[tuple[torch.Tensor, Features, torch.Tensor]] | None = None
-           ) -> Detection:
+           progress: Progress | None = None, computed: Iterable[tuple[torch.Tensor, Features, torch.Tensor]] | None = None,
+           timer: Timer = NO_TIMER) -> Detection:
     """Anomaly and uncertainty maps and scores of one prepared volume against a bank.
 
     Args:
@@ -150,25 +157,32 @@ def detect(extractor: Extractor, bank: Bank, prepared: Prepared, settings: Setti
         progress: called with the number of slices finished after each batch.
         computed: the output of :func:`batches` for this volume when already at hand (an evaluation that tries
             several settings on the same features); computed here otherwise.
+        timer: charged with the time of each phase (benchmarks).
     """
     device = _device(extractor)
     count, height, width = prepared.slices.shape
     grid_maps: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    for part, features, patches in computed if computed is not None else batches(extractor, prepared, settings, device):
-        stage_maps, per_reference = stage_distances(features, bank, settings, prepared.positions[part])
-        anomaly, uncertainty = fused_maps(stage_maps, per_reference, bank, settings)
-        anomaly, uncertainty = fill_background(anomaly, patches), fill_background(uncertainty, patches)
-        for row, index in enumerate(part.tolist()):
-            grid_maps[index] = (anomaly[row].cpu(), uncertainty[row].cpu())
+    pending = computed if computed is not None else batches(extractor, prepared, settings, device, timer)
+    for part, features, patches in pending:
+        stage_maps, per_reference = stage_distances(features, bank, settings, prepared.positions[part], timer=timer)
+        with timer("fusion"):
+            anomaly, uncertainty = fused_maps(stage_maps, per_reference, bank, settings)
+            anomaly, uncertainty = fill_background(anomaly, patches), fill_background(uncertainty, patches)
+            for row, index in enumerate(part.tolist()):
+                grid_maps[index] = (anomaly[row], uncertainty[row])
         if progress:
             progress(len(part))
-    scored = torch.zeros(count, dtype=torch.bool)
-    scored[list(grid_maps)] = True
-    sigma = slice_sigma(settings, height, width, extractor.patch_size)
-    anomaly = slice_maps([grid_maps.get(i, (None, None))[0] for i in range(count)], (height, width), sigma)
-    uncertainty = slice_maps([grid_maps.get(i, (None, None))[1] for i in range(count)], (height, width), sigma)
-    scores = slice_scores(anomaly, prepared.foreground, scored, settings.top_fraction)
-    volume = volume_score(anomaly, prepared.foreground, scored, settings.top_fraction) if scored.any() else 0.0
+    with timer("resample"):
+        scored = torch.zeros(count, dtype=torch.bool)
+        scored[list(grid_maps)] = True
+        sigma = slice_sigma(settings, height, width, extractor.patch_size)
+        anomaly = slice_maps([grid_maps.get(i, (None, None))[0] for i in range(count)], (height, width), sigma)
+        uncertainty = slice_maps([grid_maps.get(i, (None, None))[1] for i in range(count)], (height, width), sigma)
+        foreground = prepared.foreground.to(anomaly.device)
+        scores = slice_scores(anomaly, foreground, scored.to(anomaly.device), settings.top_fraction).cpu()
+        volume = volume_score(anomaly, foreground, scored.to(anomaly.device), settings.top_fraction) \
+            if scored.any() else 0.0
+        anomaly, uncertainty = anomaly.cpu(), uncertainty.cpu()
     return Detection(
         anomaly=from_slices(anomaly, prepared.axis), uncertainty=from_slices(uncertainty, prepared.axis),
         slice_scores=scores, slice_percentiles=percentile(scores, bank.calibration_slice_scores), scored=scored,
@@ -183,9 +197,10 @@ def slice_maps(maps: list[torch.Tensor | None], size: tuple[int, int], sigma: fl
     Slices that were not scored take the lowest value of the scored ones, so they read as normal.
     """
     present = [m for m in maps if m is not None]
-    low = min(float(m.min()) for m in present) if present else 0.0
-    grid = present[0].shape if present else (1, 1)
-    stack = torch.stack([m if m is not None else torch.full(grid, low) for m in maps])
+    if not present:
+        return torch.zeros((len(maps), *size))
+    low = torch.stack([m.min() for m in present]).min()
+    stack = torch.stack([m if m is not None else torch.full_like(present[0], low) for m in maps])
     return torch.cat([maps_to_slices(part, size, sigma=sigma) for part in stack.split(chunk)])
 
 

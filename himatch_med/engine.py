@@ -11,6 +11,7 @@ import os
 import platform
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from himatch_med.config import Settings
 from himatch_med.detect import Detection, Prepared, build_bank, detect, prepare
 from himatch_med.errors import InputError
 from himatch_med.features import Extractor
+from himatch_med.timing import NO_TIMER, Timer
 from himatch_med.volume import AXIS_INDEX, from_canonical, to_canonical, to_slices
 
 OUTPUTS = ("anomaly", "uncertainty", "overview", "report")
@@ -108,19 +110,21 @@ def open_bank(folder: Path, settings: Settings, extractor: Extractor) -> Bank:
     return bank
 
 
-def read_volume(path: Path, settings: Settings, *, options: dict | None = None,
-                labels: Path | None = None, mask: Path | None = None) -> tuple[io.Image, np.ndarray, Prepared]:
+def read_volume(path: Path, settings: Settings, *, options: dict | None = None, labels: Path | None = None,
+                mask: Path | None = None, timer: Timer = NO_TIMER) -> tuple[io.Image, np.ndarray, Prepared]:
     """Read a file and prepare it: the image as read, its orientation, and the prepared slices."""
-    image = io.read_image(path, **(options or {}))
-    check_values(image)
-    canonical, orientation = to_canonical(image.array, image.affine)
+    with timer("load"):
+        image = io.read_image(path, **(options or {}))
+        check_values(image)
+        canonical, orientation = to_canonical(image.array, image.affine)
     if image.kind == "image" and settings.axis != "axial":
         raise InputError(f"{path}: is a 2D image; it can only be sliced along --axis axial")
     excluded = _aligned(labels, image, "--reference-labels") if labels is not None else None
     foreground = _aligned(mask, image, "--mask") if mask is not None else None
-    prepared = prepare(torch.from_numpy(canonical), settings,
-                       foreground=None if foreground is None else torch.from_numpy(foreground),
-                       excluded=None if excluded is None else torch.from_numpy(excluded))
+    with timer("preprocess"):
+        prepared = prepare(torch.from_numpy(canonical), settings,
+                           foreground=None if foreground is None else torch.from_numpy(foreground),
+                           excluded=None if excluded is None else torch.from_numpy(excluded))
     return image, orientation, prepared
 
 
@@ -213,7 +217,7 @@ def process(path: Path, extractor: Extractor, bank: Bank, settings: Settings, fo
 
 
 def analyse(volume: tuple[io.Image, np.ndarray, Prepared], extractor: Extractor, bank: Bank, settings: Settings,
-            folder: Path, *, progress: bool = True, read_seconds: float = 0.0) -> dict:
+            folder: Path, *, progress: bool = True, read_seconds: float = 0.0, timer: Timer = NO_TIMER) -> dict:
     """Detect anomalies in a volume already read by :func:`read_volume` and write its outputs; returns the report.
 
     The report is written last: its presence means the other outputs are complete.
@@ -225,15 +229,20 @@ def analyse(volume: tuple[io.Image, np.ndarray, Prepared], extractor: Extractor,
     bar = tqdm(total=int(prepared.scored.sum()), unit="slice", desc=io.stem(image.path), leave=False,
                disable=not progress)
     started = time.perf_counter()
-    detection = detect(extractor, bank, prepared, settings, progress=bar.update)
+    detection = detect(extractor, bank, prepared, settings, progress=bar.update, timer=timer)
     bar.close()
     timings["detect"] = time.perf_counter() - started
     started = time.perf_counter()
     paths = output_paths(image.path, folder)
-    io.write_map(from_canonical(detection.anomaly.numpy(), orientation), image, paths["anomaly"])
-    io.write_map(from_canonical(detection.uncertainty.numpy(), orientation), image, paths["uncertainty"])
-    report = make_report(image, orientation, prepared, detection, bank, settings, extractor, paths)
-    io.write_figure(overview_figure(prepared, detection, report), paths["overview"])
+    with timer("save"):
+        report = make_report(image, orientation, prepared, detection, bank, settings, extractor, paths)
+        # gzip releases the GIL: the two maps compress in parallel while the picture is drawn.
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            writes = [pool.submit(io.write_map, from_canonical(getattr(detection, name).numpy(), orientation), image,
+                                  paths[name]) for name in ("anomaly", "uncertainty")]
+            io.write_figure(overview_figure(prepared, detection, report), paths["overview"])
+            for write in writes:
+                write.result()
     timings["write"] = time.perf_counter() - started
     report["timings_seconds"] = {k: round(v, 3) for k, v in timings.items()}
     io.write_json(report, paths["report"])

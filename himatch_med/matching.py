@@ -29,6 +29,8 @@ def spherical_kmeans(
     if not valid.any(dim=1).all():
         raise ValueError("spherical_kmeans needs at least one valid point per slice")
     batch, count, _ = points.shape
+    # Invalid points take no part, not even as 0 * NaN in the cluster sums.
+    points = torch.where(valid[..., None], points, torch.zeros_like(points))
     generator = torch.Generator().manual_seed(seed)
     priority = torch.rand(count, generator=generator).to(points.device).expand(batch, -1)
     priority = priority.masked_fill(~valid, -1.0)

@@ -44,22 +44,29 @@ def retrieve(
         query_groups, bank_groups: a query never retrieves a bank row of its own group (used to leave a
             reference volume out of its own calibration).
     """
-    best_sim = query_cls.new_full((len(query_cls), 0), -torch.inf)
+    if k > len(bank_cls):
+        raise ValueError(f"k={k} references asked for but the bank holds {len(bank_cls)}; lower references_k")
+    best_key = query_cls.new_full((len(query_cls), 0), -torch.inf)
+    best_sim = best_key.clone()
     best_idx = torch.zeros((len(query_cls), 0), dtype=torch.long, device=query_cls.device)
     for start in range(0, len(bank_cls), chunk):
         stop = min(start + chunk, len(bank_cls))
         sim = similarity(query_cls, query_layout, bank_cls[start:stop].to(query_cls),
                          bank_layout[start:stop].to(query_layout), cls_weight=cls_weight)
+        key = sim
         if window > 0 and query_positions is not None and bank_positions is not None:
-            far = (query_positions[:, None] - bank_positions[None, start:stop].to(query_positions)).abs() > window
-            sim = sim - OUT_OF_WINDOW_PENALTY * far
+            # The tolerance keeps slices exactly one window away on both sides despite float32 rounding.
+            far = (query_positions[:, None] - bank_positions[None, start:stop].to(query_positions)).abs() \
+                > window + 1e-6
+            key = key - OUT_OF_WINDOW_PENALTY * far
         if query_groups is not None and bank_groups is not None:
             own = query_groups[:, None] == bank_groups[None, start:stop].to(query_groups)
-            sim = sim.masked_fill(own, -torch.inf)
+            key = key.masked_fill(own, -torch.inf)
         index = torch.arange(start, stop, device=sim.device).expand(len(sim), -1)
-        merged_sim, merged_idx = torch.cat([best_sim, sim], dim=1), torch.cat([best_idx, index], dim=1)
-        best_sim, order = merged_sim.topk(min(k, merged_sim.shape[1]), dim=1)
-        best_idx = torch.gather(merged_idx, 1, order)
-    if torch.isinf(best_sim).any():
+        merged_key = torch.cat([best_key, key], dim=1)
+        best_key, order = merged_key.topk(min(k, merged_key.shape[1]), dim=1)
+        best_idx = torch.gather(torch.cat([best_idx, index], dim=1), 1, order)
+        best_sim = torch.gather(torch.cat([best_sim, sim], dim=1), 1, order)
+    if torch.isinf(best_key).any():
         raise ValueError(f"fewer than k={k} references are allowed for some query; lower references_k")
     return best_idx, best_sim

@@ -11,7 +11,8 @@ def top_mean(values: torch.Tensor, fraction: float) -> torch.Tensor:
     """Mean of the top ``fraction`` of ``values`` (at least one value); 0 for an empty tensor."""
     if values.numel() == 0:
         return values.new_zeros(())
-    count = max(1, math.ceil(fraction * values.numel()))
+    # The rounding keeps 0.07 * 100 = 7.000000000000001 from becoming 8 values.
+    count = max(1, math.ceil(round(fraction * values.numel(), 9)))
     return values.flatten().float().topk(count).values.mean()
 
 

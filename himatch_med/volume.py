@@ -82,6 +82,6 @@ def maps_to_slices(maps: torch.Tensor, size: tuple[int, int], *, sigma: float) -
     slices = F.interpolate(maps[:, None].float(), size=size, mode="bilinear", align_corners=False)
     if sigma > 0:
         # Replicate padding: zero padding would pull the border towards 0, which is a meaningful z-value.
-        kernel = gaussian_1d(torch.tensor(sigma), truncated=4.0).to(slices)
+        kernel = gaussian_1d(torch.tensor(sigma), truncated=4.0, normalize=True).to(slices)
         slices = separable_filtering(slices, [kernel, kernel], mode="replicate")
     return slices[:, 0]

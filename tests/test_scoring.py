@@ -1,0 +1,146 @@
+"""Known-answer tests for himatch_med.scoring: top-fraction means, slice and volume scores, percentiles."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from himatch_med.scoring import percentile, slice_scores, top_mean, volume_score
+
+# --------------------------------------------------------------------------------------------------------------------
+# top_mean
+
+
+@pytest.mark.parametrize(("fraction", "expected"), [
+    (0.2, (10 + 9) / 2),  # exactly 2 of 10
+    (0.25, (10 + 9 + 8) / 3),  # ceil(2.5) = 3
+    (0.01, 10.0),  # ceil(0.1) = 1
+    (0.0, 10.0),  # at least one value
+    (1.0, 5.5),  # all
+])
+def test_top_mean_known_answers(fraction, expected):
+    values = torch.arange(1, 11, dtype=torch.float32)[torch.randperm(10, generator=torch.Generator().manual_seed(0))]
+    assert float(top_mean(values, fraction)) == pytest.approx(expected)
+
+
+def test_top_mean_one_percent_of_many_values():
+    values = torch.arange(1000, dtype=torch.float32)
+    assert float(top_mean(values, 0.01)) == pytest.approx(sum(range(990, 1000)) / 10)
+    values = torch.arange(1001, dtype=torch.float32)
+    assert float(top_mean(values, 0.01)) == pytest.approx(sum(range(990, 1001)) / 11)  # ceil(10.01) = 11
+
+
+def test_top_mean_flattens_and_accepts_integers():
+    values = torch.tensor([[1, 7], [3, 9]])
+    result = top_mean(values, 0.5)
+    assert result.dtype.is_floating_point
+    assert float(result) == pytest.approx(8.0)
+
+
+def test_top_mean_empty_is_zero():
+    result = top_mean(torch.zeros(0), 0.01)
+    assert result.shape == () and float(result) == 0.0
+
+
+def test_top_mean_with_ties():
+    assert float(top_mean(torch.tensor([1.0, 4.0, 4.0, 4.0]), 0.5)) == pytest.approx(4.0)
+
+
+def test_top_mean_count_is_not_inflated_by_float_rounding():
+    values = torch.arange(100, dtype=torch.float32)
+    assert float(top_mean(values, 0.07)) == pytest.approx(sum(range(93, 100)) / 7)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# slice_scores / volume_score
+
+
+def scored_maps() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    maps = torch.arange(3 * 4 * 5, dtype=torch.float32).reshape(3, 4, 5)
+    foreground = torch.zeros(3, 4, 5, dtype=torch.bool)
+    foreground[:, 1:3, 1:4] = True  # 6 pixels per slice
+    maps[~foreground] = 1000.0  # background values must never count
+    scored = torch.tensor([True, False, True])
+    return maps, foreground, scored
+
+
+def test_slice_scores_known_answer():
+    maps, foreground, scored = scored_maps()
+    scores = slice_scores(maps, foreground, scored, 0.5)  # top 3 of the 6 foreground values
+    assert scores.shape == (3,) and scores.dtype == torch.float32
+    # Slice 0 foreground: 6, 7, 8, 11, 12, 13 -> top 3 = 11, 12, 13. Slice 2: +40.
+    torch.testing.assert_close(scores, torch.tensor([12.0, 0.0, 52.0]))
+
+
+def test_slice_scores_unscored_slices_are_zero():
+    maps, foreground, _ = scored_maps()
+    scores = slice_scores(maps, foreground, torch.zeros(3, dtype=torch.bool), 0.01)
+    assert torch.equal(scores, torch.zeros(3))
+
+
+def test_slice_scores_scored_slice_without_foreground_is_zero():
+    maps, foreground, _ = scored_maps()
+    foreground[1] = False
+    scores = slice_scores(maps, foreground, torch.ones(3, dtype=torch.bool), 0.01)
+    assert float(scores[1]) == 0.0
+    torch.testing.assert_close(scores[[0, 2]], torch.tensor([13.0, 53.0]))
+
+
+def test_slice_scores_negative_maps():
+    maps = -torch.ones(1, 3, 3) * torch.arange(1, 10, dtype=torch.float32).reshape(1, 3, 3)
+    scores = slice_scores(maps, torch.ones(1, 3, 3, dtype=torch.bool), torch.tensor([True]), 0.2)
+    torch.testing.assert_close(scores, torch.tensor([-1.5]))  # ceil(1.8) = 2 values: -1, -2
+
+
+def test_volume_score_over_scored_foreground_only():
+    maps, foreground, scored = scored_maps()
+    maps[1] = 5000.0  # an unscored slice never counts
+    # Scored foreground: 6..13 (slice 0) and 46..53 (slice 2), 12 values; top 0.25 -> 3 values 51, 52, 53.
+    assert volume_score(maps, foreground, scored, 0.25) == pytest.approx(52.0)
+    assert volume_score(maps, foreground, scored, 0.0) == pytest.approx(53.0)
+    assert isinstance(volume_score(maps, foreground, scored, 0.25), float)
+
+
+def test_volume_score_nothing_scored_is_zero():
+    maps, foreground, _ = scored_maps()
+    assert volume_score(maps, foreground, torch.zeros(3, dtype=torch.bool), 0.01) == 0.0
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# percentile
+
+
+def test_percentile_known_answers():
+    reference = torch.tensor([3.0, 1.0, 4.0, 2.0])  # unsorted on purpose
+    scores = torch.tensor([0.0, 1.0, 2.0, 2.5, 4.0, 5.0])
+    torch.testing.assert_close(percentile(scores, reference), torch.tensor([0.0, 25.0, 50.0, 50.0, 100.0, 100.0]))
+
+
+def test_percentile_counts_ties_as_at_or_below():
+    reference = torch.tensor([1.0, 2.0, 2.0, 2.0, 3.0])
+    result = percentile(torch.tensor([2.0, 1.999, 3.0]), reference)
+    torch.testing.assert_close(result, torch.tensor([80.0, 20.0, 100.0]))
+
+
+def test_percentile_empty_reference_is_nan():
+    result = percentile(torch.tensor([1.0, 2.0, 3.0]), torch.zeros(0))
+    assert result.shape == (3,) and result.dtype == torch.float32
+    assert bool(torch.isnan(result).all())
+
+
+def test_percentile_mixed_dtypes_and_scalar():
+    reference = torch.tensor([1, 2, 3, 4], dtype=torch.int64)
+    result = percentile(torch.tensor([2.5], dtype=torch.float64), reference)
+    assert float(result[0]) == pytest.approx(50.0)
+    assert float(percentile(torch.tensor(3.0), reference.float())) == pytest.approx(75.0)
+
+
+def test_percentile_is_monotone():
+    reference = torch.rand(50, generator=torch.Generator().manual_seed(0))
+    scores = torch.linspace(-0.5, 1.5, 41)
+    result = percentile(scores, reference)
+    assert bool((result[1:] >= result[:-1]).all())
+    assert float(result[0]) == 0.0 and float(result[-1]) == 100.0
+    assert not math.isnan(float(result.sum()))
