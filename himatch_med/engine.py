@@ -12,7 +12,7 @@ import platform
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -113,28 +113,67 @@ def open_bank(folder: Path, settings: Settings, extractor: Extractor) -> Bank:
 def read_volume(path: Path, settings: Settings, *, options: dict | None = None, labels: Path | None = None,
                 mask: Path | None = None, timer: Timer = NO_TIMER) -> tuple[io.Image, np.ndarray, Prepared]:
     """Read a file and prepare it: the image as read, its orientation, and the prepared slices."""
+    options = {**READ_DEFAULTS, **(options or {})}
     with timer("load"):
-        image = io.read_image(path, **(options or {}))
-        check_values(image)
+        image = io.read_image(path, volume_index=options["volume_index"], series=options["series"])
+        image = check_values(image, nan_policy=options["nan_policy"])
+        check_geometry(image, settings.axis, allow_shear=options["allow_shear"])
         canonical, orientation = to_canonical(image.array, image.affine)
-    if image.kind == "image" and settings.axis != "axial":
-        raise InputError(f"{path}: is a 2D image; it can only be sliced along --axis axial")
     excluded = _aligned(labels, image, "--reference-labels") if labels is not None else None
     foreground = _aligned(mask, image, "--mask") if mask is not None else None
     with timer("preprocess"):
         prepared = prepare(torch.from_numpy(canonical), settings,
                            foreground=None if foreground is None else torch.from_numpy(foreground),
                            excluded=None if excluded is None else torch.from_numpy(excluded))
+    if not prepared.scored.any():
+        how = "the --mask" if mask is not None else f"--foreground {settings.foreground}"
+        raise InputError(f"{path}: no slice has at least {settings.min_foreground:.0%} foreground under {how}; "
+                         "choose another --foreground (otsu, all) or --modality, or check the file")
     return image, orientation, prepared
 
 
-def check_values(image: io.Image) -> None:
-    """Refuse volumes with NaN or infinite voxels, or with an empty axis."""
+READ_DEFAULTS = {"volume_index": None, "series": None, "nan_policy": "refuse", "allow_shear": False}
+"""How files are read unless the user says otherwise (``--volume-index``, ``--series``, ``--nan-policy``,
+``--allow-shear``)."""
+
+
+def check_values(image: io.Image, *, nan_policy: str = "refuse") -> io.Image:
+    """Refuse volumes without content: an empty axis, NaN or infinite voxels (or zero them), a constant volume."""
     if min(image.array.shape) == 0:
-        raise InputError(f"{image.path}: has an axis of size 0 (shape {image.array.shape})")
-    bad = int(np.count_nonzero(~np.isfinite(image.array)))
-    if bad:
-        raise InputError(f"{image.path}: has {bad} NaN or infinite voxels; fix the file")
+        raise InputError(f"{image.path}: has an axis of size 0 (shape {image.array.shape}); the file holds no image")
+    bad = ~np.isfinite(image.array)
+    count = int(np.count_nonzero(bad))
+    if count and nan_policy != "zero":
+        raise InputError(f"{image.path}: has {count} NaN or infinite voxels; fix the file, or pass --nan-policy zero "
+                         "to set them to 0")
+    if count:
+        image = replace(image, array=np.where(bad, np.float32(0), image.array),
+                        notes=image.notes + (f"{count} NaN or infinite voxels set to 0 (--nan-policy zero)",))
+    low, high = float(image.array.min()), float(image.array.max())
+    if low == high:
+        raise InputError(f"{image.path}: is constant (every voxel is {low:g}); there is no image to compare")
+    return image
+
+
+def check_geometry(image: io.Image, axis: str, *, allow_shear: bool = False) -> None:
+    """Refuse affines that cannot place a voxel (singular), sheared ones unless allowed, and 1-pixel-wide slices."""
+    linear = image.affine[:3, :3]
+    if not np.isfinite(image.affine).all() or abs(np.linalg.det(linear)) < 1e-12:
+        raise InputError(f"{image.path}: its affine is singular or not finite, so voxels have no position; fix the "
+                         "header (e.g. the pixdim, qform or sform)")
+    directions = linear / np.linalg.norm(linear, axis=0)
+    shear = float(np.abs(directions.T @ directions - np.eye(3)).max())
+    if shear > 1e-3 and not allow_shear:
+        raise InputError(f"{image.path}: its affine is sheared (axes {np.degrees(np.arcsin(min(shear, 1))):.1f}° off "
+                         "perpendicular, e.g. a CT gantry tilt); resample it to an orthogonal grid, or pass "
+                         "--allow-shear to slice along the nearest voxel axes")
+    if image.kind == "image" and axis != "axial":
+        raise InputError(f"{image.path}: is a 2D image; it can only be sliced along --axis axial")
+    canonical_shape = to_canonical(np.empty(image.array.shape, dtype=np.uint8), image.affine)[0].shape
+    plane = [size for index, size in enumerate(canonical_shape) if index != AXIS_INDEX[axis]]
+    if min(plane) < 2:
+        raise InputError(f"{image.path}: its {axis} slices would be {plane[0]} x {plane[1]} pixels (shape "
+                         f"{image.array.shape}); choose another --axis")
 
 
 def _aligned(path: Path, image: io.Image, option: str) -> np.ndarray:
@@ -149,8 +188,8 @@ def reference_volumes(references: list[Path], labels: Path | None, settings: Set
                       warn=None):
     """Yield ``(name, prepared)`` for each readable reference; unreadable ones are reported through ``warn``."""
     for path in references:
-        label = _label_for(path, labels) if labels is not None else None
         try:
+            label = _label_for(path, labels) if labels is not None else None
             _, _, prepared = read_volume(path, settings, options=options, labels=label)
         except InputError as error:
             if warn:
@@ -174,12 +213,21 @@ def build_bank_folder(references: list[Path], labels: Path | None, settings: Set
 
     if not references:
         raise InputError("no reference files given")
+    if folder.resolve() in {p.resolve() for p in references}:
+        raise InputError(f"{folder}: the bank would overwrite a reference; choose another -o")
     warnings: list[str] = []
+    check_output_folder(folder.parent, [])
     bar = tqdm(total=None, unit="slice", desc="building bank", leave=False)
     started = time.perf_counter()
-    bank = build_bank(extractor, reference_volumes(references, labels, settings, options, warnings.append),
-                      settings, progress=bar.update)
-    bar.close()
+    try:
+        bank = build_bank(extractor, reference_volumes(references, labels, settings, options, warnings.append),
+                          settings, progress=bar.update)
+    except InputError as error:
+        if warnings:
+            raise InputError(f"{error}. Skipped references:\n  " + "\n  ".join(warnings)) from error
+        raise
+    finally:
+        bar.close()
     for warning in warnings:
         print(f"warning: {warning}")
     meta = {**bank.meta, "created_by": f"himatch-med {__version__}", "warnings": warnings,

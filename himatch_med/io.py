@@ -96,7 +96,22 @@ def read_image(path: str | Path, *, volume_index: int | None = None, series: str
         raise InputError(f"{path}: is a {type(image).__name__}, not NIfTI; convert it to .nii.gz")
     array, notes = _pick_volume(path, array, volume_index)
     header = image.header.copy()
-    return Image(array.astype(np.float32, copy=False), image.affine, header, path, "nifti", notes)
+    return Image(array.astype(np.float32, copy=False), image.affine, header, path, "nifti",
+                 notes + _orientation_notes(header))
+
+
+def _orientation_notes(header: nib.Nifti1Header) -> tuple[str, ...]:
+    """What a user should know about which orientation field of the header is used."""
+    qform, qcode = header.get_qform(coded=True)
+    sform, scode = header.get_sform(coded=True)
+    if scode and qcode:
+        shift = float(np.abs(np.asarray(qform) - np.asarray(sform)).max())
+        if shift > 1e-3:
+            return (f"qform (code {int(qcode)}) and sform (code {int(scode)}) disagree by up to {shift:.3g}; the sform "
+                    "is used (nibabel's rule); the outputs keep both unchanged",)
+    if not scode and not qcode:
+        return ("neither qform nor sform is set; the voxel sizes alone give the orientation (assumed RAS)",)
+    return ()
 
 
 def _reason(error: Exception) -> str:
@@ -105,6 +120,8 @@ def _reason(error: Exception) -> str:
 
 
 def _pick_volume(path: Path, array: np.ndarray, volume_index: int | None) -> tuple[np.ndarray, tuple[str, ...]]:
+    if 0 in array.shape or array.size == 0:
+        raise InputError(f"{path}: has an axis of size 0 (shape {array.shape}); the file holds no image")
     squeezed = array.reshape(array.shape[:3] + tuple(s for s in array.shape[3:] if s != 1)) if array.ndim > 3 else array
     if squeezed.ndim == 4:
         count = squeezed.shape[3]

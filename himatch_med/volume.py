@@ -7,6 +7,8 @@ anatomy upright whatever the file's own orientation. Every operation here has it
 
 from __future__ import annotations
 
+import functools
+
 import nibabel.orientations as nio
 import numpy as np
 import torch
@@ -74,14 +76,30 @@ def backbone_size(height: int, width: int, *, image_size: int, patch_size: int) 
 def maps_to_slices(maps: torch.Tensor, size: tuple[int, int], *, sigma: float) -> torch.Tensor:
     """Upsample patch maps ``(S, h, w)`` bilinearly to slice size ``(S, H, W)`` and smooth each slice.
 
+    Both steps are linear and separable, so they are applied as one ``(H, h)`` matrix on the rows and one ``(W, w)``
+    on the columns: the same result as interpolating then filtering, at a small fraction of the cost.
+
     Args:
         maps: maps on the patch grid.
         size: the slice size ``(H, W)``.
-        sigma: Gaussian standard deviation in slice pixels (0: no smoothing).
+        sigma: Gaussian standard deviation in slice pixels (0: no smoothing); borders replicate the edge value.
     """
-    slices = F.interpolate(maps[:, None].float(), size=size, mode="bilinear", align_corners=False)
+    rows = resampling_matrix(maps.shape[1], size[0], sigma).to(maps.device)
+    columns = resampling_matrix(maps.shape[2], size[1], sigma).to(maps.device)
+    return rows @ maps.float() @ columns.T
+
+
+@functools.lru_cache(maxsize=32)
+def resampling_matrix(source: int, target: int, sigma: float) -> torch.Tensor:
+    """The ``(target, source)`` matrix of 1D linear interpolation (``align_corners=False``) then Gaussian smoothing.
+
+    Built by sending the identity through :func:`torch.nn.functional.interpolate` and MONAI's Gaussian filter, so it
+    is exactly those operations.
+    """
+    basis = F.interpolate(torch.eye(source, dtype=torch.float64)[:, None], size=target, mode="linear",
+                          align_corners=False)
     if sigma > 0:
         # Replicate padding: zero padding would pull the border towards 0, which is a meaningful z-value.
-        kernel = gaussian_1d(torch.tensor(sigma), truncated=4.0, normalize=True).to(slices)
-        slices = separable_filtering(slices, [kernel, kernel], mode="replicate")
-    return slices[:, 0]
+        kernel = gaussian_1d(torch.tensor(sigma, dtype=torch.float64), truncated=4.0, normalize=True)
+        basis = separable_filtering(basis, [kernel.to(basis)], mode="replicate")
+    return basis[:, 0].T.float().contiguous()

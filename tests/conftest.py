@@ -14,13 +14,21 @@ import torch.nn.functional as F
 # Tests never reach the network: a Hub id fails at once instead of retrying. Set before transformers is imported.
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-# Oblique (rotated ~10 degrees about two axes), anisotropic, with a flipped axis: an identity affine hides bugs.
-OBLIQUE = np.array([
-    [-1.46, 0.25, 0.10, 80.0],
-    [0.26, 1.95, -0.35, -60.0],
-    [0.05, 0.34, 2.96, -40.0],
-    [0.0, 0.0, 0.0, 1.0],
-])
+
+
+def _oblique() -> np.ndarray:
+    """Rotated 10 degrees about z and 8 about x, anisotropic (1.5 x 2 x 3 mm), with the first axis flipped."""
+    a, b = np.radians(10), np.radians(8)
+    about_z = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+    about_x = np.array([[1, 0, 0], [0, np.cos(b), -np.sin(b)], [0, np.sin(b), np.cos(b)]])
+    affine = np.eye(4)
+    affine[:3, :3] = about_z @ about_x @ np.diag([-1.5, 2.0, 3.0])
+    affine[:3, 3] = (80.0, -60.0, -40.0)
+    return affine
+
+
+# An identity affine hides every orientation bug: these do not.
+OBLIQUE = _oblique()
 # LPS-stored with permuted axes: file axis i runs posterior->anterior... (codes P, S, L).
 PERMUTED = np.array([[0, 0, -2.0, 10], [-1.5, 0, 0, 3], [0, 3.0, 0, 1], [0, 0, 0, 1]])
 LPS = np.diag([-1.2, -1.2, 2.5, 1.0])
@@ -123,4 +131,35 @@ def tiny_dinov2(tmp_path_factory) -> Path:
                           patch_size=14, image_size=56)
     folder = tmp_path_factory.mktemp("tiny-dinov2")
     Dinov2Model(config).save_pretrained(folder)
+    return folder
+
+
+FAST = ["--image-size", "32", "--centroids", "8", "--calibration-slices", "32", "--kmeans-iterations", "5",
+        "--references-k", "2"]
+
+
+@pytest.fixture(scope="session")
+def cohort(tmp_path_factory) -> Path:
+    """Three normal references with different orientations and an oblique query whose qform and sform differ."""
+    root = tmp_path_factory.mktemp("cohort")
+    (root / "refs").mkdir()
+    for i, affine in enumerate((OBLIQUE, PERMUTED, LPS)):
+        save_nifti(as_stored(brain_volume(i)[0], affine), affine, root / "refs" / f"normal{i}.nii.gz")
+    array, lesion = brain_volume(9, lesion=(14, 18, 7))
+    query = nib.Nifti1Image(as_stored(array, OBLIQUE).astype(np.int16), OBLIQUE)
+    # qform and sform differ on purpose (codes and values): both must come back unchanged.
+    query.set_qform(OBLIQUE @ np.diag([1, 1, 1.0, 1]) + np.array([[0, 0, 0, 0.5]] + [[0] * 4] * 3), code=1)
+    query.set_sform(OBLIQUE, code=4)
+    query.header["descrip"] = b"oblique query"
+    nib.save(query, root / "query.nii.gz")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_bank(cohort, tiny_dinov3) -> Path:
+    """A bank of the cohort's references built through the CLI with the tiny DINOv3."""
+    from himatch_med.run import bank_main
+
+    folder = cohort / "bank"
+    assert bank_main(["build", str(cohort / "refs"), "-o", str(folder), "--model", str(tiny_dinov3), *FAST]) == 0
     return folder

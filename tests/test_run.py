@@ -7,40 +7,13 @@ import sys
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import LPS, OBLIQUE, PERMUTED, as_stored, brain_volume, save_nifti
+from conftest import FAST, brain_volume
 
-from himatch_med.run import bank_main, main
+from himatch_med.run import main
 
-FAST = ["--image-size", "32", "--centroids", "8", "--calibration-slices", "32", "--kmeans-iterations", "5",
-        "--references-k", "2"]
-
-
-@pytest.fixture(scope="module")
-def cohort(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cohort")
-    (root / "refs").mkdir()
-    for i, affine in enumerate((OBLIQUE, PERMUTED, LPS)):
-        save_nifti(as_stored(brain_volume(i)[0], affine), affine, root / "refs" / f"normal{i}.nii.gz")
-    array, lesion = brain_volume(9, lesion=(14, 18, 7))
-    query = nib.Nifti1Image(as_stored(array, OBLIQUE).astype(np.int16), OBLIQUE)
-    # qform and sform differ on purpose (codes and values): both must come back unchanged.
-    query.set_qform(OBLIQUE @ np.diag([1, 1, 1.0, 1]) + np.array([[0, 0, 0, 0.5]] + [[0] * 4] * 3), code=1)
-    query.set_sform(OBLIQUE, code=4)
-    query.header["descrip"] = b"oblique query"
-    nib.save(query, root / "query.nii.gz")
-    return root
-
-
-@pytest.fixture(scope="module")
-def bank(cohort, tiny_dinov3):
-    folder = cohort / "bank"
-    assert bank_main(["build", str(cohort / "refs"), "-o", str(folder), "--model", str(tiny_dinov3), *FAST]) == 0
-    return folder
-
-
-def test_heatmap_lies_on_the_input_grid_with_its_header(cohort, bank, tiny_dinov3, tmp_path):
+def test_heatmap_lies_on_the_input_grid_with_its_header(cohort, tiny_bank, tiny_dinov3, tmp_path):
     out = tmp_path / "out"
-    code = main([str(cohort / "query.nii.gz"), "--bank", str(bank), "--model", str(tiny_dinov3), "-o", str(out), *FAST])
+    code = main([str(cohort / "query.nii.gz"), "--bank", str(tiny_bank), "--model", str(tiny_dinov3), "-o", str(out), *FAST])
     assert code == 0
     source = nib.load(cohort / "query.nii.gz")
     for name in ("query_anomaly.nii.gz", "query_uncertainty.nii.gz"):
@@ -73,8 +46,8 @@ def test_references_build_a_cached_bank_once(cohort, tiny_dinov3, tmp_path):
     assert (cached[0] / "bank.json").stat().st_mtime_ns == stamp
 
 
-def test_a_bank_built_with_other_settings_is_refused(cohort, bank, tiny_dinov3, tmp_path, capsys):
-    code = main([str(cohort / "query.nii.gz"), "--bank", str(bank), "--model", str(tiny_dinov3), "-o",
+def test_a_bank_built_with_other_settings_is_refused(cohort, tiny_bank, tiny_dinov3, tmp_path, capsys):
+    code = main([str(cohort / "query.nii.gz"), "--bank", str(tiny_bank), "--model", str(tiny_dinov3), "-o",
                  str(tmp_path), *FAST[:1], "48", *FAST[2:]])
     assert code == 2
     error = capsys.readouterr().err
@@ -104,11 +77,11 @@ def test_help_lists_every_setting_without_importing_torch():
     assert "(default: 448)" in result.stdout and "(default: uncertainty)" in result.stdout
 
 
-def test_one_bad_volume_does_not_lose_the_others(cohort, bank, tiny_dinov3, tmp_path, capsys):
+def test_one_bad_volume_does_not_lose_the_others(cohort, tiny_bank, tiny_dinov3, tmp_path, capsys):
     broken = tmp_path / "broken.nii.gz"
     broken.write_bytes((cohort / "query.nii.gz").read_bytes()[:200])
     out = tmp_path / "out"
-    code = main([str(broken), str(cohort / "query.nii.gz"), "--bank", str(bank), "--model", str(tiny_dinov3),
+    code = main([str(broken), str(cohort / "query.nii.gz"), "--bank", str(tiny_bank), "--model", str(tiny_dinov3),
                  "-o", str(out), *FAST])
     assert code == 1
     assert "broken.nii.gz: cannot be read as NIfTI" in capsys.readouterr().err
