@@ -14,18 +14,28 @@ from pathlib import Path
 from himatch_med.config import Settings
 
 
-def _add_settings(parser: argparse.ArgumentParser) -> None:
+def _add_settings(parser: argparse.ArgumentParser, several: tuple[str, ...] = ()) -> None:
+    """Add one option per setting of :class:`Settings`; the settings named in ``several`` take several values.
+
+    A setting in ``several`` collects a list (``--fusion mean max``); ``--stages`` then collects one list of blocks
+    per use of the option (``--stages 3 6 9 12 --stages 12``). :func:`_settings` needs single values.
+    """
     group = parser.add_argument_group("method settings (METHOD.md)")
     for f in fields(Settings):
         default = f.default if f.default is not MISSING else None
         option = "--" + f.name.replace("_", "-")
         shown = "modality default" if default is None else ("4 evenly spaced" if default == () else default)
         help_text = f"{f.metadata['help']} (default: {shown})"
+        many = f.name in several
         if f.name == "stages":
-            group.add_argument(option, type=int, nargs="+", default=None, metavar="BLOCK", help=help_text)
+            group.add_argument(option, type=int, nargs="+", default=None, metavar="BLOCK",
+                               action="append" if many else "store",
+                               help=help_text + ("; repeat the option for several sets" if many else ""))
         else:
             kind = type(default) if default is not None else (str if f.name == "foreground" else float)
-            group.add_argument(option, type=kind, default=None, choices=f.metadata.get("choices"), help=help_text)
+            group.add_argument(option, type=kind, default=None, choices=f.metadata.get("choices"),
+                               nargs="+" if many else None, help=help_text + ("; several values allowed" if many
+                                                                              else ""))
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -39,6 +49,11 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
     parser.add_argument("--volume-index", type=int, default=None, help="volume to take from a 4D NIfTI")
     parser.add_argument("--series", default=None, help="SeriesInstanceUID to read from a DICOM folder with several")
+    parser.add_argument("--nan-policy", choices=("refuse", "zero"), default="refuse",
+                        help="NaN or infinite voxels: refuse the file, or set them to 0 with a warning (default: "
+                             "refuse)")
+    parser.add_argument("--allow-shear", action="store_true",
+                        help="accept sheared affines (e.g. CT gantry tilt), slicing along the nearest voxel axes")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     _add_settings(parser)
 
@@ -106,6 +121,12 @@ def _guarded(args: argparse.Namespace, job) -> int:
     except KeyboardInterrupt:
         print("interrupted; finished outputs are kept, nothing half-written was left", file=sys.stderr)
         return 130
+    except Exception as error:  # anything unforeseen still ends in one line, with the way to the details
+        if args.debug:
+            raise
+        print(f"error: unexpected {type(error).__name__}: {error}; run again with --debug for the traceback",
+              file=sys.stderr)
+        return 2
 
 
 def _run(args: argparse.Namespace, settings: Settings) -> int:
@@ -126,6 +147,8 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
         try:
             outputs = engine.process(path, backbone, bank, settings, args.output, options=_read_options(args),
                                      mask=args.mask)
+            for note in outputs["notes"]:
+                print(f"warning: {path}: {note}", file=sys.stderr)
             print(f"{path}: volume score {outputs['volume_score']:.2f} (percentile "
                   f"{_pct(outputs['volume_percentile'])}) -> {args.output / outputs['outputs']['anomaly']}")
         except Exception as error:  # one failing volume must not lose the others
@@ -141,7 +164,8 @@ def _pct(value: float) -> str:
 
 
 def _read_options(args: argparse.Namespace) -> dict:
-    return {"volume_index": args.volume_index, "series": args.series}
+    return {"volume_index": args.volume_index, "series": args.series, "nan_policy": args.nan_policy,
+            "allow_shear": args.allow_shear}
 
 
 def _build(args: argparse.Namespace, settings: Settings) -> int:
