@@ -46,7 +46,7 @@ class Backbone:
             raise ValueError(f"stages={self.stages} but {model_id} has only {self.depth} blocks")
         # DINOv3 and DINOv2-with-registers put registers between CLS and patches; plain DINOv2 has none.
         self.prefix = 1 + int(getattr(config, "num_register_tokens", 0) or 0)
-        self.norm = getattr(model, "norm", None) or getattr(model, "layernorm")
+        self.norm = getattr(model, "norm", None) or model.layernorm
 
     @property
     def device(self) -> torch.device:

@@ -71,8 +71,11 @@ class Bank:
         return {name: getattr(self, name) for name in ARRAYS}
 
     def to(self, device: torch.device | str, *, centroid_budget: int = 8 << 30) -> Bank:
-        """This bank with its retrieval arrays on ``device``; the centroids follow when they fit ``centroid_budget``
-        bytes (else they stay memory-mapped on the host and only the retrieved rows travel)."""
+        """This bank with its retrieval arrays on ``device``.
+
+        The centroids follow when they fit ``centroid_budget`` bytes; else they stay memory-mapped on the host and
+        only the retrieved rows travel.
+        """
         device = torch.device(device)
         if device.type == "cpu":
             return self

@@ -18,8 +18,8 @@ from himatch_med.features import Extractor, Features, describe
 from himatch_med.fusion import calibrate, fuse, stage_uncertainty
 from himatch_med.matching import reference_distances
 from himatch_med.retrieval import retrieve
-from himatch_med.timing import NO_TIMER, Timer
 from himatch_med.scoring import percentile, slice_scores, top_mean, volume_score
+from himatch_med.timing import NO_TIMER, Timer
 from himatch_med.transforms import foreground_mask, patch_foreground, scale_intensity, to_backbone_images
 from himatch_med.volume import AXIS_INDEX, backbone_size, from_slices, maps_to_slices, relative_positions, to_slices
 
@@ -109,7 +109,8 @@ def stage_distances(features: Features, bank: Bank, settings: Settings, position
     device = features.cls.device
     available = len(bank) - (int(torch.bincount(bank.groups).max()) if groups is not None else 0)
     with timer("retrieval"):
-        index, _ = retrieve(features.cls, features.layout, bank.cls, bank.layout, k=min(settings.references_k, available),
+        k = min(settings.references_k, available)
+        index, _ = retrieve(features.cls, features.layout, bank.cls, bank.layout, k=k,
                             cls_weight=settings.cls_weight, chunk=settings.chunk_size,
                             query_positions=positions.to(device), bank_positions=bank.positions,
                             window=settings.position_window,
@@ -145,7 +146,8 @@ def slice_sigma(settings: Settings, height: int, width: int, patch_size: int) ->
 
 
 def detect(extractor: Extractor, bank: Bank, prepared: Prepared, settings: Settings,
-           progress: Progress | None = None, computed: Iterable[tuple[torch.Tensor, Features, torch.Tensor]] | None = None,
+           progress: Progress | None = None,
+           computed: Iterable[tuple[torch.Tensor, Features, torch.Tensor]] | None = None,
            timer: Timer = NO_TIMER) -> Detection:
     """Anomaly and uncertainty maps and scores of one prepared volume against a bank.
 

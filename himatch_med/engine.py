@@ -34,8 +34,10 @@ OVERVIEW_SLICES = 4
 
 
 def output_paths(path: Path, folder: Path) -> dict[str, Path]:
-    """Where the outputs of one input go: ``<name>_anomaly.nii.gz``, ``_uncertainty.nii.gz``, ``_overview.png``,
-    ``_report.json``."""
+    """Where the outputs of one input go.
+
+    ``<name>_anomaly.nii.gz``, ``<name>_uncertainty.nii.gz``, ``<name>_overview.png`` and ``<name>_report.json``.
+    """
     name = io.stem(path)
     return {"anomaly": folder / f"{name}_anomaly.nii.gz", "uncertainty": folder / f"{name}_uncertainty.nii.gz",
             "overview": folder / f"{name}_overview.png", "report": folder / f"{name}_report.json"}

@@ -9,8 +9,11 @@ from contextlib import contextmanager
 
 
 class Timer:
-    """Accumulates wall time per phase; ``sync`` (e.g. ``torch.cuda.synchronize``) runs at both ends of a phase so
-    that asynchronous GPU work is charged to the phase that launched it."""
+    """Accumulates wall time per phase.
+
+    ``sync`` (e.g. ``torch.cuda.synchronize``) runs at both ends of a phase so that asynchronous GPU work is charged
+    to the phase that launched it.
+    """
 
     def __init__(self, sync: Callable[[], None] | None = None) -> None:
         self.seconds: dict[str, float] = defaultdict(float)

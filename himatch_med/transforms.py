@@ -73,6 +73,6 @@ def to_backbone_images(slices: torch.Tensor, size: tuple[int, int]) -> torch.Ten
 
 
 def patch_foreground(foreground: torch.Tensor, grid: tuple[int, int], threshold: float) -> torch.Tensor:
-    """Foreground patches ``(S, h, w)``: those where at least ``threshold`` of the slice area they cover is foreground."""
+    """Foreground patches ``(S, h, w)``: those with at least ``threshold`` of the area they cover in the foreground."""
     fraction = F.interpolate(foreground[:, None].float(), size=grid, mode="area")[:, 0]
     return fraction >= max(threshold, 1e-6)

@@ -66,7 +66,7 @@ def relative_positions(valid: torch.Tensor) -> torch.Tensor:
 
 
 def backbone_size(height: int, width: int, *, image_size: int, patch_size: int) -> tuple[int, int]:
-    """Backbone image size keeping the slice's aspect: shorter side ``image_size``, both sides multiples of the patch."""
+    """Backbone image size keeping the slice's aspect: shorter side ``image_size``, sides multiples of the patch."""
     if image_size % patch_size:
         raise ValueError(f"image_size={image_size} is not a multiple of the patch size {patch_size}")
     scale = image_size / min(height, width)

@@ -92,8 +92,9 @@ def end_to_end(args, settings: Settings, device: torch.device, work: Path) -> di
     started = time.perf_counter()
     extractor = engine.load(settings, str(device))
     model_load = time.perf_counter() - started
-    shape = (240, 240, args.slices)
-    references = [save(synthetic_brain(shape, seed), work / f"normal{seed}.nii.gz") for seed in (1, 2)]
+    shape = (args.in_plane, args.in_plane, args.slices)
+    reference_shape = (args.in_plane, args.in_plane, args.reference_slices or args.slices)
+    references = [save(synthetic_brain(reference_shape, seed), work / f"normal{seed}.nii.gz") for seed in (1, 2)]
     query = save(synthetic_brain(shape, 3), work / "query.nii.gz")
 
     started = time.perf_counter()
@@ -140,7 +141,8 @@ def end_to_end(args, settings: Settings, device: torch.device, work: Path) -> di
     return {
         "device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else
         _cpu_name(), "threads": torch.get_num_threads(), "backbone_size": args.backbone_size,
-        "image_size": args.image_size, "backbone_image": list(size), "slices": args.slices, "scored_slices": slices,
+        "image_size": args.image_size, "backbone_image": list(size), "volume_shape": list(shape),
+        "scored_slices": slices,
         "batch_size": settings.batch_size, "model_load_seconds": round(model_load, 3), "phases_seconds": phases,
         "end_to_end_seconds": round(total, 3), "backbone_only_seconds": round(backbone_only, 3),
         "ratio_to_backbone": round(total / backbone_only, 3),
@@ -166,7 +168,8 @@ def large_bank(args, device: torch.device, work: Path) -> dict:
                                                                                      dtype=torch.float16),
         "sizes": torch.ones(n, stages, cents, dtype=torch.int32), "positions": torch.rand(n, generator=generator),
         "groups": torch.arange(n) // 155, "calibration_mean": torch.full((stages,), 0.3),
-        "calibration_std": torch.full((stages,), 0.05), "calibration_slice_scores": torch.randn(512, generator=generator),
+        "calibration_std": torch.full((stages,), 0.05),
+        "calibration_slice_scores": torch.randn(512, generator=generator),
         "calibration_volume_scores": torch.randn(64, generator=generator),
     }
     for start in range(0, n, 1000):  # filled in parts: a 2 GB tensor of randn at once would double peak memory
@@ -225,6 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backbone-size", choices=tuple(SIZES), default="s")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--slices", type=int, default=155)
+    parser.add_argument("--in-plane", type=int, default=240, help="slice size of the synthetic volume (square)")
+    parser.add_argument("--reference-slices", type=int, default=None,
+                        help="slices of each of the 2 reference volumes (default: --slices)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch-size", type=int, default=None, help="default: 16 on CPU, 64 on CUDA")
     parser.add_argument("--large-bank-slices", type=int, default=10_000, help="0 to skip the large-bank part")

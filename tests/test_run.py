@@ -6,10 +6,10 @@ import sys
 
 import nibabel as nib
 import numpy as np
-import pytest
 from conftest import FAST, brain_volume
 
 from himatch_med.run import main
+
 
 def test_heatmap_lies_on_the_input_grid_with_its_header(cohort, tiny_bank, tiny_dinov3, tmp_path):
     out = tmp_path / "out"
