@@ -40,6 +40,6 @@ def percentile(scores: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     """Percentage (0-100) of ``reference`` scores at or below each of ``scores``; NaN when there is no reference."""
     if reference.numel() == 0:
         return torch.full_like(scores, math.nan, dtype=torch.float32)
-    ordered = reference.float().sort().values
+    ordered = reference.float().to(scores.device).sort().values
     below = torch.searchsorted(ordered, scores.float().contiguous(), right=True)
     return 100.0 * below / len(ordered)
