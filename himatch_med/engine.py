@@ -305,7 +305,7 @@ def is_complete(path: Path, folder: Path) -> bool:
     if not all(p.is_file() for p in paths.values()):
         return False
     try:
-        json.loads(paths["report"].read_text())
+        json.loads(paths["report"].read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return False
     return True

@@ -228,7 +228,7 @@ def write_text(text: str, path: str | Path) -> Path:
     """Write a text file atomically."""
     path = Path(path)
     with _atomic(path, path.suffix) as temporary:
-        temporary.write_text(text)
+        temporary.write_text(text, encoding="utf-8")
     return path
 
 
@@ -272,7 +272,7 @@ def write_bank(tensors: dict[str, torch.Tensor], meta: dict, folder: str | Path)
     try:
         save_file({k: v.contiguous() for k, v in tensors.items()}, staging / BANK_ARRAYS)
         meta = {**meta, "arrays_sha256": file_sha256(staging / BANK_ARRAYS)}
-        (staging / BANK_META).write_text(json.dumps(_json_safe(meta), indent=2) + "\n")
+        (staging / BANK_META).write_text(json.dumps(_json_safe(meta), indent=2) + "\n", encoding="utf-8")
         previous = None
         if folder.exists():
             previous = folder.with_name(f".{folder.name}.old-{os.getpid()}")
@@ -312,7 +312,7 @@ def read_bank(folder: str | Path, *, verify: bool = True) -> tuple[dict[str, tor
         raise InputError(f"{folder}: not a complete bank (missing {', '.join(missing) or 'the folder'}); build it "
                          "with `python -m himatch_med.bank build`")
     try:
-        meta = json.loads(meta_path.read_text())
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise InputError(f"{meta_path}: damaged bank metadata ({_reason(error)}); rebuild the bank") from error
     if verify and meta.get("arrays_sha256") != file_sha256(arrays):

@@ -45,7 +45,7 @@ def _settings(args: argparse.Namespace) -> Settings:
     return Settings(**chosen).resolved()
 
 
-def _add_common(parser: argparse.ArgumentParser) -> None:
+def _add_common(parser: argparse.ArgumentParser, several: tuple[str, ...] = ()) -> None:
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
     parser.add_argument("--volume-index", type=int, default=None, help="volume to take from a 4D NIfTI")
     parser.add_argument("--series", default=None, help="SeriesInstanceUID to read from a DICOM folder with several")
@@ -55,7 +55,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-shear", action="store_true",
                         help="accept sheared affines (e.g. CT gantry tilt), slicing along the nearest voxel axes")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
-    _add_settings(parser)
+    _add_settings(parser, several)
 
 
 def run_parser() -> argparse.ArgumentParser:

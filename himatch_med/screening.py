@@ -1,0 +1,514 @@
+"""Cohort screening: many studies in, one output folder each, a ranked ``scores.csv`` and a static ``report.html``.
+
+The model and the bank are loaded once by the caller. Studies stream through a torch ``DataLoader`` whose workers
+read and prepare the next volumes (:func:`himatch_med.engine.read_volume`) while the main process runs detection on
+the current one. A study that fails anywhere becomes a ``failed`` row with its error; the others go on. A rerun skips
+studies whose outputs are complete and were made with the same model, bank and settings.
+
+Layout of the output folder::
+
+    scores.csv            ranked from most to least anomalous; failed studies last
+    report.html           one row per study: score, percentile, thumbnail, links; failed studies with their error
+    roc.png               with labels: the ROC curve of the volume scores
+    <study>/              what :func:`himatch_med.engine.analyse` writes for the study
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import io as text_io
+import json
+import math
+import re
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from urllib.parse import quote
+
+from torch.utils.data import DataLoader, Dataset
+
+from himatch_med import __version__, engine, io
+from himatch_med.bank import Bank
+from himatch_med.config import Settings
+from himatch_med.errors import InputError
+from himatch_med.features import Extractor
+
+SCORES = "scores.csv"
+REPORT = "report.html"
+ROC = "roc.png"
+COHORT_SUFFIXES = (".csv",)
+COMPUTE_ONLY = ("batch_size", "chunk_size")
+"""Settings that change speed and memory but not results: a study made with other values is still up to date."""
+
+
+@dataclass(frozen=True)
+class Study:
+    """One input of a cohort: its id (names its output folder) and its file or DICOM series folder."""
+
+    id: str
+    path: Path
+
+    @property
+    def folder(self) -> str:
+        """The name of the study's output folder: the id with anything but letters, digits, ``.-_`` replaced."""
+        return folder_name(self.id)
+
+
+@dataclass
+class Result:
+    """The outcome of one study: a row of ``scores.csv`` and of the report.
+
+    ``status`` is ``ok`` (computed in this run), ``skipped`` (complete from an earlier run) or ``failed``; ``outputs``
+    maps ``anomaly``, ``uncertainty``, ``overview``, ``report`` to paths relative to the screening folder.
+    """
+
+    study: Study
+    status: str
+    volume_score: float | None = None
+    volume_percentile: float | None = None
+    top_slices: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+    error: str = ""
+    details: str = ""
+    outputs: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    label: int | None = None
+
+
+@dataclass
+class Screening:
+    """What a screening run did: the results ranked (failed last), counts, wall time, and the AUC with labels."""
+
+    results: list[Result]
+    seconds: float
+    auc: float | None = None
+    auc_note: str = ""
+    files: dict[str, Path] = field(default_factory=dict)
+
+    def count(self, status: str) -> int:
+        """How many studies ended with ``status`` (``ok``, ``skipped`` or ``failed``)."""
+        return sum(r.status == status for r in self.results)
+
+    @property
+    def rate(self) -> float:
+        """Studies computed per minute of this run's wall time (skipped and failed ones not counted)."""
+        return 60.0 * self.count("ok") / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """What a reader worker hands over: the read volume, or the error that prevented it."""
+
+    index: int
+    volume: tuple | None
+    error: str
+    details: str
+    seconds: float
+
+
+def folder_name(study_id: str) -> str:
+    """A safe folder name for a study id (path separators and other odd characters become ``_``)."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", study_id.strip()).strip("._") or "study"
+    return name
+
+
+def read_cohort(sources: list[Path]) -> list[Study]:
+    """The studies of a cohort given as folders, NIfTI files, DICOM series folders or CSV files.
+
+    A folder stands for the images and DICOM series folders in it (a folder of DICOM files is one series). A CSV has a
+    ``path`` column (relative paths are relative to the CSV's folder) and an optional ``id`` column; a path in a CSV
+    that does not exist is not refused here: that study fails alone, like an unreadable one.
+    """
+    studies = []
+    for source in sources:
+        if source.is_file() and source.name.lower().endswith(COHORT_SUFFIXES):
+            studies.extend(_read_csv(source))
+        else:
+            studies.extend(Study(io.stem(p), p) for p in engine.expand_inputs([source]))
+    if not studies:
+        raise InputError(f"{', '.join(map(str, sources))}: no studies found")
+    seen: dict[str, Study] = {}
+    for study in studies:
+        other = seen.setdefault(study.folder, study)
+        if other is not study:
+            raise InputError(f"studies {other.path} and {study.path} would share the output folder "
+                             f"{study.folder!r}; give them distinct ids (a CSV with an id column)")
+    return studies
+
+
+def _read_csv(path: Path) -> list[Study]:
+    rows = _csv_rows(path)
+    if not rows or "path" not in rows[0]:
+        raise InputError(f"{path}: a cohort CSV needs a 'path' column (and optionally 'id'); its columns are "
+                         f"{', '.join(rows[0]) if rows else 'none'}")
+    studies = []
+    for line, row in enumerate(rows, start=2):
+        text = (row.get("path") or "").strip()
+        if not text:
+            raise InputError(f"{path}, line {line}: the path is empty")
+        study_path = Path(text).expanduser()
+        if not study_path.is_absolute():
+            study_path = path.absolute().parent / study_path
+        studies.append(Study((row.get("id") or "").strip() or io.stem(study_path), study_path))
+    return studies
+
+
+def _csv_rows(path: Path) -> list[dict[str, str]]:
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as error:
+        raise InputError(f"{path}: cannot be read as a CSV ({error})") from error
+    reader = csv.DictReader(text_io.StringIO(text))
+    rows = list(reader)
+    if reader.fieldnames and not rows:
+        return [dict.fromkeys(f.strip() for f in reader.fieldnames)]
+    return [{(k or "").strip(): v for k, v in row.items()} for row in rows]
+
+
+def read_labels(path: Path) -> dict[str, int]:
+    """Labels from a CSV with columns ``id`` and ``label`` (1 = abnormal, 0 = normal)."""
+    rows = _csv_rows(path)
+    if not rows or not {"id", "label"} <= set(rows[0]):
+        raise InputError(f"{path}: a labels CSV needs the columns 'id' and 'label' (1 = abnormal, 0 = normal)")
+    labels = {}
+    for line, row in enumerate(rows, start=2):
+        if row["id"] is None:
+            continue
+        value = (row["label"] or "").strip()
+        if value not in ("0", "1"):
+            raise InputError(f"{path}, line {line}: label {value!r} must be 1 (abnormal) or 0 (normal)")
+        labels[row["id"].strip()] = int(value)
+    return labels
+
+
+class StudyReader(Dataset):
+    """Reads and prepares one study per item, in a worker; an error becomes part of the item, never an exception."""
+
+    def __init__(self, studies: list[Study], settings: Settings, options: dict | None = None) -> None:
+        self.studies = studies
+        self.settings = settings
+        self.options = options
+
+    def __len__(self) -> int:
+        return len(self.studies)
+
+    def __getitem__(self, index: int) -> Loaded:
+        study = self.studies[index]
+        started = time.perf_counter()
+        try:
+            volume = engine.read_volume(study.path, self.settings, options=self.options)
+        except Exception as error:  # a worker that raises would end the whole screening
+            return Loaded(index, None, engine.describe_error(study.path, error), traceback.format_exc(),
+                          time.perf_counter() - started)
+        return Loaded(index, volume, "", "", time.perf_counter() - started)
+
+
+def _pass_through(item: Loaded) -> Loaded:
+    # The default collate would turn the numpy arrays inside the volume into tensors.
+    return item
+
+
+def screen(studies: list[Study], extractor: Extractor, bank: Bank, settings: Settings, folder: Path, *,
+           options: dict | None = None, workers: int = 2, force: bool = False, labels: dict[str, int] | None = None,
+           progress: bool = True) -> Screening:
+    """Screen a cohort against a bank: write each study's outputs, ``scores.csv`` and ``report.html``.
+
+    Args:
+        studies: the cohort, from :func:`read_cohort`.
+        extractor: the backbone (or a stand-in with the same interface), loaded once.
+        bank: the reference bank, opened once and checked against ``settings``.
+        settings: resolved settings.
+        folder: the screening folder; each study writes into ``folder/<study folder>``.
+        options: read options for :func:`himatch_med.engine.read_volume` (``volume_index``, ``series``, ...).
+        workers: reader processes that prepare the next volumes while one is analysed (0: read in this process).
+        force: redo every study, even those complete from an earlier run.
+        labels: study id -> 1 (abnormal) or 0 (normal); adds the ROC AUC and ``roc.png``.
+        progress: show progress bars (studies/s and ETA).
+    """
+    from tqdm.auto import tqdm
+
+    if workers < 0:
+        raise ValueError(f"workers={workers} must be 0 or more")
+    check_output_folder(studies, folder)
+    started = time.perf_counter()
+    results: dict[int, Result] = {}
+    todo = []
+    for index, study in enumerate(studies):
+        previous = None if force else finished(study, folder, extractor, bank, settings)
+        if previous is not None:
+            results[index] = previous
+        else:
+            todo.append(index)
+    readers = min(workers, len(todo))
+    # One volume waiting per reader bounds memory: a prepared CT volume can take a gigabyte.
+    loader = DataLoader(StudyReader([studies[i] for i in todo], settings, options), batch_size=None,
+                        num_workers=readers, collate_fn=_pass_through, prefetch_factor=1 if readers else None)
+    bar = tqdm(total=len(todo), unit="study", desc="screening", disable=not progress, dynamic_ncols=True)
+    if results:
+        bar.set_postfix_str(f"{len(results)} complete from an earlier run")
+    failed = 0
+    for loaded in loader:
+        study = studies[todo[loaded.index]]
+        result = _analyse(study, loaded, extractor, bank, settings, folder, progress)
+        results[todo[loaded.index]] = result
+        failed += result.status == "failed"
+        bar.update()
+        if failed:
+            bar.set_postfix(failed=failed)
+    bar.close()
+    if labels is not None:
+        for result in results.values():
+            result.label = labels.get(result.study.id)
+    screening = Screening(ranked([results[i] for i in range(len(studies))]), time.perf_counter() - started)
+    if labels is not None:
+        screening.auc, screening.auc_note = _auc(screening.results, labels, folder / ROC)
+        if screening.auc is not None:
+            screening.files["roc"] = folder / ROC
+    screening.files["scores"] = write_scores(screening, folder / SCORES)
+    screening.files["report"] = write_report(screening, folder / REPORT, extractor=extractor, bank=bank)
+    return screening
+
+
+def check_output_folder(studies: list[Study], folder: Path) -> None:
+    """Refuse a screening folder that cannot be written, or study folders that would lie on or above an input."""
+    engine.check_output_folder(folder, [])
+    for study in studies:
+        target = (folder / study.folder).resolve()
+        source = study.path.resolve()
+        if target == source or target in source.parents:
+            raise InputError(f"{folder / study.folder}: writing the outputs of {study.path} there would mix them with "
+                             "the inputs; choose another output folder with -o")
+
+
+def finished(study: Study, folder: Path, extractor: Extractor, bank: Bank, settings: Settings) -> Result | None:
+    """The study's result read back from an earlier run; None when it must be (re)done.
+
+    A study must be redone when its outputs are incomplete (the report, written last, is missing or damaged) or were
+    made with another model, bank or settings.
+    """
+    target = folder / study.folder
+    if not engine.is_complete(study.path, target):
+        return None
+    paths = engine.output_paths(study.path, target)
+    report = json.loads(paths["report"].read_text())
+    if not _same_run(report, extractor, bank, settings):
+        return None
+    return _from_report(study, report, folder, "skipped")
+
+
+def _same_run(report: dict, extractor: Extractor, bank: Bank, settings: Settings) -> bool:
+    def relevant(values: dict) -> dict:
+        return {k: v for k, v in json.loads(json.dumps(values)).items() if k not in COMPUTE_ONLY}
+
+    return (report.get("model") == extractor.model_id and report.get("stages") == list(extractor.stages)
+            and report.get("bank", {}).get("id") == str(bank.meta.get("arrays_sha256", ""))[:16]
+            and relevant(report.get("settings", {})) == relevant(asdict(settings)))
+
+
+def _from_report(study: Study, report: dict, folder: Path, status: str) -> Result:
+    outputs = {key: f"{study.folder}/{name}" for key, name in report.get("outputs", {}).items()}
+    percentile = report.get("volume_percentile")
+    return Result(study, status, volume_score=_number(report.get("volume_score")),
+                  volume_percentile=_number(percentile), top_slices=list(report.get("top_slices", [])),
+                  seconds=round(sum(report.get("timings_seconds", {}).values()), 3), outputs=outputs,
+                  notes=list(report.get("notes", [])))
+
+
+def _number(value) -> float | None:
+    return None if value is None or (isinstance(value, float) and not math.isfinite(value)) else float(value)
+
+
+def _analyse(study: Study, loaded: Loaded, extractor: Extractor, bank: Bank, settings: Settings, folder: Path,
+             progress: bool) -> Result:
+    if loaded.volume is None:
+        return Result(study, "failed", error=_one_line(loaded.error), details=loaded.details,
+                      seconds=round(loaded.seconds, 3))
+    started = time.perf_counter()
+    try:
+        report = engine.analyse(loaded.volume, extractor, bank, settings, folder / study.folder, progress=progress,
+                                read_seconds=loaded.seconds)
+    except Exception as error:  # one failing study must not end the screening
+        return Result(study, "failed", error=_one_line(engine.describe_error(study.path, error)),
+                      details=traceback.format_exc(), seconds=round(loaded.seconds + time.perf_counter() - started, 3))
+    return _from_report(study, report, folder, "ok")
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def ranked(results: list[Result]) -> list[Result]:
+    """Results from most to least anomalous volume score; failed studies last, in their input order."""
+    scored = [r for r in results if r.status != "failed"]
+    scored.sort(key=lambda r: -r.volume_score if r.volume_score is not None else math.inf)
+    return scored + [r for r in results if r.status == "failed"]
+
+
+def _auc(results: list[Result], labels: dict[str, int], path: Path) -> tuple[float | None, str]:
+    """The ROC AUC of the volume scores of the labelled studies, with ``roc.png``; None and why when it cannot be."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    usable = [r for r in results if r.status != "failed" and r.label is not None and r.volume_score is not None]
+    unlabelled = sum(r.status != "failed" and r.label is None for r in results)
+    notes = []
+    if unlabelled:
+        notes.append(f"{unlabelled} scored {'study has' if unlabelled == 1 else 'studies have'} no label")
+    failed = sum(r.status == "failed" and r.label is not None for r in results)
+    if failed:
+        notes.append(f"{failed} labelled {'study' if failed == 1 else 'studies'} failed")
+    truth = [r.label for r in usable]
+    if len(set(truth)) < 2:
+        notes.insert(0, "no AUC: the scored studies need both labels, 1 (abnormal) and 0 (normal)")
+        return None, "; ".join(notes)
+    scores = [r.volume_score for r in usable]
+    auc = float(roc_auc_score(truth, scores))
+    false_positive, true_positive, _ = roc_curve(truth, scores)
+    positives = sum(truth)
+    io.write_figure(roc_figure(false_positive, true_positive, auc, positives, len(truth) - positives), path)
+    return auc, "; ".join(notes)
+
+
+def roc_figure(false_positive, true_positive, auc: float, positives: int, negatives: int):
+    """The ROC curve of the volume scores (a matplotlib figure)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(3.6, 3.6))
+    axes.plot([0, 1], [0, 1], linestyle="--", color="0.7", linewidth=1)
+    axes.step(false_positive, true_positive, where="post", color="#b3261e", linewidth=2)
+    axes.set_xlim(-0.02, 1.02)
+    axes.set_ylim(-0.02, 1.02)
+    axes.set_aspect("equal")
+    axes.set_xlabel("false positive rate")
+    axes.set_ylabel("true positive rate")
+    axes.set_title(f"ROC, volume score: AUC {auc:.3f}\n{positives} abnormal, {negatives} normal", fontsize=9)
+    axes.grid(alpha=0.3)
+    return figure
+
+
+def _top(result: Result, count: int = 3) -> str:
+    return "; ".join(f"{t['file_axis']}={t['file_index']}:{t['score']:.2f}" for t in result.top_slices[:count])
+
+
+def _format(value: float | None, digits: int) -> str:
+    return "" if value is None else f"{value:.{digits}f}"
+
+
+def write_scores(screening: Screening, path: Path) -> Path:
+    """Write ``scores.csv``: one row per study, most anomalous first, failed last with their error."""
+    labelled = any(r.label is not None for r in screening.results)
+    buffer = text_io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["rank", "study", "volume_score", "volume_percentile", "top_slices", "status", "error",
+                     "seconds", *(["label"] if labelled else []), "input", "outputs", "notes"])
+    for rank, result in enumerate(screening.results, start=1):
+        writer.writerow([rank if result.status != "failed" else "", result.study.id,
+                         _format(result.volume_score, 4), _format(result.volume_percentile, 1), _top(result),
+                         result.status, result.error, f"{result.seconds:.2f}",
+                         *([("" if result.label is None else result.label)] if labelled else []),
+                         str(result.study.path), f"{result.study.folder}/" if result.outputs else "",
+                         " | ".join(result.notes)])
+    return io.write_text(buffer.getvalue(), path)
+
+
+def write_report(screening: Screening, path: Path, *, extractor: Extractor, bank: Bank) -> Path:
+    """Write ``report.html``: a static page (inline CSS, relative links, nothing fetched) over the screening."""
+    page = report_html(screening, model=extractor.model_id, bank=bank)
+    # Pure ASCII (other characters as references): the page reads the same whatever encoding writes or serves it.
+    return io.write_text(page.encode("ascii", "xmlcharrefreplace").decode("ascii"), path)
+
+
+def report_html(screening: Screening, *, model: str, bank: Bank) -> str:
+    """The HTML of the screening report."""
+    scored = [r for r in screening.results if r.status != "failed"]
+    failed = [r for r in screening.results if r.status == "failed"]
+    labelled = any(r.label is not None for r in screening.results)
+    e = html.escape
+    bank_id = str(bank.meta.get("arrays_sha256", ""))[:16] or "in memory"
+    facts = [f"<b>{len(screening.results)}</b> studies", f"<b>{screening.count('ok')}</b> computed",
+             f"<b>{screening.count('skipped')}</b> from an earlier run",
+             f"<b class='{'bad' if failed else ''}'>{len(failed)}</b> failed",
+             f"{screening.seconds:.1f} s" + (f" ({screening.rate:.1f} studies/min)" if screening.count("ok") else "")]
+    parts = [_HEAD, "<h1>Cohort screening</h1>",
+             f"<p class='facts'>{' · '.join(facts)}</p>",
+             f"<p class='meta'>model <code>{e(model)}</code> · bank <code>{e(bank_id)}</code> ({len(bank)} reference "
+             f"slices) · himatch-med {e(__version__)} · {datetime.now():%Y-%m-%d %H:%M}</p>",
+             "<p class='meta'>Score: the mean of the top 1 % of a volume's anomaly map, in z-units of the bank's "
+             "normal variation (0 is typical normal tissue). Percentile: among the bank's normal volumes. "
+             "Top slices: the file's own voxel axis and index, with the slice score.</p>"]
+    if labelled:
+        parts.append("<section class='roc'>")
+        if screening.auc is not None:
+            parts.append(f"<img src='{quote(ROC)}' alt='ROC curve' width='260'>")
+            parts.append(f"<div><p><b>ROC AUC {screening.auc:.3f}</b> of the volume scores over the labelled studies "
+                         "(1 = abnormal).</p>")
+        else:
+            parts.append("<div>")
+        if screening.auc_note:
+            parts.append(f"<p class='meta'>{e(screening.auc_note)}</p>")
+        parts.append("</div></section>")
+    if failed:
+        parts.append(f"<h2 class='bad'>Failed ({len(failed)})</h2><table class='failed'><thead><tr><th>study</th>"
+                     "<th>input</th><th>error</th></tr></thead><tbody>")
+        for result in failed:
+            parts.append(f"<tr><td>{e(result.study.id)}</td><td><code>{e(str(result.study.path))}</code></td>"
+                         f"<td class='error'>{e(result.error)}</td></tr>")
+        parts.append("</tbody></table>")
+    parts.append(f"<h2>Ranking ({len(scored)} studies, most anomalous first)</h2>")
+    parts.append("<table><thead><tr><th>rank</th><th>study</th><th>score (z)</th><th>percentile</th>"
+                 + ("<th>label</th>" if labelled else "") + "<th>most anomalous slices</th><th>top slices</th>"
+                 "<th>outputs</th></tr></thead><tbody>")
+    for rank, result in enumerate(scored, start=1):
+        parts.append(_row(rank, result, labelled))
+    parts.append("</tbody></table>")
+    parts.append("</body></html>\n")
+    return "\n".join(parts)
+
+
+def _row(rank: int, result: Result, labelled: bool) -> str:
+    e = html.escape
+    links = {key: quote(value) for key, value in result.outputs.items()}
+    percentile = result.volume_percentile
+    level = "" if percentile is None else "high" if percentile >= 99 else "mid" if percentile >= 90 else ""
+    label = "" if not labelled else f"<td>{_LABELS.get(result.label, '')}</td>"
+    thumbnail = (f"<a href='{links['overview']}'><img class='thumb' src='{links['overview']}' loading='lazy' "
+                 f"alt='overview of {e(result.study.id)}'></a>") if "overview" in links else ""
+    top = "<br>".join(f"{e(t['file_axis'])}={t['file_index']}: {t['score']:.2f}" for t in result.top_slices[:3])
+    outputs = " ".join(f"<a href='{links[key]}'>{name}</a>" for key, name in (
+        ("report", "report"), ("anomaly", "heatmap"), ("uncertainty", "uncertainty")) if key in links)
+    folder = quote(f"{result.study.folder}/")
+    status = "" if result.status == "ok" else "<div class='meta'>from an earlier run</div>"
+    status += "".join(f"<div class='note'>{e(note)}</div>" for note in result.notes)
+    return (f"<tr><td class='num'>{rank}</td><td><a href='{folder}'><b>{e(result.study.id)}</b></a>{status}</td>"
+            f"<td class='num score {level}'>{_format(result.volume_score, 2)}</td>"
+            f"<td class='num'>{_format(percentile, 0)}</td>{label}<td>{thumbnail}</td><td class='top'>{top}</td>"
+            f"<td class='links'>{outputs}<br><a href='{folder}'>folder</a></td></tr>")
+
+
+_LABELS = {1: "abnormal", 0: "normal"}
+_HEAD = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>Cohort screening</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>
+body { font: 14px/1.4 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 24px; color: #1d1d1f; }
+h1 { font-size: 22px; margin: 0 0 6px; } h2 { font-size: 17px; margin: 20px 0 0; } h2.bad { color: #b3261e; }
+.facts { font-size: 15px; margin: 4px 0; } .meta { color: #666; font-size: 12px; margin: 2px 0; }
+.bad { color: #b3261e; } .note { color: #8a5300; font-size: 12px; max-width: 260px; } code { font-size: 12px; }
+.roc { display: flex; align-items: center; gap: 16px; margin: 12px 0; }
+.roc img { border: 1px solid #ddd; }
+table { border-collapse: collapse; margin-top: 14px; }
+th { text-align: left; font-weight: 600; background: #f2f2f4; position: sticky; top: 0; }
+th, td { padding: 6px 10px; border-bottom: 1px solid #e4e4e8; vertical-align: middle; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+td.score { font-weight: 600; } td.score.high { color: #b3261e; } td.score.mid { color: #c26a00; }
+img.thumb { width: 440px; max-width: 45vw; height: auto; display: block; background: #000; }
+td.top { font-size: 12px; white-space: nowrap; font-variant-numeric: tabular-nums; }
+td.links a { margin-right: 6px; white-space: nowrap; }
+table.failed td.error { color: #b3261e; max-width: 720px; }
+a { color: #0b57d0; text-decoration: none; } a:hover { text-decoration: underline; }
+</style></head><body>"""
