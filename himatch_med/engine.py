@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, replace
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import torch
 
@@ -290,7 +291,8 @@ def analyse(volume: tuple[io.Image, np.ndarray, Prepared], extractor: Extractor,
         with ThreadPoolExecutor(max_workers=2) as pool:
             writes = [pool.submit(io.write_map, from_canonical(getattr(detection, name).numpy(), orientation), image,
                                   paths[name]) for name in ("anomaly", "uncertainty")]
-            io.write_figure(overview_figure(prepared, detection, report), paths["overview"])
+            aspect = pixel_aspect(image.affine, prepared.axis)
+            io.write_figure(overview_figure(prepared, detection, report, aspect=aspect), paths["overview"])
             for write in writes:
                 write.result()
     timings["write"] = time.perf_counter() - started
@@ -361,7 +363,17 @@ def versions() -> dict:
     return found
 
 
-def overview_figure(prepared: Prepared, detection: Detection, report: dict, contours: np.ndarray | None = None):
+def pixel_aspect(affine: np.ndarray, axis: int) -> float:
+    """Row over column spacing of display-oriented slices cut along canonical ``axis`` of a volume with ``affine``."""
+    orientation = nib.orientations.io_orientation(affine)
+    zooms = np.zeros(3)
+    zooms[orientation[:, 0].astype(int)] = np.linalg.norm(affine[:3, :3], axis=0)
+    columns, rows = (a for a in range(3) if a != axis)  # to_slices puts the higher axis on the rows
+    return float(zooms[rows] / zooms[columns])
+
+
+def overview_figure(prepared: Prepared, detection: Detection, report: dict, contours: np.ndarray | None = None,
+                    aspect: float = 1.0):
     """The overview picture: the most anomalous slices with their heatmaps."""
     from himatch_med.figures import overview
 
@@ -371,7 +383,7 @@ def overview_figure(prepared: Prepared, detection: Detection, report: dict, cont
     titles = (titles + [""] * len(chosen))[: len(chosen)]
     name = Path(report["input"]).name
     return overview(prepared.slices[chosen].numpy(), maps, prepared.foreground[chosen].numpy(), titles,
-                    title=f"{name}: volume score {report['volume_score']:.2f} z", contours=contours)
+                    title=f"{name}: volume score {report['volume_score']:.2f} z", contours=contours, aspect=aspect)
 
 
 def describe_error(path: Path, error: Exception) -> str:

@@ -8,19 +8,24 @@ OVERLAY_FLOOR = 1.0
 """z-value below which the heatmap is transparent: the bank's normal patches lie around 0 and below."""
 
 
-def overlay(axes, image: np.ndarray, heat: np.ndarray, *, vmax: float, foreground: np.ndarray | None = None):
-    """Draw a grayscale slice ``(H, W)`` in [0, 1] with its heatmap (z-units) on matplotlib ``axes``."""
-    axes.imshow(image, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+def overlay(axes, image: np.ndarray, heat: np.ndarray, *, vmax: float, foreground: np.ndarray | None = None,
+            aspect: float = 1.0):
+    """Draw a grayscale slice ``(H, W)`` in [0, 1] with its heatmap (z-units) on matplotlib ``axes``.
+
+    ``aspect`` is the pixel height over its width (row spacing / column spacing), so anatomy keeps its shape.
+    """
+    axes.imshow(image, cmap="gray", vmin=0, vmax=1, interpolation="nearest", aspect=aspect)
     alpha = np.clip((heat - OVERLAY_FLOOR) / max(vmax - OVERLAY_FLOOR, 1e-6), 0, 1) * 0.75
     if foreground is not None:
         alpha = alpha * foreground
-    shown = axes.imshow(heat, cmap="inferno", vmin=OVERLAY_FLOOR, vmax=vmax, alpha=alpha, interpolation="bilinear")
+    shown = axes.imshow(heat, cmap="inferno", vmin=OVERLAY_FLOOR, vmax=vmax, alpha=alpha, interpolation="bilinear",
+                        aspect=aspect)
     axes.set_axis_off()
     return shown
 
 
 def overview(slices: np.ndarray, maps: np.ndarray, foreground: np.ndarray, titles: list[str], *, title: str,
-             contours: np.ndarray | None = None):
+             contours: np.ndarray | None = None, aspect: float = 1.0):
     """A figure with one panel per chosen slice: the slice, its heatmap, and a colour bar in z-units.
 
     Args:
@@ -30,6 +35,7 @@ def overview(slices: np.ndarray, maps: np.ndarray, foreground: np.ndarray, title
         titles: one caption per panel.
         title: the figure's title.
         contours: optional ground-truth masks ``(n, H, W)`` drawn as outlines.
+        aspect: pixel height over width in millimetres.
     """
     import matplotlib
 
@@ -37,12 +43,12 @@ def overview(slices: np.ndarray, maps: np.ndarray, foreground: np.ndarray, title
     import matplotlib.pyplot as plt
 
     count = len(slices)
-    aspect = slices.shape[1] / max(slices.shape[2], 1)
-    figure, axes = plt.subplots(1, count, figsize=(3.2 * count + 0.8, 3.4 * aspect + 0.6), squeeze=False)
+    shape = slices.shape[1] * aspect / max(slices.shape[2], 1)
+    figure, axes = plt.subplots(1, count, figsize=(3.2 * count + 0.8, 3.2 * shape + 0.6), squeeze=False)
     vmax = max(float(np.percentile(maps[foreground], 99.5)) if foreground.any() else 0.0, OVERLAY_FLOOR + 2.0)
     shown = None
     for panel, axis in enumerate(axes[0]):
-        shown = overlay(axis, slices[panel], maps[panel], vmax=vmax, foreground=foreground[panel])
+        shown = overlay(axis, slices[panel], maps[panel], vmax=vmax, foreground=foreground[panel], aspect=aspect)
         if contours is not None and contours[panel].any():
             axis.contour(contours[panel], levels=[0.5], colors="cyan", linewidths=0.8)
         axis.set_title(titles[panel], fontsize=8)
