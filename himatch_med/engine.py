@@ -50,7 +50,7 @@ def expand_inputs(paths: list[Path]) -> list[Path]:
     for path in paths:
         if not path.exists():
             raise InputError(f"{path}: no such file or folder")
-        if path.is_dir() and not _is_dicom_folder(path):
+        if path.is_dir() and not io.is_dicom_folder(path):
             found = io.list_images(path)
             if not found:
                 raise InputError(f"{path}: holds no NIfTI, DICOM or 2D image files")
@@ -58,12 +58,6 @@ def expand_inputs(paths: list[Path]) -> list[Path]:
         else:
             expanded.append(path)
     return expanded
-
-
-def _is_dicom_folder(path: Path) -> bool:
-    files = [p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")]
-    return bool(files) and all(p.suffix.lower() in (".dcm", "") for p in files) and \
-        not any(p.is_dir() for p in path.iterdir())
 
 
 def check_output_folder(folder: Path, inputs: list[Path]) -> None:
@@ -198,7 +192,7 @@ def reference_volumes(references: list[Path], labels: Path | None, settings: Set
             if warn:
                 warn(f"skipping reference {error}")
             continue
-        yield str(path), prepared
+        yield str(path.resolve()), prepared
 
 
 def _label_for(path: Path, labels: Path) -> Path:
@@ -254,7 +248,9 @@ def _cache_key(files: list[Path], labels: Path | None, settings: Settings, extra
     stamp = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
     if labels is not None:
         stamp += [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(labels.iterdir())]
-    text = json.dumps([stamp, asdict(settings), list(extractor.stages), extractor.model_id], default=str)
+    # Batch and chunk sizes change how fast a bank is built, not what it holds.
+    relevant = {k: v for k, v in asdict(settings).items() if k not in ("batch_size", "chunk_size")}
+    text = json.dumps([stamp, relevant, list(extractor.stages), extractor.model_id], default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

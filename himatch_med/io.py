@@ -57,8 +57,24 @@ def stem(path: str | Path) -> str:
 def is_image_file(path: Path) -> bool:
     """Whether a path looks like an image this package reads (by suffix), or a DICOM series folder."""
     lower = path.name.lower()
-    return (path.is_file() and lower.endswith(NIFTI_SUFFIXES + IMAGE_SUFFIXES)) or (
-        path.is_dir() and any(p.suffix.lower() == ".dcm" or p.suffix == "" for p in path.iterdir() if p.is_file()))
+    return (path.is_file() and lower.endswith(NIFTI_SUFFIXES + IMAGE_SUFFIXES)) or is_dicom_folder(path)
+
+
+def is_dicom_file(path: Path) -> bool:
+    """A ``.dcm`` file, or a file of any name with the DICOM preamble (``DICM`` at byte 128)."""
+    if path.suffix.lower() == ".dcm":
+        return True
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
+
+
+def is_dicom_folder(path: Path) -> bool:
+    """A folder directly holding DICOM files (a series; other files such as a README may sit beside them)."""
+    return path.is_dir() and any(p.is_file() and not p.name.startswith(".") and is_dicom_file(p)
+                                 for p in path.iterdir())
 
 
 def list_images(folder: Path) -> list[Path]:
