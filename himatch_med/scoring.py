@@ -55,7 +55,7 @@ def volume_score(maps: torch.Tensor, foreground: torch.Tensor, scored: torch.Ten
     count = int(inside.sum())
     if count == 0:
         return 0.0
-    values = maps.float().masked_fill(~inside, -torch.inf).flatten()
+    values = maps[inside].float()  # only foreground values: selection degrades on the many tied background ones
     k = top_count(fraction, count)
     if values.device.type == "cpu":
         # numpy's introselect is several times faster than torch.topk for a large k on the CPU.
