@@ -108,3 +108,27 @@ def _env():
     import os
 
     return {k: v for k, v in os.environ.items()}
+
+
+def test_oct_b_scan_stack_is_cut_into_its_b_scans(tmp_path, tiny_dinov3):
+    """A 3D NIfTI of OCT B-scans (width, depth, scans) with an identity affine: the B-scans are the axial slices."""
+    rng = np.random.default_rng(0)
+
+    def stack(seed):
+        width, depth, scans = 64, 48, 5
+        depth_axis = np.arange(depth)[None, :, None]
+        surface = 20 + 4 * np.sin(np.arange(width) / 9.0 + seed)[:, None, None]
+        retina = np.exp(-((depth_axis - surface) / 10.0) ** 2) * 200
+        return (retina + rng.gamma(2.0, 10.0, (width, depth, scans))).astype(np.float32)
+
+    (tmp_path / "normal").mkdir()
+    for i in range(2):
+        nib.save(nib.Nifti1Image(stack(i), np.eye(4)), tmp_path / "normal" / f"eye{i}.nii.gz")
+    nib.save(nib.Nifti1Image(stack(5), np.eye(4)), tmp_path / "scan.nii.gz")
+    out = tmp_path / "out"
+    assert main([str(tmp_path / "scan.nii.gz"), "--references", str(tmp_path / "normal"), "--modality", "oct",
+                 "--model", str(tiny_dinov3), "--bank-cache", str(tmp_path / "cache"), "-o", str(out), *FAST,
+                 "--image-size", "96"]) == 0
+    report = json.loads((out / "scan_report.json").read_text())
+    assert len(report["slice_scores"]) == 5 and report["settings"]["foreground"] == "otsu"
+    assert nib.load(out / "scan_anomaly.nii.gz").shape == (64, 48, 5)
