@@ -7,8 +7,9 @@ Format (version 1), written by :func:`himatch_med.io.write_bank` as a folder wit
   from), ``calibration_mean`` and ``calibration_std`` (L,) fp32, ``calibration_slice_scores`` (M,) fp32,
   ``calibration_volume_scores`` (V,) fp32;
 - ``bank.json``: ``format_version``, the settings a query must repeat (model, modality, window, image size), the
-  ``stages``, the sources (file and slice of every reference), the calibration settings, and a SHA-256 of the
-  arrays file.
+  ``stages``, the sources (file and slice of every reference), the calibration settings, and ``arrays_sha256``: the
+  SHA-256 of the SHA-256 digests of the arrays file's 64 MiB blocks (see :func:`himatch_med.io.file_sha256`), checked
+  on every load.
 """
 
 from __future__ import annotations

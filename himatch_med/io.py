@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import shutil
 import struct
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -302,13 +304,25 @@ def write_bank(tensors: dict[str, torch.Tensor], meta: dict, folder: str | Path)
     return folder
 
 
-def file_sha256(path: Path, block: int = 1 << 24) -> str:
-    """SHA-256 hex digest of a file, read in blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(block):
-            digest.update(chunk)
-    return digest.hexdigest()
+def file_sha256(path: Path, block: int = 64 << 20) -> str:
+    """SHA-256 over the SHA-256 digests of a file's blocks, hashed in parallel (hashlib releases the GIL).
+
+    A one-level hash tree: any changed, missing or added byte changes it, and a 2 GB bank verifies in well under a
+    second on a few cores instead of seconds on one.
+    """
+    size = path.stat().st_size
+    digests = [hashlib.sha256(b"").digest()]
+    if size:
+        # Hashing memory-mapped views copies nothing; each thread hashes its own blocks.
+        with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            view = memoryview(mapped)
+            try:
+                with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+                    digests = list(pool.map(lambda start: hashlib.sha256(view[start:start + block]).digest(),
+                                            range(0, size, block)))
+            finally:
+                view.release()
+    return hashlib.sha256(size.to_bytes(8, "little") + b"".join(digests)).hexdigest()
 
 
 SAFETENSORS_DTYPES = {"F16": np.float16, "F32": np.float32, "I32": np.int32, "I64": np.int64, "BF16": None}
