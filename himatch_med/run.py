@@ -107,12 +107,15 @@ def bank_main(argv: list[str] | None = None) -> int:
     return _guarded(args, _build)
 
 
-def _guarded(args: argparse.Namespace, job) -> int:
+def _guarded(args: argparse.Namespace, job, *, with_settings: bool = True) -> int:
+    """Run ``job(args, settings)`` (or ``job(args)``) so that every error ends in one line and an exit code.
+
+    Tracebacks are shown only with ``--debug``.
+    """
     from himatch_med.errors import InputError, WeightsUnavailableError
 
     try:
-        settings = _settings(args)
-        return job(args, settings)
+        return job(args, _settings(args)) if with_settings else job(args)
     except (InputError, WeightsUnavailableError, ValueError) as error:
         if args.debug:
             raise

@@ -19,7 +19,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from himatch_med.run import _add_common, _read_options, _settings
+from himatch_med.run import _add_common, _guarded, _read_options, _settings
 
 SEVERAL = ("stages", "fusion", "references_k", "cls_weight")
 
@@ -70,24 +70,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run an evaluation; returns the exit code (0 all done, 1 some cases failed, 2 nothing could run)."""
     args = parser().parse_args(argv)
-    from himatch_med.errors import InputError, WeightsUnavailableError
-
-    try:
-        return _evaluate(args)
-    except (InputError, WeightsUnavailableError, ValueError) as error:
-        if args.debug:
-            raise
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; nothing was written", file=sys.stderr)
-        return 130
-    except Exception as error:  # anything unforeseen still ends in one line, with the way to the details
-        if args.debug:
-            raise
-        print(f"error: unexpected {type(error).__name__}: {error}; run again with --debug for the traceback",
-              file=sys.stderr)
-        return 2
+    return _guarded(args, _evaluate, with_settings=False)
 
 
 def _evaluate(args: argparse.Namespace) -> int:
