@@ -196,14 +196,25 @@ class StudyReader(Dataset):
         return len(self.studies)
 
     def __getitem__(self, index: int) -> Loaded:
-        study = self.studies[index]
-        started = time.perf_counter()
-        try:
-            volume = engine.read_volume(study.path, self.settings, options=self.options)
-        except Exception as error:  # a worker that raises would end the whole screening
-            return Loaded(index, None, engine.describe_error(study.path, error), traceback.format_exc(),
-                          time.perf_counter() - started)
-        return Loaded(index, volume, "", "", time.perf_counter() - started)
+        return read_study(self.studies[index], self.settings, self.options, index=index)
+
+
+def read_study(study: Study, settings: Settings, options: dict | None = None, *, index: int = 0) -> Loaded:
+    """Read and prepare one study; an error becomes part of the result, never an exception.
+
+    Args:
+        study: the study to read.
+        settings: resolved settings (preset, axis, image size).
+        options: read options for :func:`himatch_med.engine.read_volume`.
+        index: the study's position in the caller's list, handed back in :attr:`Loaded.index`.
+    """
+    started = time.perf_counter()
+    try:
+        volume = engine.read_volume(study.path, settings, options=options)
+    except Exception as error:  # a reader that raises would end the whole screening
+        return Loaded(index, None, engine.describe_error(study.path, error), traceback.format_exc(),
+                      time.perf_counter() - started)
+    return Loaded(index, volume, "", "", time.perf_counter() - started)
 
 
 def _pass_through(item: Loaded) -> Loaded:
@@ -228,12 +239,36 @@ def screen(studies: list[Study], extractor: Extractor, bank: Bank, settings: Set
         labels: study id -> 1 (abnormal) or 0 (normal); adds the ROC AUC and ``roc.png``.
         progress: show progress bars (studies/s and ETA).
     """
-    from tqdm.auto import tqdm
-
     if workers < 0:
         raise ValueError(f"workers={workers} must be 0 or more")
     check_output_folder(studies, folder)
     started = time.perf_counter()
+    results, todo = resume(studies, extractor, bank, settings, folder, force=force)
+    readers = min(workers, len(todo))
+    # One volume waiting per reader bounds memory: a prepared CT volume can take a gigabyte.
+    loader = DataLoader(StudyReader([studies[i] for i in todo], settings, options), batch_size=None,
+                        num_workers=readers, collate_fn=_pass_through, prefetch_factor=1 if readers else None)
+    bar = progress_bar(len(todo), earlier=len(results), enabled=progress)
+    failed = 0
+    for loaded in loader:
+        study = studies[todo[loaded.index]]
+        result = analyse_study(study, loaded, extractor, bank, settings, folder, progress=progress)
+        results[todo[loaded.index]] = result
+        failed += result.status == "failed"
+        bar.update()
+        if failed:
+            bar.set_postfix(failed=failed)
+    bar.close()
+    return conclude(studies, results, time.perf_counter() - started, extractor, bank, folder, labels=labels)
+
+
+def resume(studies: list[Study], extractor: Extractor, bank: Bank, settings: Settings, folder: Path, *,
+           force: bool = False) -> tuple[dict[int, Result], list[int]]:
+    """Split a cohort into the studies complete from an earlier run and those to compute.
+
+    Returns:
+        The ``skipped`` results by position in ``studies`` (none with ``force``), and the positions to compute.
+    """
     results: dict[int, Result] = {}
     todo = []
     for index, study in enumerate(studies):
@@ -242,27 +277,36 @@ def screen(studies: list[Study], extractor: Extractor, bank: Bank, settings: Set
             results[index] = previous
         else:
             todo.append(index)
-    readers = min(workers, len(todo))
-    # One volume waiting per reader bounds memory: a prepared CT volume can take a gigabyte.
-    loader = DataLoader(StudyReader([studies[i] for i in todo], settings, options), batch_size=None,
-                        num_workers=readers, collate_fn=_pass_through, prefetch_factor=1 if readers else None)
-    bar = tqdm(total=len(todo), unit="study", desc="screening", disable=not progress, dynamic_ncols=True)
-    if results:
-        bar.set_postfix_str(f"{len(results)} complete from an earlier run")
-    failed = 0
-    for loaded in loader:
-        study = studies[todo[loaded.index]]
-        result = _analyse(study, loaded, extractor, bank, settings, folder, progress)
-        results[todo[loaded.index]] = result
-        failed += result.status == "failed"
-        bar.update()
-        if failed:
-            bar.set_postfix(failed=failed)
-    bar.close()
+    return results, todo
+
+
+def progress_bar(total: int, *, earlier: int, enabled: bool, desc: str = "screening"):
+    """The screening's progress bar over ``total`` studies to compute (studies/s and ETA)."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, unit="study", desc=desc, disable=not enabled, dynamic_ncols=True)
+    if earlier:
+        bar.set_postfix_str(f"{earlier} complete from an earlier run")
+    return bar
+
+
+def conclude(studies: list[Study], results: dict[int, Result], seconds: float, extractor: Extractor, bank: Bank,
+             folder: Path, *, labels: dict[str, int] | None = None) -> Screening:
+    """Rank the results of every study, add the AUC with labels, and write ``scores.csv`` and ``report.html``.
+
+    Args:
+        studies: the cohort.
+        results: one result per position in ``studies``.
+        seconds: the run's wall time.
+        extractor: the run's model (only its ``model_id`` is used).
+        bank: the run's bank (its id and size go into the report).
+        folder: the screening folder.
+        labels: study id -> 1 (abnormal) or 0 (normal); adds the ROC AUC and ``roc.png``.
+    """
     if labels is not None:
         for result in results.values():
             result.label = labels.get(result.study.id)
-    screening = Screening(ranked([results[i] for i in range(len(studies))]), time.perf_counter() - started)
+    screening = Screening(ranked([results[i] for i in range(len(studies))]), seconds)
     if labels is not None:
         screening.auc, screening.auc_note = _auc(screening.results, labels, folder / ROC)
         if screening.auc is not None:
@@ -321,8 +365,13 @@ def _number(value) -> float | None:
     return None if value is None or (isinstance(value, float) and not math.isfinite(value)) else float(value)
 
 
-def _analyse(study: Study, loaded: Loaded, extractor: Extractor, bank: Bank, settings: Settings, folder: Path,
-             progress: bool) -> Result:
+def analyse_study(study: Study, loaded: Loaded, extractor: Extractor, bank: Bank, settings: Settings, folder: Path,
+                  *, progress: bool = False) -> Result:
+    """Detect anomalies in a study read by :func:`read_study` and write its outputs; a failure becomes a result.
+
+    Returns:
+        The study's ``ok`` result, or a ``failed`` one with the reading or analysis error (one line) and traceback.
+    """
     if loaded.volume is None:
         return Result(study, "failed", error=_one_line(loaded.error), details=loaded.details,
                       seconds=round(loaded.seconds, 3))
