@@ -106,7 +106,7 @@ def _plain(value):
 
 @dataclass
 class Sample:
-    """One reference slice kept for calibration: its features and foreground."""
+    """One reference slice kept for calibration: its features, foreground, and its row in the bank."""
 
     cls: torch.Tensor
     layout: torch.Tensor
@@ -115,10 +115,15 @@ class Sample:
     foreground: torch.Tensor
     position: float
     group: int
+    row: int
 
 
 class BankBuilder:
-    """Accumulates references slice batch by slice batch; keeps a seeded reservoir sample for calibration.
+    """Accumulates references slice batch by slice batch; keeps whole volumes, seeded, for calibration.
+
+    Calibration samples whole reference volumes (by a seeded random priority, as many as fit in
+    ``calibration_slices``), so that a calibration volume's score is computed over all its slices like a query's.
+    A volume longer than the budget is thinned to evenly spaced slices.
 
     Args:
         centroids: c, centroids per slice and stage.
@@ -131,13 +136,17 @@ class BankBuilder:
         self.k, self.iterations, self.seed = centroids, iterations, seed
         self.capacity = calibration_slices
         self.parts: dict[str, list[torch.Tensor]] = {name: [] for name in ARRAYS[:6]}
-        self.samples: list[Sample] = []
         self.sources: list[dict] = []
-        self.seen = 0
+        self.kept: list[tuple[float, list[Sample]]] = []
+        self.current: list[Sample] = []
+        self.current_source: object = None
+        self.stride, self.offered = 1, 0
+        self.rows = 0
+        self.volumes = 0
         self.random = np.random.default_rng(seed)
 
     def add(self, cls: torch.Tensor, layout: torch.Tensor, stages: tuple[torch.Tensor, ...],
-            patch_foreground: torch.Tensor, foreground: torch.Tensor, positions: torch.Tensor, group: int,
+            patch_foreground: torch.Tensor, foreground: torch.Tensor, positions: torch.Tensor, group: object,
             sources: list[dict]) -> None:
         """Add ``B`` reference slices of one volume.
 
@@ -146,9 +155,14 @@ class BankBuilder:
             patch_foreground: foreground patches ``(B, h, w)``; each slice needs at least one.
             foreground: foreground pixels ``(B, H, W)``.
             positions: relative slice positions ``(B,)``.
-            group: index of the reference volume.
+            group: any key of the reference volume the slices come from (consecutive calls share it).
             sources: one record per slice (file, slice index) for the bank's metadata.
         """
+        if group != self.current_source or not self.volumes:
+            self._close_volume()
+            self.current_source = group
+            self.volumes += 1
+        index = self.volumes - 1  # dense: volumes without a usable slice take no number
         valid = patch_foreground.flatten(1)
         clustered = [spherical_kmeans(grid.flatten(1, 2), valid, self.k, iterations=self.iterations, seed=self.seed)
                      for grid in stages]
@@ -157,25 +171,38 @@ class BankBuilder:
         self.parts["centroids"].append(torch.stack([c for c, _ in clustered], dim=1).to("cpu", STORAGE_DTYPE))
         self.parts["sizes"].append(torch.stack([s for _, s in clustered], dim=1).to("cpu", torch.int32))
         self.parts["positions"].append(positions.to("cpu", torch.float32))
-        self.parts["groups"].append(torch.full((len(cls),), group, dtype=torch.int64))
+        self.parts["groups"].append(torch.full((len(cls),), index, dtype=torch.int64))
         self.sources.extend(sources)
         for row in range(len(cls)):
-            slot = self._reservoir_slot()
-            if slot is not None:
-                sample = Sample(cls[row].cpu(), layout[row].cpu(),
-                                tuple(grid[row].to("cpu", STORAGE_DTYPE) for grid in stages),
-                                patch_foreground[row].cpu(), foreground[row].cpu(), float(positions[row]), group)
-                if slot == len(self.samples):
-                    self.samples.append(sample)
-                else:
-                    self.samples[slot] = sample
+            if self.offered % self.stride == 0:
+                self.current.append(Sample(cls[row].cpu(), layout[row].cpu(),
+                                           tuple(grid[row].to("cpu", STORAGE_DTYPE) for grid in stages),
+                                           patch_foreground[row].cpu(), foreground[row].cpu(),
+                                           float(positions[row]), index, self.rows))
+            self.offered += 1
+            self.rows += 1
+            if len(self.current) > self.capacity:
+                # Too long for the budget: keep every other slice from here on, evenly spaced.
+                self.current, self.stride = self.current[::2], self.stride * 2
 
-    def _reservoir_slot(self) -> int | None:
-        self.seen += 1
-        if len(self.samples) < self.capacity:
-            return len(self.samples)
-        slot = int(self.random.integers(0, self.seen))
-        return slot if slot < self.capacity else None
+    def _close_volume(self) -> None:
+        if self.current:
+            self.kept.append((float(self.random.random()), self.current))
+            self.kept.sort(key=lambda item: -item[0])
+            total, fitting = 0, []
+            for priority, samples in self.kept:
+                if fitting and total + len(samples) > self.capacity:
+                    continue
+                fitting.append((priority, samples))
+                total += len(samples)
+            self.kept = fitting
+        self.current, self.stride, self.offered = [], 1, 0
+
+    @property
+    def samples(self) -> list[Sample]:
+        """The calibration sample: the slices of the kept volumes, in bank order."""
+        self._close_volume()
+        return sorted((s for _, samples in self.kept for s in samples), key=lambda sample: sample.row)
 
     def bank(self, meta: dict) -> Bank:
         """The references gathered so far, not yet calibrated (calibration arrays empty)."""

@@ -14,6 +14,7 @@ import torch
 
 from himatch_med.bank import Bank, BankBuilder, Sample
 from himatch_med.config import Settings
+from himatch_med.errors import InputError
 from himatch_med.features import Extractor, Features, describe
 from himatch_med.fusion import calibrate, fuse, stage_uncertainty
 from himatch_med.matching import reference_distances
@@ -110,6 +111,8 @@ def stage_distances(features: Features, bank: Bank, settings: Settings, position
     available = len(bank) - (int(torch.bincount(bank.groups).max()) if groups is not None else 0)
     with timer("retrieval"):
         k = min(settings.references_k, available)
+        if k < 1:
+            raise InputError("no reference is left to compare with once a volume leaves itself out; add references")
         index, _ = retrieve(features.cls, features.layout, bank.cls, bank.layout, k=k,
                             cls_weight=settings.cls_weight, chunk=settings.chunk_size,
                             query_positions=positions.to(device), bank_positions=bank.positions,
@@ -244,12 +247,12 @@ def calibrate_bank(bank: Bank, samples: list[Sample], settings: Settings, patch_
 
     A bank made from a single volume (or image) leaves out only the sampled slice itself.
     """
-    single = int(bank.groups.max()) == 0
+    single = bank.groups.unique().numel() == 1
     groups = torch.arange(len(bank)) if single else bank.groups
     probe = Bank(**{**bank.tensors(), "groups": groups}, meta=bank.meta)
     if len(bank) < 2:
-        raise ValueError("a bank needs at least two reference slices to calibrate; add reference images")
-    sample_groups = _sample_rows(bank, samples) if single else torch.tensor([s.group for s in samples])
+        raise InputError("a bank needs at least two reference slices to calibrate; add reference images")
+    sample_groups = torch.tensor([s.row if single else s.group for s in samples])
     raw = []
     for sample, group in zip(samples, sample_groups.tolist()):
         features = Features(sample.cls[None].to(device), sample.layout[None].to(device),
@@ -279,7 +282,3 @@ def calibrate_bank(bank: Bank, samples: list[Sample], settings: Settings, patch_
     return calibrated
 
 
-def _sample_rows(bank: Bank, samples: list[Sample]) -> torch.Tensor:
-    """Bank row of each sample, found by its CLS vector (a single-volume bank has no other key)."""
-    rows = [int(((bank.cls.float() - s.cls.to(torch.float16).float()).abs().sum(dim=1)).argmin()) for s in samples]
-    return torch.tensor(rows)
