@@ -41,7 +41,7 @@ class Backbone:
         self.model_id = model_id
         self.patch_size = int(config.patch_size)
         self.depth = int(config.num_hidden_layers)
-        self.stages = tuple(stages) or default_stages(self.depth)
+        self.stages = tuple(sorted(set(stages))) or default_stages(self.depth)
         if max(self.stages) > self.depth:
             raise ValueError(f"stages={self.stages} but {model_id} has only {self.depth} blocks")
         # DINOv3 and DINOv2-with-registers put registers between CLS and patches; plain DINOv2 has none.
@@ -63,7 +63,8 @@ class Backbone:
             hidden = self.model(pixel_values=images, output_hidden_states=True).hidden_states
             # hidden[0] is the embedding output, hidden[i] the output of block i.
             tokens = [self.norm(hidden[stage]) for stage in self.stages]
-        cls = F.normalize(tokens[-1][:, 0].float(), dim=-1)
+            last = tokens[-1] if self.stages[-1] == self.depth else self.norm(hidden[self.depth])
+        cls = F.normalize(last[:, 0].float(), dim=-1)  # CLS from the last block, whichever stages are matched
         grids = tuple(F.normalize(t[:, self.prefix:].float(), dim=-1).unflatten(1, (height, width)) for t in tokens)
         return cls, grids
 

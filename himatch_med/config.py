@@ -43,12 +43,13 @@ class Settings:
                                bank=True)
     stages: tuple[int, ...] = _setting((), "transformer blocks (1-based) whose patch tokens are matched; empty: "
                                        "4 evenly spaced ending at the last", bank=True)
-    axis: str = _setting("axial", "slice axis in RAS: axial, coronal or sagittal", AXES)
+    axis: str = _setting("axial", "slice axis in RAS: axial, coronal or sagittal", AXES, bank=True)
     foreground: str | None = _setting(None, "foreground mode: nonzero, body (CT > -500 HU), otsu, all; empty: the "
                                       "modality's default (mri nonzero, ct body, oct otsu)", FOREGROUNDS)
     min_foreground: float = _setting(0.01, "slices with less foreground than this fraction are not scored")
     patch_foreground: float = _setting(0.5, "a patch is foreground when this fraction of its pixels is")
-    layout_cells: int = _setting(4, "cells per side of the coarse layout descriptor (patch branch of retrieval)")
+    layout_cells: int = _setting(4, "cells per side of the coarse layout descriptor (patch branch of retrieval)",
+                                 bank=True)
     centroids: int = _setting(32, "centroids per reference slice and stage (spherical k-means)")
     kmeans_iterations: int = _setting(20, "spherical k-means iterations")
     calibration_slices: int = _setting(512, "bank slices sampled for the z-unit and percentile calibration")
@@ -83,6 +84,8 @@ class Settings:
             raise ValueError(f"smoothing_sigma={self.smoothing_sigma} must not be negative")
         if any(s < 1 for s in self.stages):
             raise ValueError(f"stages={self.stages}: blocks are numbered from 1")
+        # One order for a set of stages: a bank and its queries compare them as recorded.
+        object.__setattr__(self, "stages", tuple(sorted(set(self.stages))))
 
     def resolved(self) -> Settings:
         """The same settings with the modality's defaults filled in for those left at ``None``."""
@@ -90,8 +93,9 @@ class Settings:
         return replace(self, **{k: v for k, v in defaults.items() if getattr(self, k) is None})
 
     def bank_fields(self) -> dict:
-        """The settings a bank records and a query must repeat."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata.get("bank")}
+        """The settings a bank records and a query must repeat (the CT window only for CT)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if f.metadata.get("bank") and (f.name != "window" or self.modality == "ct")}
 
 
 def default_stages(depth: int) -> tuple[int, ...]:

@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import platform
+import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -70,7 +71,12 @@ def check_output_folder(folder: Path, inputs: list[Path]) -> None:
         raise InputError(f"{folder}: the output folder cannot be written ({error.strerror}); choose another with "
                          "-o") from error
     resolved = {p.resolve() for p in inputs}
+    seen: dict[str, Path] = {}
     for path in inputs:
+        if io.stem(path) in seen:
+            raise InputError(f"{path} and {seen[io.stem(path)]} would write the same outputs "
+                             f"({io.stem(path)}_*); run them into different output folders")
+        seen[io.stem(path)] = path
         for output in output_paths(path, folder).values():
             if output.resolve() in resolved:
                 raise InputError(f"{output}: writing it would overwrite an input; choose another output folder "
@@ -104,7 +110,8 @@ def open_bank(folder: Path, settings: Settings, extractor: Extractor) -> Bank:
     tensors, meta = io.read_bank(folder)
     bank = Bank.from_stored(tensors, meta, source=str(folder))
     bank.check(bank_settings(settings, extractor), source=str(folder))
-    return bank
+    # On a GPU the bank moves there once; on the CPU it stays memory-mapped.
+    return bank.to(getattr(extractor, "device", torch.device("cpu")))
 
 
 def read_volume(path: Path, settings: Settings, *, options: dict | None = None, labels: Path | None = None,
@@ -196,6 +203,8 @@ def reference_volumes(references: list[Path], labels: Path | None, settings: Set
 
 
 def _label_for(path: Path, labels: Path) -> Path:
+    if not labels.is_dir():
+        raise InputError(f"{labels}: --reference-labels must be a folder of label files named like the references")
     name = io.stem(path)
     for candidate in sorted(labels.iterdir()):
         if io.stem(candidate) in (name, f"{name}_seg", f"{name}_label", f"{name}_mask"):
@@ -226,7 +235,7 @@ def build_bank_folder(references: list[Path], labels: Path | None, settings: Set
     finally:
         bar.close()
     for warning in warnings:
-        print(f"warning: {warning}")
+        print(f"warning: {warning}", file=sys.stderr)
     meta = {**bank.meta, "created_by": f"himatch-med {__version__}", "warnings": warnings,
             "build_seconds": round(time.perf_counter() - started, 2)}
     return io.write_bank(bank.tensors(), meta, folder)
@@ -246,7 +255,7 @@ def cached_bank(references: list[Path], labels: Path | None, settings: Settings,
 
 def _cache_key(files: list[Path], labels: Path | None, settings: Settings, extractor: Extractor) -> str:
     stamp = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
-    if labels is not None:
+    if labels is not None and labels.is_dir():
         stamp += [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(labels.iterdir())]
     # Batch and chunk sizes change how fast a bank is built, not what it holds.
     relevant = {k: v for k, v in asdict(settings).items() if k not in ("batch_size", "chunk_size")}
@@ -328,7 +337,7 @@ def make_report(image: io.Image, orientation: np.ndarray, prepared: Prepared, de
                     "score": float(scores[index]), "percentile": float(detection.slice_percentiles[index])})
     return {
         "input": str(image.path), "kind": image.kind, "shape": list(image.array.shape),
-        "affine": np.round(image.affine, 6).tolist(), "notes": list(image.notes),
+        "affine": np.round(image.affine, 6).tolist(), "notes": list(image.notes) + calibration_notes(bank, settings),
         "volume_score": detection.volume_score, "volume_percentile": detection.volume_percentile,
         "slice_axis": settings.axis,
         "slice_order": "slice i lies along the canonical (RAS) axis, from left/posterior/inferior upwards",
@@ -344,6 +353,22 @@ def make_report(image: io.Image, orientation: np.ndarray, prepared: Prepared, de
         "settings": asdict(settings), "seed": settings.seed, "versions": versions(),
         "device": str(getattr(extractor, "device", "cpu")),
     }
+
+
+CALIBRATED = ("references_k", "cls_weight", "position_window", "fusion", "temperature", "smoothing_sigma",
+              "top_fraction", "foreground")
+"""Settings the bank's calibration depends on: when a query changes them, its z-units and percentiles drift."""
+
+
+def calibration_notes(bank: Bank, settings: Settings) -> list[str]:
+    """A warning when this run's settings differ from those the bank was calibrated with."""
+    recorded = bank.meta.get("calibration", {})
+    changed = [f"{name} {recorded[name]!r} -> {getattr(settings, name)!r}" for name in CALIBRATED
+               if name in recorded and recorded[name] != getattr(settings, name)]
+    if not changed:
+        return []
+    return ["the bank was calibrated with other settings (" + ", ".join(changed) + "); z-units and percentiles are "
+            "approximate; build the bank with these settings for exact ones"]
 
 
 def versions() -> dict:

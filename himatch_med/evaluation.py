@@ -685,7 +685,8 @@ def calibration_samples(bank: Bank, settings: Settings, extractor: Extractor, *,
                 samples.append(Sample(features.cls[position].cpu(), features.layout[position].cpu(),
                                       tuple(g[position].to("cpu", STORAGE_DTYPE) for g in features.stages),
                                       patches[position].cpu(), prepared.foreground[index].cpu(),
-                                      float(prepared.positions[index]), int(bank.groups[slices[index]])))
+                                      float(prepared.positions[index]), int(bank.groups[slices[index]]),
+                                      slices[index]))
     return samples
 
 

@@ -37,14 +37,13 @@ def overview(slices: np.ndarray, maps: np.ndarray, foreground: np.ndarray, title
         contours: optional ground-truth masks ``(n, H, W)`` drawn as outlines.
         aspect: pixel height over width in millimetres.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     count = len(slices)
     shape = slices.shape[1] * aspect / max(slices.shape[2], 1)
-    figure, axes = plt.subplots(1, count, figsize=(3.2 * count + 0.8, 3.2 * shape + 0.6), squeeze=False)
+    # A bare Figure, not pyplot: no global backend switch, nothing to close, safe in threads and notebooks.
+    figure = Figure(figsize=(3.2 * count + 0.8, 3.2 * shape + 0.6))
+    axes = figure.subplots(1, count, squeeze=False)
     vmax = max(float(np.percentile(maps[foreground], 99.5)) if foreground.any() else 0.0, OVERLAY_FLOOR + 2.0)
     shown = None
     for panel, axis in enumerate(axes[0]):

@@ -106,7 +106,7 @@ def read_image(path: str | Path, *, volume_index: int | None = None, series: str
         raise InputError(f"{path}: the file is empty; pass a NIfTI volume (.nii or .nii.gz)")
     try:
         image = nib.load(path)
-        array = np.asanyarray(image.dataobj)
+        array = image.get_fdata(dtype=np.float32)  # float32 directly: float64 would double the peak memory
     except Exception as error:  # nibabel raises many types for damaged files
         raise InputError(f"{path}: cannot be read as NIfTI ({_reason(error)}); pass an intact .nii or .nii.gz "
                          "volume (a truncated download is a common cause)") from error
@@ -128,7 +128,7 @@ def _orientation_notes(header: nib.Nifti1Header) -> tuple[str, ...]:
             return (f"qform (code {int(qcode)}) and sform (code {int(scode)}) disagree by up to {shift:.3g}; the sform "
                     "is used (nibabel's rule); the outputs keep both unchanged",)
     if not scode and not qcode:
-        return ("neither qform nor sform is set; the voxel sizes alone give the orientation (assumed RAS)",)
+        return ("neither qform nor sform is set; nibabel's fallback orientation (LAS, from the voxel sizes) is used",)
     return ()
 
 
@@ -219,10 +219,17 @@ def _atomic(path: Path, suffix: str):
     os.close(handle)
     try:
         yield Path(temporary)
+        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes 0600; outputs are meant to be shared
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_map(array: np.ndarray, like: Image, path: str | Path) -> Path:
@@ -270,13 +277,10 @@ def _json_safe(value):
 
 
 def write_figure(figure, path: str | Path) -> Path:
-    """Save a matplotlib figure as PNG atomically and close it."""
-    import matplotlib.pyplot as plt
-
+    """Save a matplotlib figure as PNG atomically."""
     path = Path(path)
     with _atomic(path, ".png") as temporary:
         figure.savefig(temporary, format="png", dpi=100, bbox_inches="tight")
-    plt.close(figure)
     return path
 
 
@@ -291,6 +295,7 @@ def write_bank(tensors: dict[str, torch.Tensor], meta: dict, folder: str | Path)
         save_file({k: v.contiguous() for k, v in tensors.items()}, staging / BANK_ARRAYS)
         meta = {**meta, "arrays_sha256": file_sha256(staging / BANK_ARRAYS)}
         (staging / BANK_META).write_text(json.dumps(_json_safe(meta), indent=2) + "\n", encoding="utf-8")
+        os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes 0700; a bank is meant to be shared
         previous = None
         if folder.exists():
             previous = folder.with_name(f".{folder.name}.old-{os.getpid()}")

@@ -422,12 +422,10 @@ def _auc(results: list[Result], labels: dict[str, int], path: Path) -> tuple[flo
 
 def roc_figure(false_positive, true_positive, auc: float, positives: int, negatives: int):
     """The ROC curve of the volume scores (a matplotlib figure)."""
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(3.6, 3.6))
+    figure = Figure(figsize=(3.6, 3.6))
+    axes = figure.subplots()
     axes.plot([0, 1], [0, 1], linestyle="--", color="0.7", linewidth=1)
     axes.step(false_positive, true_positive, where="post", color="#b3261e", linewidth=2)
     axes.set_xlim(-0.02, 1.02)

@@ -59,3 +59,13 @@ def test_layout_descriptor_is_unit_cells_of_the_pooled_grid():
     torch.testing.assert_close(layout[:, 1 * 4 + 2], expected)
     features = describe(torch.randn(2, 6), (grid, grid), 4)
     assert features.grid == (8, 8)
+
+
+def test_cls_comes_from_the_last_block_whatever_the_stages(tiny_dinov3):
+    backbone = load_backbone(str(tiny_dinov3), stages=(2, 1))
+    assert backbone.stages == (1, 2)
+    images = torch.randn(1, 3, 32, 48)
+    cls, grids = backbone(images)
+    hidden = backbone.model(pixel_values=images, output_hidden_states=True).hidden_states
+    torch.testing.assert_close(cls, F.normalize(backbone.model.norm(hidden[4])[:, 0], dim=-1))
+    torch.testing.assert_close(grids[-1], F.normalize(backbone.model.norm(hidden[2])[:, 5:], dim=-1).unflatten(1, (2, 3)))
