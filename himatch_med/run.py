@@ -58,13 +58,8 @@ def _add_common(parser: argparse.ArgumentParser, several: tuple[str, ...] = ()) 
     _add_settings(parser, several)
 
 
-def run_parser() -> argparse.ArgumentParser:
-    """The parser of ``python -m himatch_med.run``."""
-    parser = argparse.ArgumentParser(
-        prog="python -m himatch_med.run",
-        description="Write an anomaly heatmap NIfTI, an uncertainty NIfTI, a JSON report and an overview PNG for each "
-                    "input volume, compared with normal references (a bank, or reference files).")
-    parser.add_argument("inputs", nargs="+", type=Path, help="NIfTI files, DICOM series folders or 2D images")
+def _add_bank_source(parser: argparse.ArgumentParser) -> None:
+    """The options that say where the normal references come from: a bank, or reference files (cached bank)."""
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--bank", type=Path, help="a bank folder built with `python -m himatch_med.bank build`")
     source.add_argument("--references", type=Path, nargs="+",
@@ -73,6 +68,16 @@ def run_parser() -> argparse.ArgumentParser:
                         help="folder of lesion labels named like the references: only lesion-free slices are used")
     parser.add_argument("--bank-cache", type=Path, default=None,
                         help="where banks built from --references are cached (default: ~/.cache/himatch-med/banks)")
+
+
+def run_parser() -> argparse.ArgumentParser:
+    """The parser of ``python -m himatch_med.run``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m himatch_med.run",
+        description="Write an anomaly heatmap NIfTI, an uncertainty NIfTI, a JSON report and an overview PNG for each "
+                    "input volume, compared with normal references (a bank, or reference files).")
+    parser.add_argument("inputs", nargs="+", type=Path, help="NIfTI files, DICOM series folders or 2D images")
+    _add_bank_source(parser)
     parser.add_argument("-o", "--output", type=Path, default=Path("results"), help="output folder (default: results)")
     parser.add_argument("--mask", type=Path, default=None,
                         help="foreground mask NIfTI on the input's grid (one input only); overrides --foreground")

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from himatch_med.config import Settings
-from himatch_med.run import _add_common, _guarded, _read_options
+from himatch_med.run import _add_bank_source, _add_common, _guarded, _read_options
 
 
 def parser() -> argparse.ArgumentParser:
@@ -28,14 +28,7 @@ def parser() -> argparse.ArgumentParser:
     result.add_argument("cohort", nargs="+", type=Path,
                         help="a folder of NIfTI files or DICOM series folders, a CSV with a 'path' column (optional "
                              "'id'), or NIfTI files / DICOM folders")
-    source = result.add_mutually_exclusive_group(required=True)
-    source.add_argument("--bank", type=Path, help="a bank folder built with `python -m himatch_med.bank build`")
-    source.add_argument("--references", type=Path, nargs="+",
-                        help="normal reference files or folders; a bank is built from them and cached")
-    result.add_argument("--reference-labels", type=Path, default=None,
-                        help="folder of lesion labels named like the references: only lesion-free slices are used")
-    result.add_argument("--bank-cache", type=Path, default=None,
-                        help="where banks built from --references are cached (default: ~/.cache/himatch-med/banks)")
+    _add_bank_source(result)
     result.add_argument("-o", "--output", type=Path, default=Path("screening"),
                         help="screening folder (default: screening)")
     result.add_argument("--labels", type=Path, default=None,
