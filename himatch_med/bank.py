@@ -100,6 +100,19 @@ class Bank:
                              + ". Run with the bank's settings, or build a new bank with these.")
 
 
+    def calibration_changes(self, settings, names: tuple[str, ...] | None = None) -> dict[str, tuple]:
+        """Settings (``names``, default all recorded) whose value in ``settings`` differs from the calibration's.
+
+        Returns:
+            ``{name: (value the bank was calibrated with, value in settings)}``.
+        """
+        recorded = self.meta.get("calibration", {})
+        names = tuple(recorded) if names is None else names
+        return {name: (recorded[name], getattr(settings, name)) for name in names
+                if name in recorded and hasattr(settings, name)
+                and _plain(recorded[name]) != _plain(getattr(settings, name))}
+
+
 def _plain(value):
     return list(value) if isinstance(value, tuple) else value
 

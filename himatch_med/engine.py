@@ -16,7 +16,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, replace
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import torch
 
@@ -123,6 +122,7 @@ def read_volume(path: Path, settings: Settings, *, options: dict | None = None, 
         image = check_values(image, nan_policy=options["nan_policy"])
         check_geometry(image, settings.axis, allow_shear=options["allow_shear"])
         canonical, orientation = to_canonical(image.array, image.affine)
+        check_plane(image, canonical.shape, settings.axis)
     excluded = _aligned(labels, image, "--reference-labels") if labels is not None else None
     foreground = _aligned(mask, image, "--mask") if mask is not None else None
     with timer("preprocess"):
@@ -160,7 +160,7 @@ def check_values(image: io.Image, *, nan_policy: str = "refuse") -> io.Image:
 
 
 def check_geometry(image: io.Image, axis: str, *, allow_shear: bool = False) -> None:
-    """Refuse affines that cannot place a voxel (singular), sheared ones unless allowed, and 1-pixel-wide slices."""
+    """Refuse affines that cannot place a voxel (singular), sheared ones unless allowed, 2D images cut off-axial."""
     linear = image.affine[:3, :3]
     if not np.isfinite(image.affine).all() or abs(np.linalg.det(linear)) < 1e-12:
         raise InputError(f"{image.path}: its affine is singular or not finite, so voxels have no position; fix the "
@@ -173,7 +173,10 @@ def check_geometry(image: io.Image, axis: str, *, allow_shear: bool = False) -> 
                          "--allow-shear to slice along the nearest voxel axes")
     if image.kind == "image" and axis != "axial":
         raise InputError(f"{image.path}: is a 2D image; it can only be sliced along --axis axial")
-    canonical_shape = to_canonical(np.empty(image.array.shape, dtype=np.uint8), image.affine)[0].shape
+
+
+def check_plane(image: io.Image, canonical_shape: tuple[int, ...], axis: str) -> None:
+    """Refuse slices of a single pixel's width, which no backbone image can be made of."""
     plane = [size for index, size in enumerate(canonical_shape) if index != AXIS_INDEX[axis]]
     if min(plane) < 2:
         raise InputError(f"{image.path}: its {axis} slices would be {plane[0]} x {plane[1]} pixels (shape "
@@ -296,7 +299,7 @@ def analyse(volume: tuple[io.Image, np.ndarray, Prepared], extractor: Extractor,
         with ThreadPoolExecutor(max_workers=2) as pool:
             writes = [pool.submit(io.write_map, from_canonical(getattr(detection, name).numpy(), orientation), image,
                                   paths[name]) for name in ("anomaly", "uncertainty")]
-            aspect = pixel_aspect(image.affine, prepared.axis)
+            aspect = pixel_aspect(image.affine, orientation, prepared.axis)
             io.write_figure(overview_figure(prepared, detection, report, aspect=aspect), paths["overview"])
             for write in writes:
                 write.result()
@@ -362,9 +365,8 @@ CALIBRATED = ("references_k", "cls_weight", "position_window", "fusion", "temper
 
 def calibration_notes(bank: Bank, settings: Settings) -> list[str]:
     """A warning when this run's settings differ from those the bank was calibrated with."""
-    recorded = bank.meta.get("calibration", {})
-    changed = [f"{name} {recorded[name]!r} -> {getattr(settings, name)!r}" for name in CALIBRATED
-               if name in recorded and recorded[name] != getattr(settings, name)]
+    changes = bank.calibration_changes(settings, CALIBRATED)
+    changed = [f"{name} {old!r} -> {new!r}" for name, (old, new) in changes.items()]
     if not changed:
         return []
     return ["the bank was calibrated with other settings (" + ", ".join(changed) + "); z-units and percentiles are "
@@ -384,9 +386,13 @@ def versions() -> dict:
     return found
 
 
-def pixel_aspect(affine: np.ndarray, axis: int) -> float:
-    """Row over column spacing of display-oriented slices cut along canonical ``axis`` of a volume with ``affine``."""
-    orientation = nib.orientations.io_orientation(affine)
+def pixel_aspect(affine: np.ndarray, orientation: np.ndarray, axis: int) -> float:
+    """Row over column spacing of display-oriented slices cut along canonical ``axis``.
+
+    Args:
+        affine: the file's affine; orientation: its orientation from :func:`himatch_med.volume.to_canonical`.
+        axis: the canonical slice axis.
+    """
     zooms = np.zeros(3)
     zooms[orientation[:, 0].astype(int)] = np.linalg.norm(affine[:3, :3], axis=0)
     columns, rows = (a for a in range(3) if a != axis)  # to_slices puts the higher axis on the rows

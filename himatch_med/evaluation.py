@@ -629,9 +629,8 @@ def _score_case(case: Case, extractor: Extractor, banks: list[Bank], rows: list[
 def _calibrated(bank: Bank, rows: list[Settings], extractor: Extractor, options: dict | None, progress: bool
                 ) -> tuple[list[Bank], list[int]]:
     """The bank for each row, recalibrated for rows whose retrieval or fusion settings differ from its own."""
-    recorded = bank.meta.get("calibration", {})
-    keys = [k for k in recorded if k in Settings.__dataclass_fields__]
-    differ = [i for i, row in enumerate(rows) if any(_plain(recorded[k]) != _plain(getattr(row, k)) for k in keys)]
+    keys = [k for k in bank.meta.get("calibration", {}) if k in Settings.__dataclass_fields__]
+    differ = [i for i, row in enumerate(rows) if bank.calibration_changes(row, tuple(keys))]
     if not differ:
         return [bank] * len(rows), []
     samples = calibration_samples(bank, rows[0], extractor, options=options, progress=progress)
@@ -647,10 +646,6 @@ def _calibrated(bank: Bank, rows: list[Settings], extractor: Extractor, options:
                                                               "recalibrated_for_evaluation": True}}
         banks.append(calibrated)
     return banks, differ
-
-
-def _plain(value):
-    return list(value) if isinstance(value, tuple) else value
 
 
 def calibration_samples(bank: Bank, settings: Settings, extractor: Extractor, *, options: dict | None = None,
