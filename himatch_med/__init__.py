@@ -17,4 +17,4 @@ Words: a **stage** is a transformer block whose patch tokens are used; a **grid*
 This module imports nothing heavy so that ``--help`` stays instant.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -27,10 +27,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from himatch_med import __version__
 from himatch_med.errors import InputError
 from himatch_med.matching import spherical_kmeans
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""Version 2 (himatch-med 0.2): references prepared with the background detection and intensity headroom of 0.2."""
 ARRAYS = ("cls", "layout", "centroids", "sizes", "positions", "groups", "calibration_mean", "calibration_std",
           "calibration_slice_scores", "calibration_volume_scores")
 STORAGE_DTYPE = torch.float16
@@ -56,9 +58,14 @@ class Bank:
     def from_stored(cls, tensors: dict[str, torch.Tensor], meta: dict, *, source: str) -> Bank:
         """A bank from the arrays and metadata :func:`himatch_med.io.read_bank` returns."""
         version = meta.get("format_version")
+        if isinstance(version, int) and version > FORMAT_VERSION:
+            raise InputError(f"{source}: bank format version {version} was written by a newer himatch-med (this one, "
+                             f"{__version__}, reads version {FORMAT_VERSION}); upgrade himatch-med to use it")
         if version != FORMAT_VERSION:
-            raise InputError(f"{source}: bank format version {version!r}, this version of himatch-med reads "
-                             f"{FORMAT_VERSION}; rebuild the bank")
+            raise InputError(f"{source}: bank format version {version!r} was built by an older himatch-med whose "
+                             "preprocessing differs (version 0.2 detects a constant non-zero background and leaves "
+                             "intensity headroom for bright lesions), so its references would not match this run's "
+                             "slices; rebuild it from the same references with `python -m himatch_med.bank build`")
         missing = [name for name in ARRAYS if name not in tensors]
         if missing:
             raise InputError(f"{source}: the bank lacks arrays {', '.join(missing)}; rebuild the bank")

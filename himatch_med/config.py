@@ -12,14 +12,30 @@ DEFAULT_MODEL = "facebook/dinov3-vitb16-pretrain-lvd1689m"
 MODALITIES = ("mri", "ct", "oct")
 CT_WINDOWS = {"liver": (40.0, 400.0), "brain": (40.0, 80.0), "abdomen": (50.0, 350.0)}
 """Named CT windows as (level, width) in HU."""
-FOREGROUNDS = ("nonzero", "body", "otsu", "all")
+FOREGROUNDS = ("border", "nonzero", "body", "otsu", "all")
+INTENSITIES = ("headroom", "clip")
+HEADROOM_PERCENTILES = (1.0, 50.0)
+"""``headroom`` preset (MRI, OCT): these foreground percentiles are the anchors of the normal range."""
+HEADROOM_MEDIAN_LEVEL = 0.4
+"""``headroom`` preset: the foreground median maps to this level, so [0, 1] reaches 2.5 times the median's distance
+from the low anchor: tissue brighter than any normal tissue keeps its contrast instead of saturating."""
+HEADROOM_WINDOW_TOP = 0.75
+"""``headroom`` preset (CT): the top of the HU window maps to this level; a third of the width above it keeps
+contrast."""
+CLIP_PERCENTILES = {"mri": (0.5, 99.5), "oct": (1.0, 99.0)}
+"""``clip`` preset (the version 0.1 default): these percentiles map to 0 and 1, everything beyond is clipped."""
+BORDER_SHARE = 0.5
+"""``border`` foreground: a value is the background when it fills at least this share of the volume's border."""
+FULL_FIELD = 0.98
+"""A foreground covering this share of the field of view is noted as suspicious for MRI and CT."""
 AXES = ("axial", "coronal", "sagittal")
 FUSIONS = ("uncertainty", "mean", "max", "last")
 
-# Per-modality defaults for the settings left at ``None``: MRI and masked CT from BMAD have an exact-zero background;
-# raw CT is cut at the body outline; OCT has a speckled background that Otsu separates from the retina.
+# Per-modality defaults for the settings left at ``None``. Preprocessed MRI has a constant background, but not always
+# 0 (z-scored BraTS: -3.6; conformed or nnU-Net-style volumes alike): the value that fills the border is taken as the
+# background, whatever it is. Raw CT is cut at the body outline; OCT has a speckled background that Otsu separates.
 MODALITY_DEFAULTS = {
-    "mri": {"foreground": "nonzero", "position_window": 0.1},
+    "mri": {"foreground": "border", "position_window": 0.1},
     "ct": {"foreground": "body", "position_window": 0.0},
     "oct": {"foreground": "otsu", "position_window": 0.0},
 }
@@ -35,8 +51,13 @@ class Settings:
     """The settings of one run; fields marked ``bank`` must match between a bank and its queries."""
 
     model: str = _setting(DEFAULT_MODEL, "Hub id or local folder of a DINOv3 (or DINOv2) model", bank=True)
-    modality: str = _setting("mri", "intensity preset: mri (0.5-99.5 percentiles), ct (HU window), oct (1-99 "
+    modality: str = _setting("mri", "intensity preset: mri (foreground percentiles), ct (HU window), oct (foreground "
                              "percentiles)", MODALITIES, bank=True)
+    intensity: str = _setting("headroom", "intensity mapping: headroom (normal range to part of [0, 1], so bright "
+                              "lesions keep their contrast; mri/oct anchored on a 1st percentile and the foreground "
+                              "median, CT window to [0, 0.75]) or clip (0.1 behaviour: mri 0.5-99.5, oct 1-99 "
+                              "percentiles, CT window to [0, 1])",
+                              INTENSITIES, bank=True)
     window: str = _setting("liver", "CT window (level/width HU): liver 40/400, brain 40/80, abdomen 50/350",
                            tuple(CT_WINDOWS), bank=True)
     image_size: int = _setting(448, "shorter side of the backbone image in pixels (a multiple of the patch size)",
@@ -44,8 +65,10 @@ class Settings:
     stages: tuple[int, ...] = _setting((), "transformer blocks (1-based) whose patch tokens are matched; empty: "
                                        "4 evenly spaced ending at the last", bank=True)
     axis: str = _setting("axial", "slice axis in RAS: axial, coronal or sagittal", AXES, bank=True)
-    foreground: str | None = _setting(None, "foreground mode: nonzero, body (CT > -500 HU), otsu, all; empty: the "
-                                      "modality's default (mri nonzero, ct body, oct otsu)", FOREGROUNDS)
+    foreground: str | None = _setting(None, "foreground mode: border (all but the constant value filling the "
+                                      "volume's border; Otsu when there is none), nonzero, body (CT > -500 HU), otsu, "
+                                      "all; empty: the modality's default (mri border, ct body, oct otsu)",
+                                      FOREGROUNDS)
     min_foreground: float = _setting(0.01, "slices with less foreground than this fraction are not scored")
     patch_foreground: float = _setting(0.5, "a patch is foreground when this fraction of its pixels is")
     layout_cells: int = _setting(4, "cells per side of the coarse layout descriptor (patch branch of retrieval)",

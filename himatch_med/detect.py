@@ -21,7 +21,13 @@ from himatch_med.matching import reference_distances
 from himatch_med.retrieval import retrieve
 from himatch_med.scoring import percentile, slice_scores, top_mean, volume_score
 from himatch_med.timing import NO_TIMER, Timer
-from himatch_med.transforms import foreground_mask, patch_foreground, scale_intensity, to_backbone_images
+from himatch_med.transforms import (
+    foreground_mask,
+    foreground_notes,
+    patch_foreground,
+    scale_intensity,
+    to_backbone_images,
+)
 from himatch_med.volume import AXIS_INDEX, backbone_size, from_slices, maps_to_slices, relative_positions, to_slices
 
 Progress = Callable[[int], None]
@@ -32,7 +38,8 @@ class Prepared:
     """A volume cut into backbone-ready slices.
 
     ``slices`` (S, H, W) in [0, 1]; ``foreground`` (S, H, W); ``scored`` (S,) slices with enough foreground;
-    ``positions`` (S,) relative positions along the foreground; ``axis`` the canonical slice axis.
+    ``positions`` (S,) relative positions along the foreground; ``axis`` the canonical slice axis; ``notes`` what a
+    user should know about how the foreground was found.
     """
 
     slices: torch.Tensor
@@ -40,6 +47,7 @@ class Prepared:
     scored: torch.Tensor
     positions: torch.Tensor
     axis: int
+    notes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -66,14 +74,19 @@ def prepare(volume: torch.Tensor, settings: Settings, *, foreground: torch.Tenso
         excluded: voxels whose slices must not be scored nor used as references (lesion labels of annotated
             reference volumes).
     """
-    mask = foreground if foreground is not None else foreground_mask(volume, settings.foreground)
-    scaled = scale_intensity(volume, mask, modality=settings.modality, window=settings.window)
+    if foreground is not None:
+        mask, notes = foreground, ()
+    else:
+        mask = foreground_mask(volume, settings.foreground)
+        notes = foreground_notes(volume, mask, mode=settings.foreground, modality=settings.modality)
+    scaled = scale_intensity(volume, mask, modality=settings.modality, window=settings.window,
+                             intensity=settings.intensity)
     axis = AXIS_INDEX[settings.axis]
     slices, fg = to_slices(scaled, axis), to_slices(mask.bool(), axis)
     scored = fg.flatten(1).float().mean(dim=1) >= max(settings.min_foreground, 1e-9)
     if excluded is not None:
         scored &= ~to_slices(excluded.bool(), axis).flatten(1).any(dim=1)
-    return Prepared(slices, fg, scored, relative_positions(fg.flatten(1).any(dim=1)), axis)
+    return Prepared(slices, fg, scored, relative_positions(fg.flatten(1).any(dim=1)), axis, notes)
 
 
 def batches(extractor: Extractor, prepared: Prepared, settings: Settings, device: torch.device,

@@ -193,7 +193,10 @@ def _aligned(path: Path, image: io.Image, option: str) -> np.ndarray:
 
 def reference_volumes(references: list[Path], labels: Path | None, settings: Settings, options: dict | None,
                       warn=None):
-    """Yield ``(name, prepared)`` for each readable reference; unreadable ones are reported through ``warn``."""
+    """Yield ``(name, prepared)`` for each readable reference.
+
+    Unreadable references, and notes on how a reference's foreground was found, are reported through ``warn``.
+    """
     for path in references:
         try:
             label = _label_for(path, labels) if labels is not None else None
@@ -202,6 +205,8 @@ def reference_volumes(references: list[Path], labels: Path | None, settings: Set
             if warn:
                 warn(f"skipping reference {error}")
             continue
+        for note in prepared.notes if warn else ():
+            warn(f"reference {path}: {note}")
         yield str(path.resolve()), prepared
 
 
@@ -340,7 +345,8 @@ def make_report(image: io.Image, orientation: np.ndarray, prepared: Prepared, de
                     "score": float(scores[index]), "percentile": float(detection.slice_percentiles[index])})
     return {
         "input": str(image.path), "kind": image.kind, "shape": list(image.array.shape),
-        "affine": np.round(image.affine, 6).tolist(), "notes": list(image.notes) + calibration_notes(bank, settings),
+        "affine": np.round(image.affine, 6).tolist(),
+        "notes": list(image.notes) + list(prepared.notes) + calibration_notes(bank, settings),
         "volume_score": detection.volume_score, "volume_percentile": detection.volume_percentile,
         "slice_axis": settings.axis,
         "slice_order": "slice i lies along the canonical (RAS) axis, from left/posterior/inferior upwards",

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from himatch_med import engine, io
-from himatch_med.bank import Bank
+from himatch_med.bank import FORMAT_VERSION, Bank
 from himatch_med.config import Settings
 from himatch_med.detect import build_bank, stage_distances
 from himatch_med.features import Features
@@ -186,7 +186,7 @@ def large_bank(args, device: torch.device, work: Path) -> dict:
     for start in range(0, n, 1000):  # filled in parts: a 2 GB tensor of randn at once would double peak memory
         tensors["centroids"][start:start + 1000] = unit(min(1000, n - start), stages, cents, dim)
     array_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
-    meta = {"format_version": 1, "settings": {"model": "synthetic"}}
+    meta = {"format_version": FORMAT_VERSION, "settings": {"model": "synthetic"}}
     started = time.perf_counter()
     folder = io.write_bank(tensors, meta, work / "large_bank")
     write_seconds = time.perf_counter() - started

@@ -53,6 +53,23 @@ def brain_volume(seed: int, shape=(40, 44, 14), lesion: tuple[int, int, int] | N
     return volume, mask
 
 
+def as_distributed(volume: np.ndarray, brain: np.ndarray, *, kind: str) -> np.ndarray:
+    """A synthetic brain as real preprocessed scans come: no longer on an exact-zero background.
+
+    ``zscore``: intensities normalised by the mean and standard deviation inside the brain, the background a constant
+    below every tissue (BraTS as distributed: -3.62); ``ct``: Hounsfield-like units, soft tissue around 40 HU and a
+    constant -1024 HU around the body (CT masked to the body, or outside the reconstruction circle).
+    """
+    inside = volume[brain]
+    if kind == "zscore":
+        scaled = (volume - inside.mean()) / inside.std()
+        return np.where(brain, scaled, np.float32(-3.62)).astype(np.float32)
+    if kind == "ct":
+        scaled = 40.0 + (volume - np.median(inside)) * 0.4
+        return np.where(brain, scaled, np.float32(-1024.0)).astype(np.float32)
+    raise ValueError(f"kind={kind!r}")
+
+
 def as_stored(canonical: np.ndarray, affine: np.ndarray) -> np.ndarray:
     """The array a file with ``affine`` stores so that its anatomy in RAS is ``canonical``."""
     from himatch_med.volume import from_canonical
@@ -72,8 +89,10 @@ class StandIn:
     """A weight-free extractor with the backbone's interface: fixed random projections of raw patch pixels.
 
     Each stage has its own projection; the last one first averages over 3x3 neighbouring patches, so stages see the
-    image at different scales, like transformer stages do. Everything is seeded: the same image gives the same
-    features.
+    image at different scales, like transformer stages do. A constant input term plays the part of a patch
+    embedding's bias: without it a flat patch's feature would have the same direction at any brightness (cosine
+    similarity is blind to scale), and a lesion that is only brighter would be invisible. Everything is seeded: the
+    same image gives the same features.
     """
 
     model_id = "stand-in"
@@ -84,7 +103,7 @@ class StandIn:
         self.stages = tuple(range(1, stages + 1))
         self.pooling = [1] * (stages - 1) + [3]
         # Scaled so that tanh stays away from saturation and features keep the patch's detail.
-        self.projections = [0.3 * torch.randn(self.patch_size**2 + 2, dim, generator=generator) for _ in self.stages]
+        self.projections = [0.3 * torch.randn(self.patch_size**2 + 3, dim, generator=generator) for _ in self.stages]
         self.device = torch.device(device)
 
     def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
@@ -92,8 +111,8 @@ class StandIn:
         patches = F.unfold(pixels, self.patch_size, stride=self.patch_size)  # (S, p*p, h*w)
         height, width = images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size
         patches = patches.transpose(1, 2)
-        stats = torch.stack([patches.mean(-1), patches.std(-1)], dim=-1)
-        raw = torch.cat([patches, stats], dim=-1).unflatten(1, (height, width))  # (S, h, w, p*p+2)
+        stats = torch.stack([patches.mean(-1), patches.std(-1), torch.ones_like(patches[..., 0]) * 4.0], dim=-1)
+        raw = torch.cat([patches, stats], dim=-1).unflatten(1, (height, width))  # (S, h, w, p*p+3)
         grids = []
         for size, projection in zip(self.pooling, self.projections):
             pooled = F.avg_pool2d(raw.permute(0, 3, 1, 2), size, stride=1, padding=size // 2,

@@ -14,8 +14,6 @@ SETTINGS = Settings(model="stand-in", image_size=64, centroids=16, calibration_s
                     kmeans_iterations=10, references_k=4).resolved()
 SHAPE = (56, 60, 14)
 LESION = (20, 24, 7)
-# The lesion stays under 0.5 % of the foreground: a larger bright one moves the mri preset's 99.5th percentile and so
-# the contrast of the whole volume (see the README's notes on the method).
 RADIUS = 3.0
 
 
@@ -58,8 +56,10 @@ def test_planted_lesion_lights_up_where_it_was_planted(stand_in, bank):
     peak = np.unravel_index(np.argmax(np.where(foreground, result.anomaly.numpy(), -np.inf)), canonical.shape)
     distance = np.min(np.linalg.norm(np.argwhere(truth) - np.array(peak), axis=1))
     assert distance <= 2
-    # The slice through the lesion's centre scores highest.
-    assert int(result.slice_scores.argmax()) == LESION[2]
+    # A slice through the lesion scores highest (the top 1 % of a slice need not be largest where its area is).
+    lesion_slices = np.flatnonzero(truth.any(axis=(0, 1)))
+    assert int(result.slice_scores.argmax()) in lesion_slices
+    assert float(result.slice_scores[lesion_slices].min()) > float(np.delete(result.slice_scores, lesion_slices).max())
 
 
 def test_lesion_volume_scores_above_lesion_free_ones(stand_in, bank):
@@ -71,9 +71,11 @@ def test_lesion_volume_scores_above_lesion_free_ones(stand_in, bank):
 
 
 def test_a_reference_scores_near_zero_against_a_bank_that_contains_it(stand_in):
-    # With as many centroids as patches, every patch of a reference is its own centroid: distance exactly 0.
+    # With as many centroids as patches, every patch of a reference is its own centroid: distance exactly 0. K = 3:
+    # the caps of the ellipsoids are mostly background, and fp16 storage can rank another volume's cap level with the
+    # slice's own copy; among three retrieved, its own is always there.
     settings = Settings(model="stand-in", image_size=64, centroids=128, calibration_slices=64, batch_size=8,
-                        references_k=1, position_window=0.0).resolved()
+                        references_k=3, position_window=0.0).resolved()
     volumes = [(f"n{i}", prepared(synthetic(i)[0], PERMUTED, settings)) for i in range(3)]
     bank = build_bank(stand_in, volumes, settings)
     again = volumes[1][1]

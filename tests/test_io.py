@@ -9,7 +9,7 @@ import torch
 from conftest import OBLIQUE, brain_volume, save_nifti
 
 from himatch_med import io
-from himatch_med.bank import Bank
+from himatch_med.bank import FORMAT_VERSION, Bank
 from himatch_med.errors import InputError
 from himatch_med.volume import to_canonical, to_slices
 
@@ -95,7 +95,7 @@ def _bank(stages=2):
                 positions=torch.linspace(0, 1, n), groups=torch.tensor([0, 0, 1, 1, 1]),
                 calibration_mean=torch.zeros(stages), calibration_std=torch.ones(stages),
                 calibration_slice_scores=torch.tensor([0.1, 0.2]), calibration_volume_scores=torch.zeros(0),
-                meta={"format_version": 1, "settings": {"model": "m", "image_size": 32}})
+                meta={"format_version": FORMAT_VERSION, "settings": {"model": "m", "image_size": 32}})
 
 
 def test_bank_round_trip_memory_mapped(tmp_path):

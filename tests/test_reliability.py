@@ -71,7 +71,7 @@ ROWS = {
     "axis of size 1": (lambda f: nifti(f, "thin.nii.gz", normal()[20:21]),
                        "its axial slices would be 1 x"),
     "no foreground": (lambda f: nifti(f, "dark.nii.gz", np.pad(np.ones((1, 1, 1)), ((0, 39), (0, 43), (0, 13)))),
-                      "no slice has at least 1% foreground under --foreground nonzero"),
+                      "no slice has at least 1% foreground under --foreground border"),
     "singular affine": (lambda f: sform_only(f, "singular.nii.gz", normal(), np.diag([1.0, 1.0, 0.0, 1.0])),
                         "affine is singular"),
     "sheared affine": (lambda f: sform_only(f, "sheared.nii.gz", normal(), np.array(

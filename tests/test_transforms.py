@@ -10,7 +10,9 @@ from conftest import brain_volume
 from himatch_med.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    border_background,
     foreground_mask,
+    intensity_range,
     patch_foreground,
     scale_intensity,
     to_backbone_images,
@@ -63,6 +65,35 @@ def test_otsu_foreground_on_float64_input():
     assert torch.equal(foreground_mask(volume, "otsu"), volume > 25)
 
 
+def test_border_background_is_the_value_filling_the_border():
+    volume = torch.full((6, 7, 5), -3.62)
+    volume[1:5, 1:6, 1:4] = torch.arange(60, dtype=torch.float32).reshape(4, 5, 3)
+    assert border_background(volume) == pytest.approx(-3.62)
+    assert torch.equal(foreground_mask(volume, "border"), volume != volume[0, 0, 0])
+
+
+def test_border_background_needs_most_of_the_border():
+    volume = torch.arange(4 * 4 * 4, dtype=torch.float32).reshape(4, 4, 4)  # every border voxel differs
+    assert border_background(volume) is None
+    volume[0] = 7.0  # one face of six: about a fifth of the border
+    assert border_background(volume) is None
+    volume[:, 0] = volume[:, -1] = volume[-1] = 7.0
+    assert border_background(volume) == 7.0
+
+
+def test_border_background_of_a_2d_image_uses_its_edges_only():
+    image = torch.full((5, 6, 1), 12.0)
+    image[1:4, 1:5, 0] = 99.0
+    assert border_background(image) == 12.0  # the single-slice axis is not a border (it would be the whole image)
+
+
+def test_border_foreground_without_a_constant_border_is_otsu():
+    rng = np.random.default_rng(1)
+    volume = torch.tensor(rng.normal(10, 2, (10, 10, 8)), dtype=torch.float32)
+    volume[3:7, 3:7, 2:6] += 100
+    assert torch.equal(foreground_mask(volume, "border"), foreground_mask(volume, "otsu"))
+
+
 def test_unknown_foreground_mode_raises():
     with pytest.raises(ValueError, match="'threshold'"):
         foreground_mask(torch.zeros(2, 2, 2), "threshold")
@@ -72,6 +103,34 @@ def test_unknown_foreground_mode_raises():
 # scale_intensity
 
 
+def test_headroom_maps_foreground_1st_percentile_to_0_and_median_to_0_4():
+    values = 10.0 + torch.arange(201, dtype=torch.float32)  # foreground 10..210: P1 = 12, median = 110
+    volume = torch.full((201, 2), -3.6)
+    volume[:, 0] = values
+    foreground = volume != -3.6
+    low, high = intensity_range(volume, foreground, modality="mri", window="liver", intensity="headroom")
+    assert (low, high) == pytest.approx((12.0, 12.0 + 98.0 / 0.4))
+    scaled = scale_intensity(volume, foreground, modality="mri", window="liver", intensity="headroom")
+    assert float(scaled[100, 0]) == pytest.approx(0.4, abs=1e-6)
+    assert float(scaled[200, 0]) == pytest.approx(198 / 245, abs=1e-6)  # the brightest value is not clipped
+    assert float(scaled[:, 1].max()) == 0.0
+    # OCT: the low anchor is the whole image's 1st percentile (its dark speckle), the median the foreground's.
+    low, high = intensity_range(volume, foreground, modality="oct", window="liver", intensity="headroom")
+    assert (low, high) == pytest.approx((-3.6, -3.6 + 113.6 / 0.4))
+
+
+def test_headroom_ct_window_leaves_a_third_of_the_width_above():
+    hu = torch.tensor([-1024.0, 0.0, 40.0, 80.0, 100.0, 500.0])
+    scaled = scale_intensity(hu, torch.ones(6, dtype=torch.bool), modality="ct", window="brain", intensity="headroom")
+    torch.testing.assert_close(scaled, torch.tensor([0.0, 0.0, 0.375, 0.75, 0.9375, 1.0]))
+
+
+def test_unknown_intensity_preset_raises():
+    with pytest.raises(ValueError, match="'stretch'"):
+        scale_intensity(torch.arange(8.0), torch.ones(8, dtype=torch.bool), modality="mri", window="liver",
+                        intensity="stretch")
+
+
 def test_mri_preset_maps_foreground_percentiles_to_0_and_1():
     # Foreground values 10..210 (201 values): with linear interpolation the 0.5 and 99.5 percentiles are exactly the
     # second and second-to-last values, 11 and 209. Many background zeros must not move them.
@@ -79,7 +138,7 @@ def test_mri_preset_maps_foreground_percentiles_to_0_and_1():
     volume = torch.zeros(201, 3, 2)
     volume[:, 1, 1] = values
     foreground = volume != 0
-    scaled = scale_intensity(volume, foreground, modality="mri", window="liver")
+    scaled = scale_intensity(volume, foreground, modality="mri", window="liver", intensity="clip")
     line = scaled[:, 1, 1]
     assert float(line[1]) == 0.0  # 11 -> 0
     assert float(line[199]) == pytest.approx(1.0, abs=1e-6)  # 209 -> 1
@@ -96,13 +155,13 @@ def test_mri_preset_uses_only_the_foreground():
     volume[:, 1] = 5000.0  # bright, but outside the given foreground
     foreground = torch.zeros_like(volume, dtype=torch.bool)
     foreground[:, 0] = True
-    scaled = scale_intensity(volume, foreground, modality="mri", window="liver")
+    scaled = scale_intensity(volume, foreground, modality="mri", window="liver", intensity="clip")
     assert float(scaled[100, 0]) == pytest.approx(0.5, abs=1e-6)
 
 
 def test_mri_preset_without_foreground_falls_back_to_whole_volume():
     volume = torch.arange(101, dtype=torch.float32)
-    scaled = scale_intensity(volume, torch.zeros(101, dtype=torch.bool), modality="mri", window="liver")
+    scaled = scale_intensity(volume, torch.zeros(101, dtype=torch.bool), modality="mri", window="liver", intensity="clip")
     low, high = np.percentile(np.arange(101.0), (0.5, 99.5))
     assert float(scaled[50]) == pytest.approx((50 - low) / (high - low), abs=1e-6)
 
@@ -111,20 +170,20 @@ def test_mri_preset_without_foreground_falls_back_to_whole_volume():
 def test_ct_windows(window, level, width):
     low, high = level - width / 2, level + width / 2
     hu = torch.tensor([-1024.0, low, level, high, 3000.0, low + width / 4])
-    scaled = scale_intensity(hu, torch.ones_like(hu, dtype=torch.bool), modality="ct", window=window)
+    scaled = scale_intensity(hu, torch.ones_like(hu, dtype=torch.bool), modality="ct", window=window, intensity="clip")
     torch.testing.assert_close(scaled, torch.tensor([0.0, 0.0, 0.5, 1.0, 1.0, 0.25]))
 
 
 def test_ct_liver_window_known_answer():
     hu = torch.tensor([-160.0, 240.0, 40.0])
-    scaled = scale_intensity(hu, torch.ones(3, dtype=torch.bool), modality="ct", window="liver")
+    scaled = scale_intensity(hu, torch.ones(3, dtype=torch.bool), modality="ct", window="liver", intensity="clip")
     torch.testing.assert_close(scaled, torch.tensor([0.0, 1.0, 0.5]))
 
 
 def test_ct_window_ignores_foreground():
     hu = torch.tensor([-160.0, 240.0, 40.0])
-    a = scale_intensity(hu, torch.ones(3, dtype=torch.bool), modality="ct", window="liver")
-    b = scale_intensity(hu, torch.tensor([False, False, True]), modality="ct", window="liver")
+    a = scale_intensity(hu, torch.ones(3, dtype=torch.bool), modality="ct", window="liver", intensity="clip")
+    b = scale_intensity(hu, torch.tensor([False, False, True]), modality="ct", window="liver", intensity="clip")
     assert torch.equal(a, b)
 
 
@@ -133,7 +192,7 @@ def test_oct_preset_maps_whole_volume_1_99_percentiles():
     volume = torch.arange(101, dtype=torch.float32).reshape(101, 1)
     foreground = torch.zeros_like(volume, dtype=torch.bool)
     foreground[60:] = True
-    scaled = scale_intensity(volume, foreground, modality="oct", window="liver")[:, 0]
+    scaled = scale_intensity(volume, foreground, modality="oct", window="liver", intensity="clip")[:, 0]
     assert float(scaled[1]) == 0.0
     assert float(scaled[99]) == pytest.approx(1.0, abs=1e-6)
     assert float(scaled[50]) == pytest.approx(0.5, abs=1e-6)
@@ -143,7 +202,7 @@ def test_oct_preset_maps_whole_volume_1_99_percentiles():
 @pytest.mark.parametrize("modality", ["mri", "oct"])
 def test_constant_volume_scales_without_nan(modality):
     volume = torch.full((4, 4, 4), 7.0)
-    scaled = scale_intensity(volume, volume != 0, modality=modality, window="liver")
+    scaled = scale_intensity(volume, volume != 0, modality=modality, window="liver", intensity="clip")
     assert torch.isfinite(scaled).all()
     assert float(scaled.min()) >= 0 and float(scaled.max()) <= 1
 
@@ -151,7 +210,7 @@ def test_constant_volume_scales_without_nan(modality):
 @pytest.mark.parametrize("modality", ["mri", "ct", "oct"])
 def test_scale_intensity_returns_plain_float_tensor_of_same_shape(modality):
     volume = torch.randint(-200, 300, (5, 6, 7), dtype=torch.int16)
-    scaled = scale_intensity(volume, volume != 0, modality=modality, window="liver")
+    scaled = scale_intensity(volume, volume != 0, modality=modality, window="liver", intensity="clip")
     assert type(scaled) is torch.Tensor  # a MetaTensor never leaves transforms
     assert scaled.dtype == torch.float32
     assert scaled.shape == volume.shape
@@ -160,8 +219,8 @@ def test_scale_intensity_returns_plain_float_tensor_of_same_shape(modality):
 def test_scale_intensity_does_not_mutate_input():
     volume = torch.linspace(-500, 500, 60).reshape(3, 4, 5)
     copy = volume.clone()
-    scale_intensity(volume, volume > 0, modality="mri", window="liver")
-    scale_intensity(volume, volume > 0, modality="ct", window="liver")
+    scale_intensity(volume, volume > 0, modality="mri", window="liver", intensity="clip")
+    scale_intensity(volume, volume > 0, modality="ct", window="liver", intensity="clip")
     assert torch.equal(volume, copy)
 
 
