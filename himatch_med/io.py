@@ -295,7 +295,10 @@ def write_bank(tensors: dict[str, torch.Tensor], meta: dict, folder: str | Path)
         save_file({k: v.contiguous() for k, v in tensors.items()}, staging / BANK_ARRAYS)
         meta = {**meta, "arrays_sha256": file_sha256(staging / BANK_ARRAYS)}
         (staging / BANK_META).write_text(json.dumps(_json_safe(meta), indent=2) + "\n", encoding="utf-8")
-        os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes 0700; a bank is meant to be shared
+        # mkdtemp makes 0700 and safetensors writes 0600; a bank is meant to be shared, like the other outputs.
+        os.chmod(staging, 0o777 & ~_umask())
+        for name in (BANK_ARRAYS, BANK_META):
+            os.chmod(staging / name, 0o666 & ~_umask())
         previous = None
         if folder.exists():
             previous = folder.with_name(f".{folder.name}.old-{os.getpid()}")

@@ -146,3 +146,17 @@ def test_bank_settings_mismatch_names_each_difference():
         bank.check({"model": "m", "image_size": 64}, source="b")
     bank.check({"model": "m", "image_size": 32}, source="b")
     assert json.dumps(bank.meta)
+
+
+def test_a_bank_is_shared_like_the_other_outputs(tmp_path):
+    import os
+    import stat
+
+    previous = os.umask(0o022)
+    try:
+        folder = io.write_bank(_bank().tensors(), _bank().meta, tmp_path / "bank")
+    finally:
+        os.umask(previous)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir()}
+    assert modes == {io.BANK_ARRAYS: 0o644, io.BANK_META: 0o644}
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o755
