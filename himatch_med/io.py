@@ -6,8 +6,10 @@ run never leaves a half-written file under a final name. Inputs are only ever op
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
+import logging
 import mmap
 import os
 import shutil
@@ -25,6 +27,8 @@ import torch
 from himatch_med.errors import InputError
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
+PAIR_SUFFIXES = (".hdr", ".img")
+"""An Analyze 7.5 or NIfTI pair: header and data in two files; the ``.hdr`` stands for both."""
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 BANK_ARRAYS = "bank.safetensors"
 BANK_META = "bank.json"
@@ -50,7 +54,7 @@ class Image:
 def stem(path: str | Path) -> str:
     """The name outputs are derived from: the file name without its image suffix (the folder name for DICOM)."""
     name = Path(path).name
-    for suffix in NIFTI_SUFFIXES + IMAGE_SUFFIXES + (".dcm",):
+    for suffix in NIFTI_SUFFIXES + PAIR_SUFFIXES + IMAGE_SUFFIXES + (".dcm",):
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return name
@@ -59,7 +63,7 @@ def stem(path: str | Path) -> str:
 def is_image_file(path: Path) -> bool:
     """Whether a path looks like an image this package reads (by suffix), or a DICOM series folder."""
     lower = path.name.lower()
-    return (path.is_file() and lower.endswith(NIFTI_SUFFIXES + IMAGE_SUFFIXES)) or is_dicom_folder(path)
+    return (path.is_file() and lower.endswith(NIFTI_SUFFIXES + (".hdr",) + IMAGE_SUFFIXES)) or is_dicom_folder(path)
 
 
 def is_dicom_file(path: Path) -> bool:
@@ -104,18 +108,140 @@ def read_image(path: str | Path, *, volume_index: int | None = None, series: str
         return _read_2d(path)
     if path.stat().st_size == 0:
         raise InputError(f"{path}: the file is empty; pass a NIfTI volume (.nii or .nii.gz)")
+    return _read_nifti(path, volume_index)
+
+
+def _read_nifti(path: Path, volume_index: int | None) -> Image:
+    """A NIfTI file or an Analyze/NIfTI pair, read the way its header and content say, not its name."""
+    raw = _raw_header(path)
+    if raw is not None:
+        _check_datatype(path, raw)
+    notes: list[str] = []
     try:
-        image = nib.load(path)
-        array = image.get_fdata(dtype=np.float32)  # float32 directly: float64 would double the peak memory
+        with _quiet_nibabel(), _opened(path, notes) as image:
+            if not isinstance(image, nib.AnalyzeImage):  # NIfTI files and pairs are AnalyzeImages too
+                raise InputError(f"{path}: is a {type(image).__name__}, not NIfTI; convert it to .nii.gz")
+            array = _voxels(image, notes)
+    except InputError:
+        raise
     except Exception as error:  # nibabel raises many types for damaged files
         raise InputError(f"{path}: cannot be read as NIfTI ({_reason(error)}); pass an intact .nii or .nii.gz "
                          "volume (a truncated download is a common cause)") from error
-    if not isinstance(image, nib.Nifti1Image | nib.Nifti2Image):
-        raise InputError(f"{path}: is a {type(image).__name__}, not NIfTI; convert it to .nii.gz")
-    array, notes = _pick_volume(path, array, volume_index)
-    header = image.header.copy()
-    return Image(array.astype(np.float32, copy=False), image.affine, header, path, "nifti",
-                 notes + _orientation_notes(header))
+    array, picked = _pick_volume(path, array, volume_index)
+    header = _single_file_header(image)
+    nifti = isinstance(image, nib.Nifti1Pair)  # every NIfTI file or pair, of either version
+    if nifti:
+        notes += _orientation_notes(header)
+    else:
+        notes.append("an Analyze 7.5 header holds no orientation; nibabel's default (LAS, from the voxel sizes and "
+                     "origin) is used and written into the outputs' sform")
+    if raw is not None and not (nifti and header.get_sform(coded=True)[1]):
+        notes += _zero_voxel_size_notes(raw, array.ndim)
+    return Image(array.astype(np.float32, copy=False), image.affine, header, path, "nifti", tuple(notes) + picked)
+
+
+def _is_gzip(path: Path) -> bool:
+    with open(path, "rb") as handle:
+        return handle.read(2) == b"\x1f\x8b"
+
+
+def _raw_header(path: Path) -> nib.Nifti1Header | None:
+    """The header as stored, before nibabel's fixes (it sets a voxel size of 0 to 1 on load); None if it is none.
+
+    An Analyze header is read through the NIfTI-1 layout, which it shares for the fields looked at here.
+    """
+    if path.name.lower().endswith(".img") and path.with_suffix(".hdr").is_file():
+        path = path.with_suffix(".hdr")
+    try:
+        with (gzip.open(path, "rb") if _is_gzip(path) else open(path, "rb")) as handle:
+            block = handle.read(540)
+    except (OSError, EOFError):
+        return None
+    for klass in (nib.Nifti1Header, nib.Nifti2Header):
+        size = klass.template_dtype.itemsize
+        if len(block) >= size and size in (struct.unpack("<i", block[:4])[0], struct.unpack(">i", block[:4])[0]):
+            try:
+                return klass(block[:size], check=False)
+            except Exception:  # a block that only looks like a header
+                return None
+    return None
+
+
+def _check_datatype(path: Path, raw: nib.Nifti1Header) -> None:
+    code = int(raw["datatype"])
+    if code == 1:
+        raise InputError(f"{path}: stores 1-bit voxels (NIfTI datatype DT_BINARY), which nibabel cannot read and which "
+                         "hold masks rather than images; if it is an image, convert it to 8 bits (e.g. `fslmaths IN "
+                         "OUT -odt char`), otherwise pass the image the mask belongs to")
+    if code not in nib.nifti1.data_type_codes.code or code == 0:
+        raise InputError(f"{path}: its header gives the unknown NIfTI datatype code {code}, so the voxels cannot be "
+                         "interpreted; re-export the file from the program that made it")
+
+
+@contextmanager
+def _quiet_nibabel():
+    # nibabel logs its header fixes (e.g. "pixdim[1,2,3] should be non-zero") straight to stderr; the notes say it.
+    logger = logging.getLogger("nibabel.global")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+@contextmanager
+def _opened(path: Path, notes: list[str]):
+    """The image as nibabel opens it; a single file whose compression its name contradicts is read by its content."""
+    lower = path.name.lower()
+    compressed = _is_gzip(path)
+    if not lower.endswith(NIFTI_SUFFIXES) or compressed == lower.endswith(".gz"):
+        yield nib.load(path)
+        return
+    named, actual = (".nii", ".nii.gz") if compressed else (".nii.gz", ".nii")
+    notes.append(f"the file {'is' if compressed else 'is not'} gzip-compressed though its name ends in {named}; it "
+                 f"was read by its content (rename it to {stem(path)}{actual} to match)")
+    with (gzip.open(path, "rb") if compressed else open(path, "rb")) as handle:
+        start = handle.read(4)
+        handle.seek(0)
+        klass = nib.Nifti2Image if 540 in struct.unpack("<i", start) + struct.unpack(">i", start) else nib.Nifti1Image
+        # The image reads its voxels from the open stream: they are read before it closes.
+        yield klass.from_stream(handle)
+
+
+def _voxels(image, notes: list[str]) -> np.ndarray:
+    """The voxels as float32 intensities: complex data as its magnitude, RGB as the mean of its channels."""
+    dtype = image.get_data_dtype()
+    if dtype.names:
+        data = np.asanyarray(image.dataobj)
+        channels = [name for name in ("R", "G", "B") if name in dtype.names] or list(dtype.names)
+        notes.append("RGB voxels: the mean of the red, green and blue channels is used as the intensity")
+        return sum(data[name].astype(np.float32) for name in channels) / np.float32(len(channels))
+    if dtype.kind == "c":
+        notes.append(f"{dtype.name} voxels: their magnitude is used (the phase is dropped)")
+        return np.abs(np.asanyarray(image.dataobj)).astype(np.float32)
+    return image.get_fdata(dtype=np.float32)  # float32 directly: float64 would double the peak memory
+
+
+def _single_file_header(image) -> nib.Nifti1Header:
+    """A single-file NIfTI header for the outputs: the input's own, or made from a pair's or Analyze header."""
+    if isinstance(image, nib.Nifti1Image | nib.Nifti2Image):
+        return image.header.copy()
+    klass = nib.Nifti2Header if isinstance(image, nib.Nifti2Pair) else nib.Nifti1Header
+    header = klass.from_header(image.header)
+    if not isinstance(image, nib.Nifti1Pair):
+        header.set_qform(image.affine, code=0)
+        header.set_sform(image.affine, code=2)
+    return header
+
+
+def _zero_voxel_size_notes(raw: nib.Nifti1Header, ndim: int) -> list[str]:
+    """What a user should know when a voxel size that places the voxels is 0 (nibabel then takes 1 mm)."""
+    ordinal = {1: "first", 2: "second", 3: "third"}
+    return [f"pixdim[{axis}] (the voxel size along the {ordinal[axis]} axis) is 0 in the header; 1 mm is assumed "
+            "there (as nibabel does) and written into the outputs, so sizes and proportions along it may be wrong; "
+            "set the true voxel size in the header to fix this"
+            for axis in range(1, min(ndim, 3) + 1) if float(raw["pixdim"][axis]) == 0]
 
 
 def _orientation_notes(header: nib.Nifti1Header) -> tuple[str, ...]:

@@ -53,6 +53,21 @@ def brain_volume(seed: int, shape=(40, 44, 14), lesion: tuple[int, int, int] | N
     return volume, mask
 
 
+def ct_volume(seed: int, shape=(40, 44, 14)) -> np.ndarray:
+    """A synthetic CT in Hounsfield units: air (-1000) around a soft-tissue body (~40) with a bone ring (~700).
+
+    The background is a constant non-zero value, as in real CT; the body carries scanner-like noise.
+    """
+    rng = np.random.default_rng(seed)
+    x, y, z = np.meshgrid(*[np.arange(s, dtype=np.float32) for s in shape], indexing="ij")
+    radius = np.sqrt(((x - (shape[0] - 1) / 2) / (0.42 * shape[0])) ** 2 + ((y - (shape[1] - 1) / 2) / (0.4 * shape[1])) ** 2)
+    volume = np.full(shape, -1000.0, np.float32)
+    body = radius < 1
+    volume[body] = 40 + 15 * np.sin(x[body] / 3.0) * np.cos(z[body] / 2.0) + rng.normal(0, 8, int(body.sum()))
+    volume[(radius > 0.8) & body] = 700 + rng.normal(0, 20, int(((radius > 0.8) & body).sum()))
+    return volume
+
+
 def as_stored(canonical: np.ndarray, affine: np.ndarray) -> np.ndarray:
     """The array a file with ``affine`` stores so that its anatomy in RAS is ``canonical``."""
     from himatch_med.volume import from_canonical

@@ -6,7 +6,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import OBLIQUE, brain_volume, save_nifti
+from conftest import OBLIQUE, brain_volume, ct_volume, save_nifti
 
 from himatch_med import io
 from himatch_med.bank import Bank
@@ -160,3 +160,103 @@ def test_a_bank_is_shared_like_the_other_outputs(tmp_path):
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir()}
     assert modes == {io.BANK_ARRAYS: 0o644, io.BANK_META: 0o644}
     assert stat.S_IMODE(folder.stat().st_mode) == 0o755
+
+
+# Inputs read the way their header says (what the data type, the compression and the voxel sizes really are).
+
+def _raw(path, **fields):
+    """Rewrite fields of an uncompressed NIfTI-1 header in place: what a broken writer leaves behind."""
+    import struct
+
+    offsets = {"datatype": (70, "<h"), "bitpix": (72, "<h"), "pixdim1": (80, "<f"), "pixdim2": (84, "<f"),
+               "pixdim3": (88, "<f")}
+    data = bytearray(path.read_bytes())
+    for name, value in fields.items():
+        offset, form = offsets[name]
+        data[offset:offset + struct.calcsize(form)] = struct.pack(form, value)
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_complex_data_is_read_as_its_magnitude_with_a_note(tmp_path):
+    magnitude = ct_volume(0, (20, 22, 6)) + 1100  # an MR-like magnitude: a dim, non-zero background
+    phase = np.linspace(0, np.pi, magnitude.size).reshape(magnitude.shape)
+    path = save_nifti((magnitude * np.exp(1j * phase)).astype(np.complex64), OBLIQUE, tmp_path / "complex.nii.gz")
+    image = io.read_image(path)
+    np.testing.assert_allclose(image.array, magnitude, rtol=1e-5)
+    assert any("complex64 voxels: their magnitude is used (the phase is dropped)" in n for n in image.notes)
+
+
+def test_rgb_data_is_read_as_the_mean_of_its_channels_with_a_note(tmp_path):
+    ct = ct_volume(1, (20, 22, 6))
+    grey = np.clip((ct + 1000) / 8, 0, 255).astype(np.uint8)
+    rgb = np.zeros(ct.shape, dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    rgb["R"], rgb["G"], rgb["B"] = grey, grey // 2, 255 - grey
+    image = io.read_image(save_nifti(rgb, OBLIQUE, tmp_path / "rgb.nii.gz"))
+    np.testing.assert_allclose(image.array, (grey.astype(np.float32) + grey // 2 + (255 - grey)) / 3, rtol=1e-6)
+    assert any("RGB voxels: the mean of the red, green and blue channels is used" in n for n in image.notes)
+
+
+def test_one_bit_data_is_refused_with_its_real_cause(tmp_path):
+    path = _raw(save_nifti((ct_volume(2, (20, 22, 6)) > 0).astype(np.uint8), OBLIQUE, tmp_path / "mask.nii"),
+                datatype=1, bitpix=1)
+    with pytest.raises(InputError) as raised:
+        io.read_image(path)
+    message = str(raised.value)
+    assert message.startswith(f"{path}: stores 1-bit voxels (NIfTI datatype DT_BINARY)") and "truncated" not in message
+    assert "fslmaths" in message
+
+
+@pytest.mark.parametrize("content, name", [("gzip", "named.nii"), ("plain", "named.nii.gz")])
+def test_compression_is_read_from_the_content_not_the_name(content, name, tmp_path):
+    import shutil
+
+    ct = ct_volume(3, (20, 22, 6))
+    source = save_nifti(ct, OBLIQUE, tmp_path / ("real.nii.gz" if content == "gzip" else "real.nii"))
+    path = tmp_path / name
+    shutil.copy(source, path)
+    image = io.read_image(path)
+    np.testing.assert_array_equal(image.array, ct)
+    np.testing.assert_allclose(image.affine, OBLIQUE, atol=1e-5)
+    expected = ("is gzip-compressed though its name ends in .nii" if content == "gzip" else
+                "is not gzip-compressed though its name ends in .nii.gz")
+    assert any(expected in n and "read by its content" in n for n in image.notes), image.notes
+
+
+def test_a_truncated_gzip_is_still_called_truncated(tmp_path):
+    data = save_nifti(ct_volume(3, (20, 22, 6)), OBLIQUE, tmp_path / "whole.nii.gz").read_bytes()
+    (tmp_path / "cut.nii.gz").write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError, match="cut.nii.gz: cannot be read as NIfTI .*truncated download"):
+        io.read_image(tmp_path / "cut.nii.gz")
+
+
+def test_analyze_and_nifti_pairs_are_read(tmp_path):
+    ct = ct_volume(4, (20, 22, 6))
+    nib.save(nib.Nifti1Pair(ct, OBLIQUE), tmp_path / "pair.hdr")
+    nib.save(nib.AnalyzeImage(ct, np.diag([1.5, 2.0, 3.0, 1.0])), tmp_path / "old.hdr")
+    pair = io.read_image(tmp_path / "pair.hdr")
+    np.testing.assert_array_equal(pair.array, ct)
+    np.testing.assert_allclose(pair.affine, OBLIQUE, atol=1e-5)
+    assert not pair.notes and io.read_image(tmp_path / "pair.img").array.shape == ct.shape
+    old = io.read_image(tmp_path / "old.hdr")
+    np.testing.assert_array_equal(old.array, ct)
+    assert any("Analyze 7.5 header holds no orientation" in n for n in old.notes)
+    assert io.list_images(tmp_path) == [tmp_path / "old.hdr", tmp_path / "pair.hdr"]
+    assert io.stem("pair.hdr") == "pair" and io.stem("pair.img") == "pair"
+    # Outputs are single-file NIfTI on the input's grid, whatever the input's format.
+    for image in (pair, old):
+        written = nib.load(io.write_map(np.zeros(ct.shape, np.float32), image, tmp_path / "out" / "map.nii.gz"))
+        assert isinstance(written, nib.Nifti1Image)
+        np.testing.assert_allclose(written.affine, image.affine, atol=1e-5)
+
+
+def test_a_voxel_size_of_zero_is_noted_when_the_affine_depends_on_it(tmp_path):
+    ct = ct_volume(5, (20, 22, 6))
+    qform_only = _raw(save_nifti(ct, np.diag([1.5, 2.0, 3.0, 1.0]), tmp_path / "q.nii", sform_code=0), pixdim3=0.0)
+    image = io.read_image(qform_only)
+    assert any(n.startswith("pixdim[3] (the voxel size along the third axis) is 0 in the header; 1 mm is assumed")
+               for n in image.notes), image.notes
+    np.testing.assert_allclose(np.diag(image.affine), [1.5, 2.0, 1.0, 1.0])
+    # With an sform the voxel sizes of pixdim do not place the voxels: nothing to say.
+    with_sform = _raw(save_nifti(ct, np.diag([1.5, 2.0, 3.0, 1.0]), tmp_path / "s.nii"), pixdim3=0.0)
+    assert not [n for n in io.read_image(with_sform).notes if "pixdim" in n]
