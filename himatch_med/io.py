@@ -62,32 +62,50 @@ def stem(path: str | Path) -> str:
 
 def is_image_file(path: Path) -> bool:
     """Whether a path looks like an image this package reads (by suffix), or a DICOM series folder."""
-    lower = path.name.lower()
-    return (path.is_file() and lower.endswith(NIFTI_SUFFIXES + (".hdr",) + IMAGE_SUFFIXES)) or is_dicom_folder(path)
+    return (path.is_file() and _image_suffix(path)) or is_dicom_folder(path)
+
+
+def _image_suffix(path: Path) -> bool:
+    return path.name.lower().endswith(NIFTI_SUFFIXES + (".hdr",) + IMAGE_SUFFIXES)
 
 
 def is_dicom_file(path: Path) -> bool:
-    """A ``.dcm`` file, or a file of any name with the DICOM preamble (``DICM`` at byte 128)."""
-    if path.suffix.lower() == ".dcm":
-        return True
-    try:
-        with open(path, "rb") as handle:
-            return handle.read(132)[128:] == b"DICM"
-    except OSError:
-        return False
+    """Whether a file is DICOM by its content (the ``DICM`` preamble, or a DICOM header under a ``.dcm`` name)."""
+    return dicom_file(path) is not None
+
+
+def holds_dicom(folder: Path) -> bool:
+    """Whether a folder directly holds DICOM image files (SEG, RTSTRUCT and other non-image objects do not count)."""
+    return folder.is_dir() and any(p.is_file() and not p.name.startswith(".") and _dicom_image(p)
+                                   for p in sorted(folder.iterdir()))
+
+
+def _dicom_image(path: Path) -> bool:
+    found = dicom_file(path)
+    return found is not None and not found.what
 
 
 def is_dicom_folder(path: Path) -> bool:
-    """A folder directly holding DICOM files (a series; other files such as a README may sit beside them)."""
-    return path.is_dir() and any(p.is_file() and not p.name.startswith(".") and is_dicom_file(p)
-                                 for p in path.iterdir())
+    """A folder that is one input, a DICOM series: it holds DICOM image files and no NIfTI or 2D image files.
+
+    Other files (a README, a DICOMDIR, a SEG) may lie beside the slices. A folder that holds image files as well is
+    a folder of inputs, its series among them (see :func:`list_images`).
+    """
+    return holds_dicom(path) and not any(p.is_file() and not p.name.startswith(".") and _image_suffix(p)
+                                         for p in path.iterdir())
 
 
 def list_images(folder: Path) -> list[Path]:
-    """Image files and DICOM series folders directly in ``folder``, sorted by name."""
+    """Image files and DICOM series folders directly in ``folder``, sorted by name.
+
+    When DICOM image files lie directly in ``folder`` beside other images, ``folder`` itself comes last: the series
+    it holds is one more input (read from the folder's DICOM files only).
+    """
     if not folder.is_dir():
         raise InputError(f"{folder}: not a folder; pass a folder of NIfTI files, 2D images or DICOM series")
-    return sorted(p for p in folder.iterdir() if not p.name.startswith(".") and is_image_file(p))
+    found = sorted(p for p in folder.iterdir() if not p.name.startswith(".")
+                   and ((p.is_file() and _image_suffix(p)) or (p.is_dir() and holds_dicom(p))))
+    return found + ([folder] if holds_dicom(folder) else [])
 
 
 def read_image(path: str | Path, *, volume_index: int | None = None, series: str | None = None) -> Image:
@@ -302,21 +320,108 @@ def _read_2d(path: Path) -> Image:
     return Image(array, np.eye(4), header, path, "image")
 
 
+NON_IMAGES = {"SEG": "a DICOM SEG segmentation", "RTSTRUCT": "an RT structure set, RTSTRUCT", "RTPLAN": "an RT plan",
+              "RTDOSE": "an RT dose grid", "RTRECORD": "an RT treatment record", "SR": "a structured report",
+              "PR": "a presentation state", "KO": "a key-object selection", "REG": "a registration",
+              "DOC": "an encapsulated document", "PLAN": "a plan"}
+"""DICOM modalities that are not images to score, and what each is called in messages."""
+DICOM_TAGS = ("SOPClassUID", "Modality", "SeriesInstanceUID", "SeriesDescription", "ImagePositionPatient",
+              "ImageOrientationPatient", "Rows", "Columns", "NumberOfFrames")
+PLANES = ("sagittal", "coronal", "axial")
+"""Slice planes by the patient axis (LPS x, y, z) their normal runs along."""
+
+
+@dataclass(frozen=True)
+class DicomFile:
+    """One DICOM file as its header describes it (the pixels are not read).
+
+    ``what`` is empty for an image, else what the object is (a SEG, an RT structure set, ...); ``error`` says why a
+    file with the DICOM preamble could not be parsed. ``position`` and ``orientation`` are ImagePositionPatient and
+    ImageOrientationPatient (LPS, mm and direction cosines) when present.
+    """
+
+    path: Path
+    series: str = ""
+    modality: str = ""
+    description: str = ""
+    what: str = ""
+    error: str = ""
+    position: tuple[float, ...] | None = None
+    orientation: tuple[float, ...] | None = None
+    size: tuple[int, int] = (0, 0)
+
+
+def dicom_file(path: Path) -> DicomFile | None:
+    """The DICOM header of a file, decided by content; None for anything that is not DICOM (an empty ``.dcm`` too)."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(132)
+    except OSError:
+        return None
+    preamble = head[128:132] == b"DICM"
+    if not preamble and (path.suffix.lower() != ".dcm" or not head):
+        return None
+    import pydicom
+
+    try:
+        header = pydicom.dcmread(path, stop_before_pixels=True, force=not preamble, specific_tags=list(DICOM_TAGS))
+    except Exception as error:  # pydicom raises many types for damaged files
+        return DicomFile(path, error=_reason(error)) if preamble else None
+    if not preamble and "SOPClassUID" not in header and "SeriesInstanceUID" not in header:
+        return None  # a file named .dcm that parses as nothing DICOM
+    modality = str(header.get("Modality", "") or "")
+    if modality in NON_IMAGES:
+        what = NON_IMAGES[modality]
+    elif "Rows" not in header:
+        what = "an object without pixel data"
+    else:
+        what = ""
+    return DicomFile(path, str(header.get("SeriesInstanceUID", "") or ""), modality,
+                     str(header.get("SeriesDescription", "") or ""), what, "",
+                     _numbers(header.get("ImagePositionPatient"), 3),
+                     _numbers(header.get("ImageOrientationPatient"), 6),
+                     (int(header.get("Rows", 0) or 0), int(header.get("Columns", 0) or 0)))
+
+
+def _numbers(value, count: int) -> tuple[float, ...] | None:
+    try:
+        numbers = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        return None
+    return numbers if len(numbers) == count and all(np.isfinite(numbers)) else None
+
+
 def _read_dicom(folder: Path, series: str | None) -> Image:
     import SimpleITK as sitk
 
-    reader = sitk.ImageSeriesReader()
-    uids = list(reader.GetGDCMSeriesIDs(str(folder)))
-    if not uids:
+    files = [f for f in (dicom_file(p) for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith("."))
+             if f is not None]
+    damaged = [f for f in files if f.error]
+    if damaged:
+        raise InputError(f"{damaged[0].path}: a damaged DICOM file ({damaged[0].error}); re-export the series, or move "
+                         f"the file out of {folder}")
+    others = [f for f in files if f.what]
+    groups: dict[str, list[DicomFile]] = {}
+    for found in files:
+        if not found.what:
+            groups.setdefault(found.series, []).append(found)
+    if not groups:
+        if others:
+            raise InputError(f"{folder}: holds no DICOM image series: " + "; ".join(
+                f"{f.path.name} is {f.what}" for f in others[:3]) + ", not an image; pass the folder of the images "
+                "it belongs to")
         raise InputError(f"{folder}: a folder without a DICOM series; pass a NIfTI file or a DICOM series folder")
-    if series is None and len(uids) > 1:
-        raise InputError(f"{folder}: holds {len(uids)} DICOM series; choose one with --series UID from: "
-                         + ", ".join(uids))
-    uid = series or uids[0]
-    if uid not in uids:
-        raise InputError(f"{folder}: has no series {uid}; it holds: " + ", ".join(uids))
+    listing = "; ".join(f"{uid or '(no SeriesInstanceUID)'} ({_series_summary(members)})"
+                        for uid, members in groups.items())
+    if series is None and len(groups) > 1:
+        raise InputError(f"{folder}: holds {len(groups)} DICOM series; choose one with --series UID from: {listing}")
+    uid = next(iter(groups)) if series is None else series
+    if uid not in groups:
+        raise InputError(f"{folder}: has no series {uid}; it holds: {listing}")
+    paths = _stacking_order(f"{folder}: DICOM series {uid}", groups[uid])
     try:
-        reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder), uid))
+        reader = sitk.ImageSeriesReader()
+        reader.SetFileNames([str(p) for p in paths])
         image = reader.Execute()
     except RuntimeError as error:
         raise InputError(f"{folder}: the DICOM series {uid} cannot be read ({_reason(error)})") from error
@@ -325,7 +430,94 @@ def _read_dicom(folder: Path, series: str | None) -> Image:
     header.set_qform(affine, code=1)
     header.set_sform(affine, code=1)
     array = sitk.GetArrayFromImage(image).astype(np.float32).transpose(2, 1, 0)
-    return Image(np.ascontiguousarray(array), affine, header, folder, "dicom")
+    notes = ("not read, as they are not images: " + ", ".join(f"{f.path.name} ({f.what})" for f in others),) \
+        if others else ()
+    return Image(np.ascontiguousarray(array), affine, header, folder, "dicom", notes)
+
+
+def _series_summary(files: list[DicomFile]) -> str:
+    description = f'"{files[0].description}"' if files[0].description else "no description"
+    return f"{files[0].modality or 'no modality'}, {description}, {len(files)} slice{'s' if len(files) > 1 else ''}"
+
+
+def _stacking_order(name: str, files: list[DicomFile]) -> list[Path]:
+    """The files of one series in slice order, refused when they cannot be one evenly spaced volume.
+
+    SimpleITK stacks whatever it is given with one spacing: a missing slice, uneven spacing, two slices at one
+    position or slices of different orientations would silently misplace anatomy. Refusing is chosen over resampling,
+    because the outputs must lie on the series' own slices, and slices that are not on one grid have no such volume.
+
+    Args:
+        name: how messages name the series (its folder and UID).
+        files: its DICOM files.
+    """
+    if len(files) == 1:
+        return [files[0].path]
+    unplaced = [f for f in files if f.position is None or f.orientation is None]
+    if unplaced:
+        raise InputError(f"{name}: {len(unplaced)} of its {len(files)} slices have no ImagePositionPatient or "
+                         f"ImageOrientationPatient (e.g. {unplaced[0].path.name}), so their order and spacing cannot "
+                         "be checked; export the series with its patient geometry, or convert it to NIfTI")
+    sizes: dict[tuple[int, int], list[DicomFile]] = {}
+    for found in files:
+        sizes.setdefault(found.size, []).append(found)
+    if len(sizes) > 1:
+        raise InputError(f"{name}: its slices differ in size (" + "; ".join(
+            f"{len(group)} of {rows} x {columns} pixels, e.g. {group[0].path.name}"
+            for (rows, columns), group in sizes.items()) + "); pass a folder holding one series of one slice size")
+    planes: list[list[DicomFile]] = []
+    for found in files:
+        group = next((g for g in planes if np.abs(np.subtract(g[0].orientation, found.orientation)).max() < 1e-3),
+                     None)
+        if group is None:
+            planes.append([found])
+        else:
+            group.append(found)
+    if len(planes) > 1:
+        raise InputError(f"{name} mixes slice orientations (" + "; ".join(
+            f"{len(group)} {_plane(group[0].orientation)} slices, e.g. {group[0].path.name}" for group in planes)
+            + "); stacked as one volume they would be wrong; pass a folder holding slices of one orientation "
+            "(split the files by ImageOrientationPatient)")
+    orientation = np.array(files[0].orientation)
+    normal = np.cross(orientation[:3], orientation[3:])
+    along = np.array([np.dot(f.position, normal) for f in files])
+    order = np.argsort(along, kind="stable")
+    along, files = along[order], [files[i] for i in order]
+    gaps = np.diff(along)
+    twice = np.flatnonzero(gaps < 0.01)  # mm: positions are written to a micron or better
+    if twice.size:
+        first = twice[0]
+        shared = len(set(twice) | set(twice + 1))
+        where = "one position" if np.all(np.diff(twice) == 1) and np.ptp(along[twice]) < 0.01 else "shared positions"
+        raise InputError(f"{name} has {shared} slices at {where} (e.g. {files[first].path.name} and "
+                         f"{files[first + 1].path.name} at {along[first]:.3g} mm along "
+                         "the slice normal); it may hold several acquisitions (echoes, time points or a repeat) under "
+                         "one UID; pass a folder holding one slice per position")
+    spacing = float(np.median(gaps))
+    uniform = (along[-1] - along[0]) / (len(along) - 1)
+    misplaced = float(np.abs(along - (along[0] + uniform * np.arange(len(along)))).max())
+    # A fifth of a slice tolerates positions rounded when written; one missing slice misplaces about half a slice.
+    if misplaced > 0.2 * spacing:
+        widest = int(np.argmax(np.abs(gaps - spacing)))
+        missing = gaps[widest] / spacing - 1
+        # One hole in otherwise even slices reads as missing slices; anything else as uneven spacing.
+        hole = missing > 0.8 and abs(missing - round(missing)) < 0.1 and \
+            np.abs(np.delete(gaps, widest) - spacing).max() < 0.2 * spacing
+        cause = (f" ({round(missing)} slice{'s' if round(missing) > 1 else ''} missing?)" if hole
+                 else f"; the spacing varies from {gaps.min():.3g} to {gaps.max():.3g} mm")
+        raise InputError(f"{name} is not evenly spaced: its slices are {spacing:.3g} mm apart but {gaps[widest]:.3g} "
+                         f"mm between {files[widest].path.name} and {files[widest + 1].path.name}{cause}; stacked as "
+                         f"one volume at a uniform {uniform:.3g} mm, slices would be misplaced by up to "
+                         f"{misplaced:.2g} mm; "
+                         "re-export the complete series, or resample it onto evenly spaced slices (e.g. 3D Slicer's "
+                         "acquisition geometry regularisation, or dcm2niix, which writes an equidistant _Eq volume) "
+                         "and pass the NIfTI")
+    return [f.path for f in files]
+
+
+def _plane(orientation: tuple[float, ...]) -> str:
+    normal = np.abs(np.cross(orientation[:3], orientation[3:]))
+    return PLANES[int(np.argmax(normal))] if normal.max() > 0.9 else "oblique"
 
 
 def dicom_affine(image) -> np.ndarray:

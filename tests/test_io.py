@@ -6,7 +6,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import OBLIQUE, brain_volume, ct_volume, save_nifti
+from conftest import CORONAL, OBLIQUE, brain_volume, ct_volume, save_nifti, write_dicom, write_dicom_object
 
 from himatch_med import io
 from himatch_med.bank import Bank
@@ -260,3 +260,114 @@ def test_a_voxel_size_of_zero_is_noted_when_the_affine_depends_on_it(tmp_path):
     # With an sform the voxel sizes of pixdim do not place the voxels: nothing to say.
     with_sform = _raw(save_nifti(ct, np.diag([1.5, 2.0, 3.0, 1.0]), tmp_path / "s.nii"), pixdim3=0.0)
     assert not [n for n in io.read_image(with_sform).notes if "pixdim" in n]
+
+
+# DICOM series checked from their headers, as NIfTI headers are.
+
+def _slices(seed=0, count=10, rows=24, columns=22):
+    """CT planes ``(slices, rows, columns)`` in HU."""
+    return ct_volume(seed, (rows, columns, count)).transpose(2, 0, 1)
+
+
+def test_a_dicom_series_is_stacked_by_position_whatever_the_file_names(tmp_path):
+    hu = _slices()
+    names = [f"x{(7 * k) % 10}.dcm" for k in range(10)]  # name order is not slice order
+    write_dicom(tmp_path / "ct", hu, names=names)
+    image = io.read_image(tmp_path / "ct")
+    assert image.kind == "dicom" and image.array.shape == (22, 24, 10) and not image.notes
+    np.testing.assert_array_equal(image.array, np.round(hu).transpose(2, 1, 0))
+    np.testing.assert_allclose(np.linalg.norm(image.affine[:3, :3], axis=0), [0.7, 0.8, 3.0], atol=1e-4)
+
+
+def test_a_missing_slice_is_refused_with_the_spacing_found(tmp_path):
+    folder = tmp_path / "ct"
+    paths = write_dicom(folder, _slices(count=12))
+    paths[6].unlink()
+    with pytest.raises(InputError) as raised:
+        io.read_image(folder)
+    message = str(raised.value)
+    assert message.startswith(f"{folder}: DICOM series 1.2.826.0.1.3680043.8.498.101 is not evenly spaced: its slices "
+                              "are 3 mm apart but 6 mm between IM0006.dcm and IM0008.dcm (1 slice missing?)")
+    assert "at a uniform 3.3 mm, slices would be misplaced by up to 1.5 mm" in message and "re-export the complete series" in message and "dcm2niix" in message
+
+
+def test_uneven_spacing_is_refused(tmp_path):
+    steps = [0, 3, 6, 9, 14, 17, 19, 22, 25, 47]
+    positions = [(-18.0, -12.0, 40.0 + z) for z in steps]
+    write_dicom(tmp_path / "ct", _slices(), positions=positions)
+    with pytest.raises(InputError, match=r"is not evenly spaced: its slices are 3 mm apart but 22 mm between "
+                                         r"IM0009.dcm and IM0010.dcm; the spacing varies from 2 to 22 mm"):
+        io.read_image(tmp_path / "ct")
+
+
+def test_duplicate_positions_are_refused(tmp_path):
+    positions = [(-18.0, -12.0, 40.0 + 3 * k) for k in range(9)] + [(-18.0, -12.0, 52.0)]
+    write_dicom(tmp_path / "ct", _slices(), positions=positions)
+    with pytest.raises(InputError, match=r"has 2 slices at one position \(e.g. IM0005.dcm and IM0010.dcm at 52 mm along "
+                                         r"the slice normal\); it may hold several acquisitions"):
+        io.read_image(tmp_path / "ct")
+
+
+def test_a_series_mixing_orientations_is_refused(tmp_path):
+    hu = _slices()
+    write_dicom(tmp_path / "ct", hu[:6])
+    write_dicom(tmp_path / "ct", hu[6:], orientation=CORONAL, origin=(-18.0, 10.0, 60.0),
+                names=[f"COR{k}.dcm" for k in range(4)])
+    with pytest.raises(InputError, match=r"mixes slice orientations \(4 coronal slices, e.g. COR0.dcm; 6 axial "
+                                         r"slices, e.g. IM0001.dcm\); stacked as one volume they would be wrong"):
+        io.read_image(tmp_path / "ct")
+
+
+def test_a_folder_is_a_dicom_series_by_its_content_not_a_file_name(tmp_path):
+    from himatch_med import engine
+
+    cohort = tmp_path / "cohort"
+    cohort.mkdir()
+    save_nifti(ct_volume(1, (20, 22, 6)), OBLIQUE, cohort / "a.nii.gz")
+    (cohort / "stray.dcm").write_bytes(b"")  # an empty file named .dcm is not a DICOM series
+    assert not io.is_dicom_folder(cohort)
+    assert engine.expand_inputs([cohort]) == [cohort / "a.nii.gz"]
+    # DICOM slices named without a suffix, beside a NIfTI volume: both are inputs, neither hides the other.
+    write_dicom(cohort, _slices(), names=[f"slice{k}" for k in range(10)])
+    assert not io.is_dicom_folder(cohort)
+    assert engine.expand_inputs([cohort]) == [cohort / "a.nii.gz", cohort]
+    assert io.read_image(cohort).array.shape == (22, 24, 10)
+    write_dicom(tmp_path / "series", _slices(), names=[f"{k}" for k in range(10)])
+    assert io.is_dicom_folder(tmp_path / "series") and engine.expand_inputs([tmp_path / "series"]) == [
+        tmp_path / "series"]
+
+
+SEG = "1.2.840.10008.5.1.4.1.1.66.4"
+RTSTRUCT = "1.2.840.10008.5.1.4.1.1.481.3"
+
+
+def test_a_seg_or_rtstruct_beside_the_images_is_not_a_series(tmp_path):
+    folder = tmp_path / "ct"
+    write_dicom(folder, _slices())
+    write_dicom_object(folder / "seg.dcm", "SEG", SEG, series="1.2.826.0.1.3680043.8.498.201", rows=24)
+    write_dicom_object(folder / "contours.dcm", "RTSTRUCT", RTSTRUCT, series="1.2.826.0.1.3680043.8.498.202")
+    image = io.read_image(folder)
+    assert image.array.shape == (22, 24, 10)
+    assert image.notes == ("not read, as they are not images: contours.dcm (an RT structure set, RTSTRUCT), seg.dcm "
+                           "(a DICOM SEG segmentation)",)
+    alone = tmp_path / "seg-only"
+    alone.mkdir()
+    write_dicom_object(alone / "seg.dcm", "SEG", SEG, series="1.2.826.0.1.3680043.8.498.201", rows=24)
+    with pytest.raises(InputError, match=r"seg-only: holds no DICOM image series: seg.dcm is a DICOM SEG "
+                                         r"segmentation, not an image; pass the folder of the images"):
+        io.read_image(alone)
+
+
+def test_several_series_are_listed_with_modality_and_description(tmp_path):
+    folder = tmp_path / "study"
+    write_dicom(folder, _slices(count=6), series="1.2.3.1", description="Head 5mm", thickness=5.0,
+                names=[f"a{k}.dcm" for k in range(6)])
+    write_dicom(folder, _slices(count=8), series="1.2.3.2", description="Head 1mm", modality="CT", thickness=1.0,
+                names=[f"b{k}.dcm" for k in range(8)])
+    with pytest.raises(InputError) as raised:
+        io.read_image(folder)
+    assert str(raised.value) == (f'{folder}: holds 2 DICOM series; choose one with --series UID from: 1.2.3.1 (CT, '
+                                 '"Head 5mm", 6 slices); 1.2.3.2 (CT, "Head 1mm", 8 slices)')
+    assert io.read_image(folder, series="1.2.3.2").array.shape == (22, 24, 8)
+    with pytest.raises(InputError, match=r'has no series 1.2.3.9; it holds: 1.2.3.1 \(CT, "Head 5mm", 6 slices\)'):
+        io.read_image(folder, series="1.2.3.9")

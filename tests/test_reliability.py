@@ -202,7 +202,8 @@ def test_a_dicom_folder_with_several_series(tmp_path, tiny_bank, tiny_dinov3, ca
             writer.SetFileName(str(folder / f"{series}-{k}.dcm"))
             writer.Execute(plane)
     code, err = run_cli(capsys, [folder], bank=tiny_bank, tiny=tiny_dinov3, out=tmp_path / "o")
-    assert code != 0 and "holds 2 DICOM series; choose one with --series UID from: 1.2.3.1, 1.2.3.2" in err
+    assert code != 0 and ("holds 2 DICOM series; choose one with --series UID from: 1.2.3.1 (OT, no description, 4 "
+                          "slices); 1.2.3.2 (OT, no description, 4 slices)") in err, err
     code, err = run_cli(capsys, [folder, "--series", "1.2.3.2"], bank=tiny_bank, tiny=tiny_dinov3,
                         out=tmp_path / "o")
     assert code == 0, err
