@@ -188,9 +188,9 @@ def _raw_header(path: Path) -> nib.Nifti1Header | None:
 def _check_datatype(path: Path, raw: nib.Nifti1Header) -> None:
     code = int(raw["datatype"])
     if code == 1:
-        raise InputError(f"{path}: stores 1-bit voxels (NIfTI datatype DT_BINARY), which nibabel cannot read and which "
-                         "hold masks rather than images; if it is an image, convert it to 8 bits (e.g. `fslmaths IN "
-                         "OUT -odt char`), otherwise pass the image the mask belongs to")
+        raise InputError(f"{path}: stores 1-bit voxels (NIfTI datatype DT_BINARY), which nibabel (like most tools) "
+                         "cannot read and which hold masks rather than images; pass the image the mask belongs to, or "
+                         "re-export the file from the program that wrote it with 8-bit (uint8) or wider voxels")
     if code not in nib.nifti1.data_type_codes.code or code == 0:
         raise InputError(f"{path}: its header gives the unknown NIfTI datatype code {code}, so the voxels cannot be "
                          "interpreted; re-export the file from the program that made it")

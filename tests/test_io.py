@@ -204,7 +204,7 @@ def test_one_bit_data_is_refused_with_its_real_cause(tmp_path):
         io.read_image(path)
     message = str(raised.value)
     assert message.startswith(f"{path}: stores 1-bit voxels (NIfTI datatype DT_BINARY)") and "truncated" not in message
-    assert "fslmaths" in message
+    assert "pass the image the mask belongs to" in message and "8-bit (uint8) or wider" in message
 
 
 @pytest.mark.parametrize("content, name", [("gzip", "named.nii"), ("plain", "named.nii.gz")])
