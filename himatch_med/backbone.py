@@ -7,6 +7,7 @@ This is the only module that knows the token layout ``[CLS | registers | patches
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 from pathlib import Path
 
@@ -70,7 +71,11 @@ class Backbone:
 
 
 def load_backbone(model_id: str, *, stages: tuple[int, ...] = (), device: str | torch.device = "cpu") -> Backbone:
-    """Load weights from a Hub id or a local folder; :class:`WeightsUnavailableError` says how to get missing ones."""
+    """Load weights from a Hub id or a local folder; :class:`WeightsUnavailableError` says how to get missing ones.
+
+    Code that comes with weights is never run and never asked about: a folder or repository that carries its own
+    Python code (a ``config.json`` ``auto_map``, ``.py`` files) is refused.
+    """
     from transformers import AutoModel
     from transformers.utils import logging as hf_logging
 
@@ -80,14 +85,50 @@ def load_backbone(model_id: str, *, stages: tuple[int, ...] = (), device: str | 
     if model_id.startswith((".", "/", "~")) and not Path(model_id).expanduser().is_dir():
         raise WeightsUnavailableError(f"--model {model_id}: no such folder; pass a folder saved with "
                                       "`save_pretrained` or a Hub id such as facebook/dinov2-base")
+    source = str(Path(model_id).expanduser()) if model_id.startswith("~") else model_id
+    if Path(source).is_dir():
+        _refuse_custom_code(model_id, custom_code(Path(source)))
     try:
-        model = AutoModel.from_pretrained(str(Path(model_id).expanduser()) if model_id.startswith("~") else model_id)
+        # trust_remote_code=False: transformers neither runs a repository's code nor prompts "[y/N]" for it.
+        model = AutoModel.from_pretrained(source, trust_remote_code=False)
     except (OSError, ValueError) as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if "trust_remote_code" in str(error) or "custom code" in str(error):
+            _refuse_custom_code(model_id, ["the repository's own modelling code"])
         hub_id = model_id if "/" in model_id and not model_id.startswith((".", "/")) else \
             "facebook/dinov3-vitb16-pretrain-lvd1689m"
         raise WeightsUnavailableError(WEIGHTS_HELP.format(model=model_id, reason=reason, hub_id=hub_id)) from error
+    # A known model type loads with the library's own class even when the repository also ships code for it: refuse
+    # that too, the weights were meant for the other code.
+    _refuse_custom_code(model_id, _auto_map(getattr(model.config, "auto_map", None)))
     if not hasattr(model.config, "patch_size") or not hasattr(model, "embeddings"):
         raise WeightsUnavailableError(f"{model_id!r} is a {type(model).__name__}, not a DINOv3/DINOv2 vision "
                                       "transformer; pass a DINOv3 or DINOv2 model with --model")
     return Backbone(model.to(device), model_id, stages)
+
+
+def custom_code(folder: Path) -> list[str]:
+    """What in a saved model folder would run Python code: ``config.json`` ``auto_map`` targets and ``.py`` files."""
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        config = {}
+    found = _auto_map(config.get("auto_map") if isinstance(config, dict) else None)
+    return found + sorted(p.name for p in folder.glob("*.py"))
+
+
+def _auto_map(auto_map) -> list[str]:
+    if not auto_map:
+        return []
+    targets = auto_map.values() if isinstance(auto_map, dict) else [auto_map]
+    names = [t for target in targets for t in (target if isinstance(target, list | tuple) else [target]) if t]
+    return ["config.json auto_map -> " + ", ".join(map(str, names))]
+
+
+def _refuse_custom_code(model_id: str, found: list[str]) -> None:
+    if found:
+        raise WeightsUnavailableError(
+            f"--model {model_id}: the model {'folder' if Path(model_id).expanduser().is_dir() else 'repository'} "
+            f"carries its own Python code ({'; '.join(found)}); himatch-med "
+            "never runs code that comes with weights; pass a DINOv3 or DINOv2 model saved with `save_pretrained` "
+            "from the transformers classes (no auto_map, no .py files), or a Hub id such as facebook/dinov2-base")

@@ -175,12 +175,22 @@ def check_geometry(image: io.Image, axis: str, *, allow_shear: bool = False) -> 
         raise InputError(f"{image.path}: is a 2D image; it can only be sliced along --axis axial")
 
 
+MIN_SLICE_SIDE = 8
+"""Fewest pixels a slice side needs to be a study's (a backbone patch covers 14-16 pixels of the resized slice)."""
+
+
 def check_plane(image: io.Image, canonical_shape: tuple[int, ...], axis: str) -> None:
-    """Refuse slices of a single pixel's width, which no backbone image can be made of."""
+    """Refuse slices too small for a study: one pixel wide (another axis may do), or a thumbnail or a crop."""
     plane = [size for index, size in enumerate(canonical_shape) if index != AXIS_INDEX[axis]]
-    if min(plane) < 2:
-        raise InputError(f"{image.path}: its {axis} slices would be {plane[0]} x {plane[1]} pixels (shape "
-                         f"{image.array.shape}); choose another --axis")
+    if min(plane) >= MIN_SLICE_SIDE:
+        return
+    described = f"{image.path}: its {axis} slices would be {plane[0]} x {plane[1]} pixels (shape {image.array.shape})"
+    others = [name for name, index in AXIS_INDEX.items() if name != axis and image.kind != "image"
+              and min(size for i, size in enumerate(canonical_shape) if i != index) >= MIN_SLICE_SIDE]
+    if others:
+        raise InputError(f"{described}; choose another --axis" + (f" ({' or '.join(others)})" if others else ""))
+    raise InputError(f"{described}; too small to be a study (a slice needs at least {MIN_SLICE_SIDE} x "
+                     f"{MIN_SLICE_SIDE} pixels); pass the full image, not a thumbnail or a crop")
 
 
 def _aligned(path: Path, image: io.Image, option: str) -> np.ndarray:
@@ -300,11 +310,12 @@ def analyse(volume: tuple[io.Image, np.ndarray, Prepared], extractor: Extractor,
     paths = output_paths(image.path, folder)
     with timer("save"):
         report = make_report(image, orientation, prepared, detection, bank, settings, extractor, paths)
+        aspect = pixel_aspect(image.affine, orientation, prepared.axis)
+        report["notes"] += aspect_notes(aspect)
         # gzip releases the GIL: the two maps compress in parallel while the picture is drawn.
         with ThreadPoolExecutor(max_workers=2) as pool:
             writes = [pool.submit(io.write_map, from_canonical(getattr(detection, name).numpy(), orientation), image,
                                   paths[name]) for name in ("anomaly", "uncertainty")]
-            aspect = pixel_aspect(image.affine, orientation, prepared.axis)
             io.write_figure(overview_figure(prepared, detection, report, aspect=aspect), paths["overview"])
             for write in writes:
                 write.result()
@@ -403,6 +414,18 @@ def pixel_aspect(affine: np.ndarray, orientation: np.ndarray, axis: int) -> floa
     zooms[orientation[:, 0].astype(int)] = np.linalg.norm(affine[:3, :3], axis=0)
     columns, rows = (a for a in range(3) if a != axis)  # to_slices puts the higher axis on the rows
     return float(zooms[rows] / zooms[columns])
+
+
+def aspect_notes(aspect: float) -> list[str]:
+    """A note when the overview cannot draw the slices' pixels to scale (:func:`himatch_med.figures.shown_aspect`)."""
+    from himatch_med.figures import MAX_ASPECT, shown_aspect
+
+    if shown_aspect(aspect) == aspect:
+        return []
+    how = f"{aspect:g} times taller than wide" if aspect > 1 else f"{1 / aspect:g} times wider than tall"
+    return [f"the slices' pixels are {how} (from the voxel sizes in the header); the overview picture draws them "
+            f"capped at {MAX_ASPECT:g}:1, so anatomy looks squeezed there; the maps are not affected; check the "
+            "voxel sizes in the header"]
 
 
 def overview_figure(prepared: Prepared, detection: Detection, report: dict, contours: np.ndarray | None = None,

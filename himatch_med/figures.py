@@ -6,6 +6,15 @@ import numpy as np
 
 OVERLAY_FLOOR = 1.0
 """z-value below which the heatmap is transparent: the bank's normal patches lie around 0 and below."""
+MAX_ASPECT = 8.0
+"""Largest pixel aspect (either way) drawn true to scale: beyond it a figure would be metres tall or wide."""
+MAX_PANEL_SHAPE = 3.0
+"""Largest height over width (either way) of one panel; a longer slice is drawn inside it."""
+
+
+def shown_aspect(aspect: float) -> float:
+    """The pixel aspect a picture is drawn with: the true one, capped at :data:`MAX_ASPECT` either way."""
+    return float(np.clip(aspect, 1 / MAX_ASPECT, MAX_ASPECT)) if np.isfinite(aspect) and aspect > 0 else 1.0
 
 
 def overlay(axes, image: np.ndarray, heat: np.ndarray, *, vmax: float, foreground: np.ndarray | None = None,
@@ -35,12 +44,13 @@ def overview(slices: np.ndarray, maps: np.ndarray, foreground: np.ndarray, title
         titles: one caption per panel.
         title: the figure's title.
         contours: optional ground-truth masks ``(n, H, W)`` drawn as outlines.
-        aspect: pixel height over width in millimetres.
+        aspect: pixel height over width in millimetres; drawn capped by :func:`shown_aspect`.
     """
     from matplotlib.figure import Figure
 
     count = len(slices)
-    shape = slices.shape[1] * aspect / max(slices.shape[2], 1)
+    aspect = shown_aspect(aspect)
+    shape = float(np.clip(slices.shape[1] * aspect / max(slices.shape[2], 1), 1 / MAX_PANEL_SHAPE, MAX_PANEL_SHAPE))
     # A bare Figure, not pyplot: no global backend switch, nothing to close, safe in threads and notebooks.
     figure = Figure(figsize=(3.2 * count + 0.8, 3.2 * shape + 0.6))
     axes = figure.subplots(1, count, squeeze=False)

@@ -6,8 +6,10 @@ run never leaves a half-written file under a final name. Inputs are only ever op
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
+import logging
 import mmap
 import os
 import shutil
@@ -25,6 +27,8 @@ import torch
 from himatch_med.errors import InputError
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
+PAIR_SUFFIXES = (".hdr", ".img")
+"""An Analyze 7.5 or NIfTI pair: header and data in two files; the ``.hdr`` stands for both."""
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 BANK_ARRAYS = "bank.safetensors"
 BANK_META = "bank.json"
@@ -50,7 +54,7 @@ class Image:
 def stem(path: str | Path) -> str:
     """The name outputs are derived from: the file name without its image suffix (the folder name for DICOM)."""
     name = Path(path).name
-    for suffix in NIFTI_SUFFIXES + IMAGE_SUFFIXES + (".dcm",):
+    for suffix in NIFTI_SUFFIXES + PAIR_SUFFIXES + IMAGE_SUFFIXES + (".dcm",):
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return name
@@ -58,32 +62,50 @@ def stem(path: str | Path) -> str:
 
 def is_image_file(path: Path) -> bool:
     """Whether a path looks like an image this package reads (by suffix), or a DICOM series folder."""
-    lower = path.name.lower()
-    return (path.is_file() and lower.endswith(NIFTI_SUFFIXES + IMAGE_SUFFIXES)) or is_dicom_folder(path)
+    return (path.is_file() and _image_suffix(path)) or is_dicom_folder(path)
+
+
+def _image_suffix(path: Path) -> bool:
+    return path.name.lower().endswith(NIFTI_SUFFIXES + (".hdr",) + IMAGE_SUFFIXES)
 
 
 def is_dicom_file(path: Path) -> bool:
-    """A ``.dcm`` file, or a file of any name with the DICOM preamble (``DICM`` at byte 128)."""
-    if path.suffix.lower() == ".dcm":
-        return True
-    try:
-        with open(path, "rb") as handle:
-            return handle.read(132)[128:] == b"DICM"
-    except OSError:
-        return False
+    """Whether a file is DICOM by its content (the ``DICM`` preamble, or a DICOM header under a ``.dcm`` name)."""
+    return dicom_file(path) is not None
+
+
+def holds_dicom(folder: Path) -> bool:
+    """Whether a folder directly holds DICOM image files (SEG, RTSTRUCT and other non-image objects do not count)."""
+    return folder.is_dir() and any(p.is_file() and not p.name.startswith(".") and _dicom_image(p)
+                                   for p in sorted(folder.iterdir()))
+
+
+def _dicom_image(path: Path) -> bool:
+    found = dicom_file(path)
+    return found is not None and not found.what
 
 
 def is_dicom_folder(path: Path) -> bool:
-    """A folder directly holding DICOM files (a series; other files such as a README may sit beside them)."""
-    return path.is_dir() and any(p.is_file() and not p.name.startswith(".") and is_dicom_file(p)
-                                 for p in path.iterdir())
+    """A folder that is one input, a DICOM series: it holds DICOM image files and no NIfTI or 2D image files.
+
+    Other files (a README, a DICOMDIR, a SEG) may lie beside the slices. A folder that holds image files as well is
+    a folder of inputs, its series among them (see :func:`list_images`).
+    """
+    return holds_dicom(path) and not any(p.is_file() and not p.name.startswith(".") and _image_suffix(p)
+                                         for p in path.iterdir())
 
 
 def list_images(folder: Path) -> list[Path]:
-    """Image files and DICOM series folders directly in ``folder``, sorted by name."""
+    """Image files and DICOM series folders directly in ``folder``, sorted by name.
+
+    When DICOM image files lie directly in ``folder`` beside other images, ``folder`` itself comes last: the series
+    it holds is one more input (read from the folder's DICOM files only).
+    """
     if not folder.is_dir():
         raise InputError(f"{folder}: not a folder; pass a folder of NIfTI files, 2D images or DICOM series")
-    return sorted(p for p in folder.iterdir() if not p.name.startswith(".") and is_image_file(p))
+    found = sorted(p for p in folder.iterdir() if not p.name.startswith(".")
+                   and ((p.is_file() and _image_suffix(p)) or (p.is_dir() and holds_dicom(p))))
+    return found + ([folder] if holds_dicom(folder) else [])
 
 
 def read_image(path: str | Path, *, volume_index: int | None = None, series: str | None = None) -> Image:
@@ -104,18 +126,140 @@ def read_image(path: str | Path, *, volume_index: int | None = None, series: str
         return _read_2d(path)
     if path.stat().st_size == 0:
         raise InputError(f"{path}: the file is empty; pass a NIfTI volume (.nii or .nii.gz)")
+    return _read_nifti(path, volume_index)
+
+
+def _read_nifti(path: Path, volume_index: int | None) -> Image:
+    """A NIfTI file or an Analyze/NIfTI pair, read the way its header and content say, not its name."""
+    raw = _raw_header(path)
+    if raw is not None:
+        _check_datatype(path, raw)
+    notes: list[str] = []
     try:
-        image = nib.load(path)
-        array = image.get_fdata(dtype=np.float32)  # float32 directly: float64 would double the peak memory
+        with _quiet_nibabel(), _opened(path, notes) as image:
+            if not isinstance(image, nib.AnalyzeImage):  # NIfTI files and pairs are AnalyzeImages too
+                raise InputError(f"{path}: is a {type(image).__name__}, not NIfTI; convert it to .nii.gz")
+            array = _voxels(image, notes)
+    except InputError:
+        raise
     except Exception as error:  # nibabel raises many types for damaged files
         raise InputError(f"{path}: cannot be read as NIfTI ({_reason(error)}); pass an intact .nii or .nii.gz "
                          "volume (a truncated download is a common cause)") from error
-    if not isinstance(image, nib.Nifti1Image | nib.Nifti2Image):
-        raise InputError(f"{path}: is a {type(image).__name__}, not NIfTI; convert it to .nii.gz")
-    array, notes = _pick_volume(path, array, volume_index)
-    header = image.header.copy()
-    return Image(array.astype(np.float32, copy=False), image.affine, header, path, "nifti",
-                 notes + _orientation_notes(header))
+    array, picked = _pick_volume(path, array, volume_index)
+    header = _single_file_header(image)
+    nifti = isinstance(image, nib.Nifti1Pair)  # every NIfTI file or pair, of either version
+    if nifti:
+        notes += _orientation_notes(header)
+    else:
+        notes.append("an Analyze 7.5 header holds no orientation; nibabel's default (LAS, from the voxel sizes and "
+                     "origin) is used and written into the outputs' sform")
+    if raw is not None and not (nifti and header.get_sform(coded=True)[1]):
+        notes += _zero_voxel_size_notes(raw, array.ndim)
+    return Image(array.astype(np.float32, copy=False), image.affine, header, path, "nifti", tuple(notes) + picked)
+
+
+def _is_gzip(path: Path) -> bool:
+    with open(path, "rb") as handle:
+        return handle.read(2) == b"\x1f\x8b"
+
+
+def _raw_header(path: Path) -> nib.Nifti1Header | None:
+    """The header as stored, before nibabel's fixes (it sets a voxel size of 0 to 1 on load); None if it is none.
+
+    An Analyze header is read through the NIfTI-1 layout, which it shares for the fields looked at here.
+    """
+    if path.name.lower().endswith(".img") and path.with_suffix(".hdr").is_file():
+        path = path.with_suffix(".hdr")
+    try:
+        with (gzip.open(path, "rb") if _is_gzip(path) else open(path, "rb")) as handle:
+            block = handle.read(540)
+    except (OSError, EOFError):
+        return None
+    for klass in (nib.Nifti1Header, nib.Nifti2Header):
+        size = klass.template_dtype.itemsize
+        if len(block) >= size and size in (struct.unpack("<i", block[:4])[0], struct.unpack(">i", block[:4])[0]):
+            try:
+                return klass(block[:size], check=False)
+            except Exception:  # a block that only looks like a header
+                return None
+    return None
+
+
+def _check_datatype(path: Path, raw: nib.Nifti1Header) -> None:
+    code = int(raw["datatype"])
+    if code == 1:
+        raise InputError(f"{path}: stores 1-bit voxels (NIfTI datatype DT_BINARY), which nibabel (like most tools) "
+                         "cannot read and which hold masks rather than images; pass the image the mask belongs to, or "
+                         "re-export the file from the program that wrote it with 8-bit (uint8) or wider voxels")
+    if code not in nib.nifti1.data_type_codes.code or code == 0:
+        raise InputError(f"{path}: its header gives the unknown NIfTI datatype code {code}, so the voxels cannot be "
+                         "interpreted; re-export the file from the program that made it")
+
+
+@contextmanager
+def _quiet_nibabel():
+    # nibabel logs its header fixes (e.g. "pixdim[1,2,3] should be non-zero") straight to stderr; the notes say it.
+    logger = logging.getLogger("nibabel.global")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+@contextmanager
+def _opened(path: Path, notes: list[str]):
+    """The image as nibabel opens it; a single file whose compression its name contradicts is read by its content."""
+    lower = path.name.lower()
+    compressed = _is_gzip(path)
+    if not lower.endswith(NIFTI_SUFFIXES) or compressed == lower.endswith(".gz"):
+        yield nib.load(path)
+        return
+    named, actual = (".nii", ".nii.gz") if compressed else (".nii.gz", ".nii")
+    notes.append(f"the file {'is' if compressed else 'is not'} gzip-compressed though its name ends in {named}; it "
+                 f"was read by its content (rename it to {stem(path)}{actual} to match)")
+    with (gzip.open(path, "rb") if compressed else open(path, "rb")) as handle:
+        start = handle.read(4)
+        handle.seek(0)
+        klass = nib.Nifti2Image if 540 in struct.unpack("<i", start) + struct.unpack(">i", start) else nib.Nifti1Image
+        # The image reads its voxels from the open stream: they are read before it closes.
+        yield klass.from_stream(handle)
+
+
+def _voxels(image, notes: list[str]) -> np.ndarray:
+    """The voxels as float32 intensities: complex data as its magnitude, RGB as the mean of its channels."""
+    dtype = image.get_data_dtype()
+    if dtype.names:
+        data = np.asanyarray(image.dataobj)
+        channels = [name for name in ("R", "G", "B") if name in dtype.names] or list(dtype.names)
+        notes.append("RGB voxels: the mean of the red, green and blue channels is used as the intensity")
+        return sum(data[name].astype(np.float32) for name in channels) / np.float32(len(channels))
+    if dtype.kind == "c":
+        notes.append(f"{dtype.name} voxels: their magnitude is used (the phase is dropped)")
+        return np.abs(np.asanyarray(image.dataobj)).astype(np.float32)
+    return image.get_fdata(dtype=np.float32)  # float32 directly: float64 would double the peak memory
+
+
+def _single_file_header(image) -> nib.Nifti1Header:
+    """A single-file NIfTI header for the outputs: the input's own, or made from a pair's or Analyze header."""
+    if isinstance(image, nib.Nifti1Image | nib.Nifti2Image):
+        return image.header.copy()
+    klass = nib.Nifti2Header if isinstance(image, nib.Nifti2Pair) else nib.Nifti1Header
+    header = klass.from_header(image.header)
+    if not isinstance(image, nib.Nifti1Pair):
+        header.set_qform(image.affine, code=0)
+        header.set_sform(image.affine, code=2)
+    return header
+
+
+def _zero_voxel_size_notes(raw: nib.Nifti1Header, ndim: int) -> list[str]:
+    """What a user should know when a voxel size that places the voxels is 0 (nibabel then takes 1 mm)."""
+    ordinal = {1: "first", 2: "second", 3: "third"}
+    return [f"pixdim[{axis}] (the voxel size along the {ordinal[axis]} axis) is 0 in the header; 1 mm is assumed "
+            "there (as nibabel does) and written into the outputs, so sizes and proportions along it may be wrong; "
+            "set the true voxel size in the header to fix this"
+            for axis in range(1, min(ndim, 3) + 1) if float(raw["pixdim"][axis]) == 0]
 
 
 def _orientation_notes(header: nib.Nifti1Header) -> tuple[str, ...]:
@@ -176,21 +320,108 @@ def _read_2d(path: Path) -> Image:
     return Image(array, np.eye(4), header, path, "image")
 
 
+NON_IMAGES = {"SEG": "a DICOM SEG segmentation", "RTSTRUCT": "an RT structure set, RTSTRUCT", "RTPLAN": "an RT plan",
+              "RTDOSE": "an RT dose grid", "RTRECORD": "an RT treatment record", "SR": "a structured report",
+              "PR": "a presentation state", "KO": "a key-object selection", "REG": "a registration",
+              "DOC": "an encapsulated document", "PLAN": "a plan"}
+"""DICOM modalities that are not images to score, and what each is called in messages."""
+DICOM_TAGS = ("SOPClassUID", "Modality", "SeriesInstanceUID", "SeriesDescription", "ImagePositionPatient",
+              "ImageOrientationPatient", "Rows", "Columns", "NumberOfFrames")
+PLANES = ("sagittal", "coronal", "axial")
+"""Slice planes by the patient axis (LPS x, y, z) their normal runs along."""
+
+
+@dataclass(frozen=True)
+class DicomFile:
+    """One DICOM file as its header describes it (the pixels are not read).
+
+    ``what`` is empty for an image, else what the object is (a SEG, an RT structure set, ...); ``error`` says why a
+    file with the DICOM preamble could not be parsed. ``position`` and ``orientation`` are ImagePositionPatient and
+    ImageOrientationPatient (LPS, mm and direction cosines) when present.
+    """
+
+    path: Path
+    series: str = ""
+    modality: str = ""
+    description: str = ""
+    what: str = ""
+    error: str = ""
+    position: tuple[float, ...] | None = None
+    orientation: tuple[float, ...] | None = None
+    size: tuple[int, int] = (0, 0)
+
+
+def dicom_file(path: Path) -> DicomFile | None:
+    """The DICOM header of a file, decided by content; None for anything that is not DICOM (an empty ``.dcm`` too)."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(132)
+    except OSError:
+        return None
+    preamble = head[128:132] == b"DICM"
+    if not preamble and (path.suffix.lower() != ".dcm" or not head):
+        return None
+    import pydicom
+
+    try:
+        header = pydicom.dcmread(path, stop_before_pixels=True, force=not preamble, specific_tags=list(DICOM_TAGS))
+    except Exception as error:  # pydicom raises many types for damaged files
+        return DicomFile(path, error=_reason(error)) if preamble else None
+    if not preamble and "SOPClassUID" not in header and "SeriesInstanceUID" not in header:
+        return None  # a file named .dcm that parses as nothing DICOM
+    modality = str(header.get("Modality", "") or "")
+    if modality in NON_IMAGES:
+        what = NON_IMAGES[modality]
+    elif "Rows" not in header:
+        what = "an object without pixel data"
+    else:
+        what = ""
+    return DicomFile(path, str(header.get("SeriesInstanceUID", "") or ""), modality,
+                     str(header.get("SeriesDescription", "") or ""), what, "",
+                     _numbers(header.get("ImagePositionPatient"), 3),
+                     _numbers(header.get("ImageOrientationPatient"), 6),
+                     (int(header.get("Rows", 0) or 0), int(header.get("Columns", 0) or 0)))
+
+
+def _numbers(value, count: int) -> tuple[float, ...] | None:
+    try:
+        numbers = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        return None
+    return numbers if len(numbers) == count and all(np.isfinite(numbers)) else None
+
+
 def _read_dicom(folder: Path, series: str | None) -> Image:
     import SimpleITK as sitk
 
-    reader = sitk.ImageSeriesReader()
-    uids = list(reader.GetGDCMSeriesIDs(str(folder)))
-    if not uids:
+    files = [f for f in (dicom_file(p) for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith("."))
+             if f is not None]
+    damaged = [f for f in files if f.error]
+    if damaged:
+        raise InputError(f"{damaged[0].path}: a damaged DICOM file ({damaged[0].error}); re-export the series, or move "
+                         f"the file out of {folder}")
+    others = [f for f in files if f.what]
+    groups: dict[str, list[DicomFile]] = {}
+    for found in files:
+        if not found.what:
+            groups.setdefault(found.series, []).append(found)
+    if not groups:
+        if others:
+            raise InputError(f"{folder}: holds no DICOM image series: " + "; ".join(
+                f"{f.path.name} is {f.what}" for f in others[:3]) + ", not an image; pass the folder of the images "
+                "it belongs to")
         raise InputError(f"{folder}: a folder without a DICOM series; pass a NIfTI file or a DICOM series folder")
-    if series is None and len(uids) > 1:
-        raise InputError(f"{folder}: holds {len(uids)} DICOM series; choose one with --series UID from: "
-                         + ", ".join(uids))
-    uid = series or uids[0]
-    if uid not in uids:
-        raise InputError(f"{folder}: has no series {uid}; it holds: " + ", ".join(uids))
+    listing = "; ".join(f"{uid or '(no SeriesInstanceUID)'} ({_series_summary(members)})"
+                        for uid, members in groups.items())
+    if series is None and len(groups) > 1:
+        raise InputError(f"{folder}: holds {len(groups)} DICOM series; choose one with --series UID from: {listing}")
+    uid = next(iter(groups)) if series is None else series
+    if uid not in groups:
+        raise InputError(f"{folder}: has no series {uid}; it holds: {listing}")
+    paths = _stacking_order(f"{folder}: DICOM series {uid}", groups[uid])
     try:
-        reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder), uid))
+        reader = sitk.ImageSeriesReader()
+        reader.SetFileNames([str(p) for p in paths])
         image = reader.Execute()
     except RuntimeError as error:
         raise InputError(f"{folder}: the DICOM series {uid} cannot be read ({_reason(error)})") from error
@@ -199,7 +430,94 @@ def _read_dicom(folder: Path, series: str | None) -> Image:
     header.set_qform(affine, code=1)
     header.set_sform(affine, code=1)
     array = sitk.GetArrayFromImage(image).astype(np.float32).transpose(2, 1, 0)
-    return Image(np.ascontiguousarray(array), affine, header, folder, "dicom")
+    notes = ("not read, as they are not images: " + ", ".join(f"{f.path.name} ({f.what})" for f in others),) \
+        if others else ()
+    return Image(np.ascontiguousarray(array), affine, header, folder, "dicom", notes)
+
+
+def _series_summary(files: list[DicomFile]) -> str:
+    description = f'"{files[0].description}"' if files[0].description else "no description"
+    return f"{files[0].modality or 'no modality'}, {description}, {len(files)} slice{'s' if len(files) > 1 else ''}"
+
+
+def _stacking_order(name: str, files: list[DicomFile]) -> list[Path]:
+    """The files of one series in slice order, refused when they cannot be one evenly spaced volume.
+
+    SimpleITK stacks whatever it is given with one spacing: a missing slice, uneven spacing, two slices at one
+    position or slices of different orientations would silently misplace anatomy. Refusing is chosen over resampling,
+    because the outputs must lie on the series' own slices, and slices that are not on one grid have no such volume.
+
+    Args:
+        name: how messages name the series (its folder and UID).
+        files: its DICOM files.
+    """
+    if len(files) == 1:
+        return [files[0].path]
+    unplaced = [f for f in files if f.position is None or f.orientation is None]
+    if unplaced:
+        raise InputError(f"{name}: {len(unplaced)} of its {len(files)} slices have no ImagePositionPatient or "
+                         f"ImageOrientationPatient (e.g. {unplaced[0].path.name}), so their order and spacing cannot "
+                         "be checked; export the series with its patient geometry, or convert it to NIfTI")
+    sizes: dict[tuple[int, int], list[DicomFile]] = {}
+    for found in files:
+        sizes.setdefault(found.size, []).append(found)
+    if len(sizes) > 1:
+        raise InputError(f"{name}: its slices differ in size (" + "; ".join(
+            f"{len(group)} of {rows} x {columns} pixels, e.g. {group[0].path.name}"
+            for (rows, columns), group in sizes.items()) + "); pass a folder holding one series of one slice size")
+    planes: list[list[DicomFile]] = []
+    for found in files:
+        group = next((g for g in planes if np.abs(np.subtract(g[0].orientation, found.orientation)).max() < 1e-3),
+                     None)
+        if group is None:
+            planes.append([found])
+        else:
+            group.append(found)
+    if len(planes) > 1:
+        raise InputError(f"{name} mixes slice orientations (" + "; ".join(
+            f"{len(group)} {_plane(group[0].orientation)} slices, e.g. {group[0].path.name}" for group in planes)
+            + "); stacked as one volume they would be wrong; pass a folder holding slices of one orientation "
+            "(split the files by ImageOrientationPatient)")
+    orientation = np.array(files[0].orientation)
+    normal = np.cross(orientation[:3], orientation[3:])
+    along = np.array([np.dot(f.position, normal) for f in files])
+    order = np.argsort(along, kind="stable")
+    along, files = along[order], [files[i] for i in order]
+    gaps = np.diff(along)
+    twice = np.flatnonzero(gaps < 0.01)  # mm: positions are written to a micron or better
+    if twice.size:
+        first = twice[0]
+        shared = len(set(twice) | set(twice + 1))
+        where = "one position" if np.all(np.diff(twice) == 1) and np.ptp(along[twice]) < 0.01 else "shared positions"
+        raise InputError(f"{name} has {shared} slices at {where} (e.g. {files[first].path.name} and "
+                         f"{files[first + 1].path.name} at {along[first]:.3g} mm along "
+                         "the slice normal); it may hold several acquisitions (echoes, time points or a repeat) under "
+                         "one UID; pass a folder holding one slice per position")
+    spacing = float(np.median(gaps))
+    uniform = (along[-1] - along[0]) / (len(along) - 1)
+    misplaced = float(np.abs(along - (along[0] + uniform * np.arange(len(along)))).max())
+    # A fifth of a slice tolerates positions rounded when written; one missing slice misplaces about half a slice.
+    if misplaced > 0.2 * spacing:
+        widest = int(np.argmax(np.abs(gaps - spacing)))
+        missing = gaps[widest] / spacing - 1
+        # One hole in otherwise even slices reads as missing slices; anything else as uneven spacing.
+        hole = missing > 0.8 and abs(missing - round(missing)) < 0.1 and \
+            np.abs(np.delete(gaps, widest) - spacing).max() < 0.2 * spacing
+        cause = (f" ({round(missing)} slice{'s' if round(missing) > 1 else ''} missing?)" if hole
+                 else f"; the spacing varies from {gaps.min():.3g} to {gaps.max():.3g} mm")
+        raise InputError(f"{name} is not evenly spaced: its slices are {spacing:.3g} mm apart but {gaps[widest]:.3g} "
+                         f"mm between {files[widest].path.name} and {files[widest + 1].path.name}{cause}; stacked as "
+                         f"one volume at a uniform {uniform:.3g} mm, slices would be misplaced by up to "
+                         f"{misplaced:.2g} mm; "
+                         "re-export the complete series, or resample it onto evenly spaced slices (e.g. 3D Slicer's "
+                         "acquisition geometry regularisation, or dcm2niix, which writes an equidistant _Eq volume) "
+                         "and pass the NIfTI")
+    return [f.path for f in files]
+
+
+def _plane(orientation: tuple[float, ...]) -> str:
+    normal = np.abs(np.cross(orientation[:3], orientation[3:]))
+    return PLANES[int(np.argmax(normal))] if normal.max() > 0.9 else "oblique"
 
 
 def dicom_affine(image) -> np.ndarray:
@@ -295,7 +613,10 @@ def write_bank(tensors: dict[str, torch.Tensor], meta: dict, folder: str | Path)
         save_file({k: v.contiguous() for k, v in tensors.items()}, staging / BANK_ARRAYS)
         meta = {**meta, "arrays_sha256": file_sha256(staging / BANK_ARRAYS)}
         (staging / BANK_META).write_text(json.dumps(_json_safe(meta), indent=2) + "\n", encoding="utf-8")
-        os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes 0700; a bank is meant to be shared
+        # mkdtemp makes 0700 and safetensors writes 0600; a bank is meant to be shared, like the other outputs.
+        os.chmod(staging, 0o777 & ~_umask())
+        for name in (BANK_ARRAYS, BANK_META):
+            os.chmod(staging / name, 0o666 & ~_umask())
         previous = None
         if folder.exists():
             previous = folder.with_name(f".{folder.name}.old-{os.getpid()}")

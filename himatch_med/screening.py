@@ -439,27 +439,50 @@ def roc_figure(false_positive, true_positive, auc: float, positives: int, negati
 
 
 def _top(result: Result, count: int = 3) -> str:
-    return "; ".join(f"{t['file_axis']}={t['file_index']}:{t['score']:.2f}" for t in result.top_slices[:count])
+    return "; ".join(f"{t.get('file_axis')}={t.get('file_index')}:{_shown(t.get('score'))}"
+                     for t in _entries(result.top_slices[:count]))
+
+
+def _entries(top_slices: list) -> list[dict]:
+    # Top slices may come from an earlier report.json on disk: take them as data of unknown shape.
+    return [t for t in top_slices if isinstance(t, dict)]
+
+
+def _shown(value) -> str:
+    """A score as written in the table: two decimals for a number, anything else as its text."""
+    return f"{value:.2f}" if isinstance(value, int | float) and not isinstance(value, bool) else str(value)
 
 
 def _format(value: float | None, digits: int) -> str:
     return "" if value is None else f"{value:.{digits}f}"
 
 
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+"""How a spreadsheet recognises a formula (or DDE command) in a cell: OWASP's list for CSV injection."""
+
+
+def spreadsheet_safe(text: str) -> str:
+    """A CSV cell that a spreadsheet shows as text: a leading ``'`` when it would start a formula (OWASP)."""
+    return "'" + text if text.startswith(FORMULA_STARTS) else text
+
+
 def write_scores(screening: Screening, path: Path) -> Path:
     """Write ``scores.csv``: one row per study, most anomalous first, failed last with their error."""
     labelled = any(r.label is not None for r in screening.results)
     buffer = text_io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
+    # Every cell quoted (OWASP): a carriage return or comma inside an id stays inside its cell.
+    writer = csv.writer(buffer, lineterminator="\n", quoting=csv.QUOTE_ALL)
     writer.writerow(["rank", "study", "volume_score", "volume_percentile", "top_slices", "status", "error",
                      "seconds", *(["label"] if labelled else []), "input", "outputs", "notes"])
     for rank, result in enumerate(screening.results, start=1):
-        writer.writerow([rank if result.status != "failed" else "", result.study.id,
-                         _format(result.volume_score, 4), _format(result.volume_percentile, 1), _top(result),
-                         result.status, result.error, f"{result.seconds:.2f}",
+        # Text that comes from users or files is neutralised; the numbers written here are left as numbers.
+        text = [spreadsheet_safe(value) for value in (
+            result.study.id, _top(result), result.error, str(result.study.path), " | ".join(map(str, result.notes)))]
+        writer.writerow([rank if result.status != "failed" else "", text[0],
+                         _format(result.volume_score, 4), _format(result.volume_percentile, 1), text[1],
+                         result.status, text[2], f"{result.seconds:.2f}",
                          *([("" if result.label is None else result.label)] if labelled else []),
-                         str(result.study.path), f"{result.study.folder}/" if result.outputs else "",
-                         " | ".join(result.notes)])
+                         text[3], f"{result.study.folder}/" if result.outputs else "", text[4]])
     return io.write_text(buffer.getvalue(), path)
 
 
@@ -525,12 +548,13 @@ def _row(rank: int, result: Result, labelled: bool) -> str:
     label = "" if not labelled else f"<td>{_LABELS.get(result.label, '')}</td>"
     thumbnail = (f"<a href='{links['overview']}'><img class='thumb' src='{links['overview']}' loading='lazy' "
                  f"alt='overview of {e(result.study.id)}'></a>") if "overview" in links else ""
-    top = "<br>".join(f"{e(t['file_axis'])}={t['file_index']}: {t['score']:.2f}" for t in result.top_slices[:3])
+    top = "<br>".join(f"{e(str(t.get('file_axis')))}={e(str(t.get('file_index')))}: {e(_shown(t.get('score')))}"
+                      for t in _entries(result.top_slices[:3]))
     outputs = " ".join(f"<a href='{links[key]}'>{name}</a>" for key, name in (
         ("report", "report"), ("anomaly", "heatmap"), ("uncertainty", "uncertainty")) if key in links)
     folder = quote(f"{result.study.folder}/")
     status = "" if result.status == "ok" else "<div class='meta'>from an earlier run</div>"
-    status += "".join(f"<div class='note'>{e(note)}</div>" for note in result.notes)
+    status += "".join(f"<div class='note'>{e(str(note))}</div>" for note in result.notes)
     return (f"<tr><td class='num'>{rank}</td><td><a href='{folder}'><b>{e(result.study.id)}</b></a>{status}</td>"
             f"<td class='num score {level}'>{_format(result.volume_score, 2)}</td>"
             f"<td class='num'>{_format(percentile, 0)}</td>{label}<td>{thumbnail}</td><td class='top'>{top}</td>"

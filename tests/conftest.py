@@ -70,6 +70,87 @@ def as_distributed(volume: np.ndarray, brain: np.ndarray, *, kind: str) -> np.nd
     raise ValueError(f"kind={kind!r}")
 
 
+def ct_volume(seed: int, shape=(40, 44, 14)) -> np.ndarray:
+    """A synthetic CT in Hounsfield units: air (-1000) around a soft-tissue body (~40) with a bone ring (~700).
+
+    The background is a constant non-zero value, as in real CT; the body carries scanner-like noise.
+    """
+    rng = np.random.default_rng(seed)
+    x, y, z = np.meshgrid(*[np.arange(s, dtype=np.float32) for s in shape], indexing="ij")
+    radius = np.sqrt(((x - (shape[0] - 1) / 2) / (0.42 * shape[0])) ** 2 + ((y - (shape[1] - 1) / 2) / (0.4 * shape[1])) ** 2)
+    volume = np.full(shape, -1000.0, np.float32)
+    body = radius < 1
+    volume[body] = 40 + 15 * np.sin(x[body] / 3.0) * np.cos(z[body] / 2.0) + rng.normal(0, 8, int(body.sum()))
+    volume[(radius > 0.8) & body] = 700 + rng.normal(0, 20, int(((radius > 0.8) & body).sum()))
+    return volume
+
+
+AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+CORONAL = (1.0, 0.0, 0.0, 0.0, 0.0, -1.0)
+CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
+
+
+def write_dicom(folder: Path, hu: np.ndarray, *, positions=None, orientation=AXIAL, thickness: float = 3.0,
+                series: str = "1.2.826.0.1.3680043.8.498.101", description: str = "CT 3 mm", modality: str = "CT",
+                origin=(-18.0, -12.0, 40.0), names=None) -> list[Path]:
+    """Write a CT series one slice per file, as a scanner does: ``hu`` (slices, rows, columns) in Hounsfield units.
+
+    Stored values are HU + 1024 with RescaleIntercept -1024. ``positions`` gives each slice's ImagePositionPatient
+    (LPS, mm); by default they step ``thickness`` along the slice normal from ``origin``.
+    """
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    folder.mkdir(parents=True, exist_ok=True)
+    normal = np.cross(orientation[:3], orientation[3:])
+    if positions is None:
+        positions = [np.asarray(origin) + k * thickness * normal for k in range(len(hu))]
+    paths = []
+    for k, (plane, position) in enumerate(zip(hu, positions)):
+        instance = f"{series}.{k + 1}"
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = CT_IMAGE, instance
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = CT_IMAGE, instance, modality
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = "1.2.826.0.1.3680043.8.498.1", series, \
+            "1.2.826.0.1.3680043.8.498.2"
+        ds.PatientID, ds.SeriesDescription, ds.InstanceNumber = "TEST-001", description, k + 1
+        ds.ImagePositionPatient = [f"{v:.4f}" for v in position]
+        ds.ImageOrientationPatient = [f"{v:g}" for v in orientation]
+        ds.PixelSpacing, ds.SliceThickness = ["0.8", "0.7"], f"{thickness:g}"
+        ds.Rows, ds.Columns = plane.shape
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.RescaleIntercept, ds.RescaleSlope = "-1024", "1"
+        ds.PixelData = (np.round(plane) + 1024).astype("<i2").tobytes()
+        path = folder / (names[k] if names else f"IM{k + 1:04d}.dcm")
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def write_dicom_object(path: Path, modality: str, sop_class: str, *, series: str, rows: int | None = None) -> Path:
+    """A non-image DICOM object (a SEG, an RT structure set) as it lies beside the images it refers to."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = sop_class, f"{series}.1"
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality, ds.SeriesInstanceUID = sop_class, f"{series}.1", modality, series
+    ds.SeriesDescription = f"{modality} of the CT"
+    if rows:
+        ds.Rows, ds.Columns, ds.NumberOfFrames = rows, rows, 2
+        ds.SamplesPerPixel, ds.BitsAllocated, ds.BitsStored, ds.HighBit = 1, 1, 1, 0
+        ds.PixelData = bytes(rows * rows * 2 // 8)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
 def as_stored(canonical: np.ndarray, affine: np.ndarray) -> np.ndarray:
     """The array a file with ``affine`` stores so that its anatomy in RAS is ``canonical``."""
     from himatch_med.volume import from_canonical

@@ -69,3 +69,51 @@ def test_cls_comes_from_the_last_block_whatever_the_stages(tiny_dinov3):
     hidden = backbone.model(pixel_values=images, output_hidden_states=True).hidden_states
     torch.testing.assert_close(cls, F.normalize(backbone.model.norm(hidden[4])[:, 0], dim=-1))
     torch.testing.assert_close(grids[-1], F.normalize(backbone.model.norm(hidden[2])[:, 5:], dim=-1).unflatten(1, (2, 3)))
+
+
+def _with_custom_code(source, folder, model_type=None):
+    """A copy of a saved model whose config points AutoModel at a Python file in the folder (as Hub repos do)."""
+    import json
+    import shutil
+
+    shutil.copytree(source, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "modeling_custom.CustomConfig", "AutoModel": "modeling_custom.CustomModel"}
+    if model_type:
+        config["model_type"] = model_type
+    (folder / "config.json").write_text(json.dumps(config))
+    marker = folder.parent / f"{folder.name}-ran"
+    (folder / "modeling_custom.py").write_text(f"open({str(marker)!r}, 'w').write('custom code ran')\n"
+                                               "from transformers import DINOv3ViTConfig as CustomConfig\n"
+                                               "from transformers import DINOv3ViTModel as CustomModel\n")
+    return folder, marker
+
+
+@pytest.mark.parametrize("model_type", [None, "custom_vit"])
+def test_a_model_folder_with_its_own_code_is_refused_without_running_or_asking(model_type, tiny_dinov3, tmp_path,
+                                                                               monkeypatch):
+    folder, marker = _with_custom_code(tiny_dinov3, tmp_path / "model", model_type)
+    asked = []
+    monkeypatch.setattr("builtins.input", lambda *args: asked.append(args) or "y")  # "echo y |" ran the code
+    with pytest.raises(WeightsUnavailableError) as raised:
+        load_backbone(str(folder))
+    message = str(raised.value)
+    assert f"--model {folder}: the model folder carries its own Python code" in message
+    assert "modeling_custom.CustomModel" in message and "never runs code that comes with weights" in message
+    assert "accept the licence" not in message
+    assert not asked and not marker.exists()
+
+
+def test_every_transformers_load_pins_trust_remote_code_off(tiny_dinov3, monkeypatch):
+    from transformers import AutoModel
+
+    calls = []
+    real = AutoModel.from_pretrained.__func__
+
+    def spy(cls, *args, **kwargs):
+        calls.append(kwargs)
+        return real(cls, *args, **kwargs)
+
+    monkeypatch.setattr(AutoModel, "from_pretrained", classmethod(spy))
+    load_backbone(str(tiny_dinov3))
+    assert calls and all(call.get("trust_remote_code") is False for call in calls)

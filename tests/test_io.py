@@ -6,7 +6,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import OBLIQUE, brain_volume, save_nifti
+from conftest import CORONAL, OBLIQUE, brain_volume, ct_volume, save_nifti, write_dicom, write_dicom_object
 
 from himatch_med import io
 from himatch_med.bank import FORMAT_VERSION, Bank
@@ -146,3 +146,228 @@ def test_bank_settings_mismatch_names_each_difference():
         bank.check({"model": "m", "image_size": 64}, source="b")
     bank.check({"model": "m", "image_size": 32}, source="b")
     assert json.dumps(bank.meta)
+
+
+def test_a_bank_is_shared_like_the_other_outputs(tmp_path):
+    import os
+    import stat
+
+    previous = os.umask(0o022)
+    try:
+        folder = io.write_bank(_bank().tensors(), _bank().meta, tmp_path / "bank")
+    finally:
+        os.umask(previous)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir()}
+    assert modes == {io.BANK_ARRAYS: 0o644, io.BANK_META: 0o644}
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o755
+
+
+# Inputs read the way their header says (what the data type, the compression and the voxel sizes really are).
+
+def _raw(path, **fields):
+    """Rewrite fields of an uncompressed NIfTI-1 header in place: what a broken writer leaves behind."""
+    import struct
+
+    offsets = {"datatype": (70, "<h"), "bitpix": (72, "<h"), "pixdim1": (80, "<f"), "pixdim2": (84, "<f"),
+               "pixdim3": (88, "<f")}
+    data = bytearray(path.read_bytes())
+    for name, value in fields.items():
+        offset, form = offsets[name]
+        data[offset:offset + struct.calcsize(form)] = struct.pack(form, value)
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_complex_data_is_read_as_its_magnitude_with_a_note(tmp_path):
+    magnitude = ct_volume(0, (20, 22, 6)) + 1100  # an MR-like magnitude: a dim, non-zero background
+    phase = np.linspace(0, np.pi, magnitude.size).reshape(magnitude.shape)
+    path = save_nifti((magnitude * np.exp(1j * phase)).astype(np.complex64), OBLIQUE, tmp_path / "complex.nii.gz")
+    image = io.read_image(path)
+    np.testing.assert_allclose(image.array, magnitude, rtol=1e-5)
+    assert any("complex64 voxels: their magnitude is used (the phase is dropped)" in n for n in image.notes)
+
+
+def test_rgb_data_is_read_as_the_mean_of_its_channels_with_a_note(tmp_path):
+    ct = ct_volume(1, (20, 22, 6))
+    grey = np.clip((ct + 1000) / 8, 0, 255).astype(np.uint8)
+    rgb = np.zeros(ct.shape, dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    rgb["R"], rgb["G"], rgb["B"] = grey, grey // 2, 255 - grey
+    image = io.read_image(save_nifti(rgb, OBLIQUE, tmp_path / "rgb.nii.gz"))
+    np.testing.assert_allclose(image.array, (grey.astype(np.float32) + grey // 2 + (255 - grey)) / 3, rtol=1e-6)
+    assert any("RGB voxels: the mean of the red, green and blue channels is used" in n for n in image.notes)
+
+
+def test_one_bit_data_is_refused_with_its_real_cause(tmp_path):
+    path = _raw(save_nifti((ct_volume(2, (20, 22, 6)) > 0).astype(np.uint8), OBLIQUE, tmp_path / "mask.nii"),
+                datatype=1, bitpix=1)
+    with pytest.raises(InputError) as raised:
+        io.read_image(path)
+    message = str(raised.value)
+    assert message.startswith(f"{path}: stores 1-bit voxels (NIfTI datatype DT_BINARY)") and "truncated" not in message
+    assert "pass the image the mask belongs to" in message and "8-bit (uint8) or wider" in message
+
+
+@pytest.mark.parametrize("content, name", [("gzip", "named.nii"), ("plain", "named.nii.gz")])
+def test_compression_is_read_from_the_content_not_the_name(content, name, tmp_path):
+    import shutil
+
+    ct = ct_volume(3, (20, 22, 6))
+    source = save_nifti(ct, OBLIQUE, tmp_path / ("real.nii.gz" if content == "gzip" else "real.nii"))
+    path = tmp_path / name
+    shutil.copy(source, path)
+    image = io.read_image(path)
+    np.testing.assert_array_equal(image.array, ct)
+    np.testing.assert_allclose(image.affine, OBLIQUE, atol=1e-5)
+    expected = ("is gzip-compressed though its name ends in .nii" if content == "gzip" else
+                "is not gzip-compressed though its name ends in .nii.gz")
+    assert any(expected in n and "read by its content" in n for n in image.notes), image.notes
+
+
+def test_a_truncated_gzip_is_still_called_truncated(tmp_path):
+    data = save_nifti(ct_volume(3, (20, 22, 6)), OBLIQUE, tmp_path / "whole.nii.gz").read_bytes()
+    (tmp_path / "cut.nii.gz").write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError, match="cut.nii.gz: cannot be read as NIfTI .*truncated download"):
+        io.read_image(tmp_path / "cut.nii.gz")
+
+
+def test_analyze_and_nifti_pairs_are_read(tmp_path):
+    ct = ct_volume(4, (20, 22, 6))
+    nib.save(nib.Nifti1Pair(ct, OBLIQUE), tmp_path / "pair.hdr")
+    nib.save(nib.AnalyzeImage(ct, np.diag([1.5, 2.0, 3.0, 1.0])), tmp_path / "old.hdr")
+    pair = io.read_image(tmp_path / "pair.hdr")
+    np.testing.assert_array_equal(pair.array, ct)
+    np.testing.assert_allclose(pair.affine, OBLIQUE, atol=1e-5)
+    assert not pair.notes and io.read_image(tmp_path / "pair.img").array.shape == ct.shape
+    old = io.read_image(tmp_path / "old.hdr")
+    np.testing.assert_array_equal(old.array, ct)
+    assert any("Analyze 7.5 header holds no orientation" in n for n in old.notes)
+    assert io.list_images(tmp_path) == [tmp_path / "old.hdr", tmp_path / "pair.hdr"]
+    assert io.stem("pair.hdr") == "pair" and io.stem("pair.img") == "pair"
+    # Outputs are single-file NIfTI on the input's grid, whatever the input's format.
+    for image in (pair, old):
+        written = nib.load(io.write_map(np.zeros(ct.shape, np.float32), image, tmp_path / "out" / "map.nii.gz"))
+        assert isinstance(written, nib.Nifti1Image)
+        np.testing.assert_allclose(written.affine, image.affine, atol=1e-5)
+
+
+def test_a_voxel_size_of_zero_is_noted_when_the_affine_depends_on_it(tmp_path):
+    ct = ct_volume(5, (20, 22, 6))
+    qform_only = _raw(save_nifti(ct, np.diag([1.5, 2.0, 3.0, 1.0]), tmp_path / "q.nii", sform_code=0), pixdim3=0.0)
+    image = io.read_image(qform_only)
+    assert any(n.startswith("pixdim[3] (the voxel size along the third axis) is 0 in the header; 1 mm is assumed")
+               for n in image.notes), image.notes
+    np.testing.assert_allclose(np.diag(image.affine), [1.5, 2.0, 1.0, 1.0])
+    # With an sform the voxel sizes of pixdim do not place the voxels: nothing to say.
+    with_sform = _raw(save_nifti(ct, np.diag([1.5, 2.0, 3.0, 1.0]), tmp_path / "s.nii"), pixdim3=0.0)
+    assert not [n for n in io.read_image(with_sform).notes if "pixdim" in n]
+
+
+# DICOM series checked from their headers, as NIfTI headers are.
+
+def _slices(seed=0, count=10, rows=24, columns=22):
+    """CT planes ``(slices, rows, columns)`` in HU."""
+    return ct_volume(seed, (rows, columns, count)).transpose(2, 0, 1)
+
+
+def test_a_dicom_series_is_stacked_by_position_whatever_the_file_names(tmp_path):
+    hu = _slices()
+    names = [f"x{(7 * k) % 10}.dcm" for k in range(10)]  # name order is not slice order
+    write_dicom(tmp_path / "ct", hu, names=names)
+    image = io.read_image(tmp_path / "ct")
+    assert image.kind == "dicom" and image.array.shape == (22, 24, 10) and not image.notes
+    np.testing.assert_array_equal(image.array, np.round(hu).transpose(2, 1, 0))
+    np.testing.assert_allclose(np.linalg.norm(image.affine[:3, :3], axis=0), [0.7, 0.8, 3.0], atol=1e-4)
+
+
+def test_a_missing_slice_is_refused_with_the_spacing_found(tmp_path):
+    folder = tmp_path / "ct"
+    paths = write_dicom(folder, _slices(count=12))
+    paths[6].unlink()
+    with pytest.raises(InputError) as raised:
+        io.read_image(folder)
+    message = str(raised.value)
+    assert message.startswith(f"{folder}: DICOM series 1.2.826.0.1.3680043.8.498.101 is not evenly spaced: its slices "
+                              "are 3 mm apart but 6 mm between IM0006.dcm and IM0008.dcm (1 slice missing?)")
+    assert "at a uniform 3.3 mm, slices would be misplaced by up to 1.5 mm" in message and "re-export the complete series" in message and "dcm2niix" in message
+
+
+def test_uneven_spacing_is_refused(tmp_path):
+    steps = [0, 3, 6, 9, 14, 17, 19, 22, 25, 47]
+    positions = [(-18.0, -12.0, 40.0 + z) for z in steps]
+    write_dicom(tmp_path / "ct", _slices(), positions=positions)
+    with pytest.raises(InputError, match=r"is not evenly spaced: its slices are 3 mm apart but 22 mm between "
+                                         r"IM0009.dcm and IM0010.dcm; the spacing varies from 2 to 22 mm"):
+        io.read_image(tmp_path / "ct")
+
+
+def test_duplicate_positions_are_refused(tmp_path):
+    positions = [(-18.0, -12.0, 40.0 + 3 * k) for k in range(9)] + [(-18.0, -12.0, 52.0)]
+    write_dicom(tmp_path / "ct", _slices(), positions=positions)
+    with pytest.raises(InputError, match=r"has 2 slices at one position \(e.g. IM0005.dcm and IM0010.dcm at 52 mm along "
+                                         r"the slice normal\); it may hold several acquisitions"):
+        io.read_image(tmp_path / "ct")
+
+
+def test_a_series_mixing_orientations_is_refused(tmp_path):
+    hu = _slices()
+    write_dicom(tmp_path / "ct", hu[:6])
+    write_dicom(tmp_path / "ct", hu[6:], orientation=CORONAL, origin=(-18.0, 10.0, 60.0),
+                names=[f"COR{k}.dcm" for k in range(4)])
+    with pytest.raises(InputError, match=r"mixes slice orientations \(4 coronal slices, e.g. COR0.dcm; 6 axial "
+                                         r"slices, e.g. IM0001.dcm\); stacked as one volume they would be wrong"):
+        io.read_image(tmp_path / "ct")
+
+
+def test_a_folder_is_a_dicom_series_by_its_content_not_a_file_name(tmp_path):
+    from himatch_med import engine
+
+    cohort = tmp_path / "cohort"
+    cohort.mkdir()
+    save_nifti(ct_volume(1, (20, 22, 6)), OBLIQUE, cohort / "a.nii.gz")
+    (cohort / "stray.dcm").write_bytes(b"")  # an empty file named .dcm is not a DICOM series
+    assert not io.is_dicom_folder(cohort)
+    assert engine.expand_inputs([cohort]) == [cohort / "a.nii.gz"]
+    # DICOM slices named without a suffix, beside a NIfTI volume: both are inputs, neither hides the other.
+    write_dicom(cohort, _slices(), names=[f"slice{k}" for k in range(10)])
+    assert not io.is_dicom_folder(cohort)
+    assert engine.expand_inputs([cohort]) == [cohort / "a.nii.gz", cohort]
+    assert io.read_image(cohort).array.shape == (22, 24, 10)
+    write_dicom(tmp_path / "series", _slices(), names=[f"{k}" for k in range(10)])
+    assert io.is_dicom_folder(tmp_path / "series") and engine.expand_inputs([tmp_path / "series"]) == [
+        tmp_path / "series"]
+
+
+SEG = "1.2.840.10008.5.1.4.1.1.66.4"
+RTSTRUCT = "1.2.840.10008.5.1.4.1.1.481.3"
+
+
+def test_a_seg_or_rtstruct_beside_the_images_is_not_a_series(tmp_path):
+    folder = tmp_path / "ct"
+    write_dicom(folder, _slices())
+    write_dicom_object(folder / "seg.dcm", "SEG", SEG, series="1.2.826.0.1.3680043.8.498.201", rows=24)
+    write_dicom_object(folder / "contours.dcm", "RTSTRUCT", RTSTRUCT, series="1.2.826.0.1.3680043.8.498.202")
+    image = io.read_image(folder)
+    assert image.array.shape == (22, 24, 10)
+    assert image.notes == ("not read, as they are not images: contours.dcm (an RT structure set, RTSTRUCT), seg.dcm "
+                           "(a DICOM SEG segmentation)",)
+    alone = tmp_path / "seg-only"
+    alone.mkdir()
+    write_dicom_object(alone / "seg.dcm", "SEG", SEG, series="1.2.826.0.1.3680043.8.498.201", rows=24)
+    with pytest.raises(InputError, match=r"seg-only: holds no DICOM image series: seg.dcm is a DICOM SEG "
+                                         r"segmentation, not an image; pass the folder of the images"):
+        io.read_image(alone)
+
+
+def test_several_series_are_listed_with_modality_and_description(tmp_path):
+    folder = tmp_path / "study"
+    write_dicom(folder, _slices(count=6), series="1.2.3.1", description="Head 5mm", thickness=5.0,
+                names=[f"a{k}.dcm" for k in range(6)])
+    write_dicom(folder, _slices(count=8), series="1.2.3.2", description="Head 1mm", modality="CT", thickness=1.0,
+                names=[f"b{k}.dcm" for k in range(8)])
+    with pytest.raises(InputError) as raised:
+        io.read_image(folder)
+    assert str(raised.value) == (f'{folder}: holds 2 DICOM series; choose one with --series UID from: 1.2.3.1 (CT, '
+                                 '"Head 5mm", 6 slices); 1.2.3.2 (CT, "Head 1mm", 8 slices)')
+    assert io.read_image(folder, series="1.2.3.2").array.shape == (22, 24, 8)
+    with pytest.raises(InputError, match=r'has no series 1.2.3.9; it holds: 1.2.3.1 \(CT, "Head 5mm", 6 slices\)'):
+        io.read_image(folder, series="1.2.3.9")

