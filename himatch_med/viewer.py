@@ -197,7 +197,8 @@ def study_view(folder: Path, report: dict, *, title: str, image: io.Image | None
         raise ValueError(f"{report['input']}: shape {image.array.shape} differs from its heatmap's "
                          f"{heat.array.shape}; the input changed after the run: run it again")
     window = _window(report.get("settings", {}))
-    layers = [Layer("image", "image.nii.gz", io.nifti_bytes(image), image.array.shape, "gray",
+    pixels = io.nifti_bytes(image, dtype=_compact(image.array))
+    layers = [Layer("image", "image.nii.gz", pixels, image.array.shape, "gray",
                     cal_min=window[0] if window else None, cal_max=window[1] if window else None)]
     ceiling = max(math.ceil(2 * float(np.nanmax(heat.array))) / 2, OVERLAY_FLOOR + 2.0)
     layers.append(Layer("anomaly", "anomaly.nii.gz", io.nifti_bytes(heat), heat.array.shape, ANOMALY_COLORMAP,
@@ -211,6 +212,14 @@ def study_view(folder: Path, report: dict, *, title: str, image: io.Image | None
         links["findings"] = findings.name
     return StudyView(title, str(report["input"]), heat.affine, tuple(layers), jumps, OVERLAY_FLOOR, ceiling,
                      report.get("volume_score"), report.get("volume_percentile"), links)
+
+
+def _compact(array: np.ndarray):
+    """int16 for whole numbers that fit (most MRI and CT: half the bytes of float32), else float32."""
+    if array.size and np.isfinite(array).all() and -32768 <= array.min() and array.max() <= 32767 \
+            and np.array_equal(array, np.rint(array)):
+        return np.int16
+    return np.float32
 
 
 def _window(settings: dict) -> tuple[float, float] | None:

@@ -142,7 +142,11 @@ def test_ids_and_paths_are_escaped_on_the_page(screened):
 
 def test_the_page_data_holds_the_input_and_the_heatmap_on_the_input_grid(root, screened):
     folder, results = screened
-    cases = {HOSTILE: nib.load(root / "cohort" / "lesion.nii.gz"), "dicom_oblique": None}
+    from himatch_med import io
+
+    # The float lesion volume travels as float32, the whole-numbered DICOM series as int16: both exactly.
+    cases = {HOSTILE: nib.load(root / "cohort" / "lesion.nii.gz").get_fdata(),
+             "dicom_oblique": io.read_image(root / "cohort" / "dicom_oblique").array}
     for study_id, source in cases.items():
         study = folder / results[study_id].study.folder
         data = _data(study)
@@ -154,8 +158,8 @@ def test_the_page_data_holds_the_input_and_the_heatmap_on_the_input_grid(root, s
         for header in (image.header, heat.header):
             np.testing.assert_allclose(header.get_sform(), stored.header.get_sform(), atol=1e-5)
             np.testing.assert_allclose(header.get_qform(), stored.header.get_qform(), atol=1e-5)
-        if source is not None:
-            np.testing.assert_allclose(image.get_fdata(), source.get_fdata(), atol=1e-4)
+        np.testing.assert_allclose(image.get_fdata(), source, atol=1e-4)
+        assert image.get_data_dtype() == (np.int16 if study_id == "dicom_oblique" else np.float32)
         assert data["layers"][1]["cal_min"] == data["threshold"] and data["ceiling"] >= data["threshold"] + 2
 
 
