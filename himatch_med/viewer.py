@@ -56,7 +56,8 @@ FINDING_COLOURS = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), 
 # The bundle constructs NiiVue in its anywidget initialiser; the class's minified name is read from there.
 _CONSTRUCTED = re.compile(r'"Creating new Niivue instance"\);.{0,200}?=new ([A-Za-z_$][\w$]*)\(')
 _EXPORT = re.compile(r"export\s*\{[^{}]*\}\s*;?\s*$")
-_MODULE_ONLY = re.compile(r"\bimport\.meta\b|(?:^|[;}\n])\s*import\s*[{*\"'\w]")
+# What a classic script cannot hold: import.meta, static imports (import x from, import {x}, import * as, import "x").
+_MODULE_ONLY = re.compile(r"\bimport\.meta\b|(?:^|[;}\n])\s*import\s*(?:[{*\"']|[A-Za-z_$][\w$]*\s*(?:,|from\b))")
 
 
 @dataclass(frozen=True)

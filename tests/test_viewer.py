@@ -257,8 +257,10 @@ def test_the_bundle_becomes_a_classic_script_or_is_refused():
     script = viewer.classic_script(module, source="ipyniivue 0.0", licence="BSD */ text")
     assert "export" not in script and "globalThis.himatchNiivue = { Niivue: Xy$" in script
     assert script.index("(function () {") < script.index("var a=1") and "BSD * / text" in script
+    assert viewer.classic_script(module.replace("var a=1;", 'var a=1;importScripts("w.js");'), source="s")
     for broken in (module.replace("Creating new", "Making"), module.replace("export{f as default};", ""),
-                   "import{x}from\"./y.js\";" + module, module.replace("var a=1", "var a=import.meta.url")):
+                   "import{x}from\"./y.js\";" + module, 'import x from "./y.js";' + module,
+                   module.replace("var a=1", "var a=import.meta.url")):
         with pytest.raises(RuntimeError, match="not laid out as expected.*ipyniivue>=2.4"):
             viewer.classic_script(broken, source="ipyniivue 9.9")
 
