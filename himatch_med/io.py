@@ -567,6 +567,20 @@ def write_map(array: np.ndarray, like: Image, path: str | Path) -> Path:
     return path
 
 
+def nifti_bytes(image: Image, *, dtype=np.float32) -> bytes:
+    """The bytes of a gzipped NIfTI file of ``image`` on its own header (affine, qform, sform), made in memory.
+
+    For pages that embed their volumes. The same image gives the same bytes (the gzip header carries no time).
+    """
+    header = image.header.copy()
+    header.set_data_dtype(dtype)
+    header.set_slope_inter(np.nan, np.nan)
+    header.set_data_shape(image.array.shape)
+    kind = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
+    data = kind(np.asarray(image.array, dtype=dtype), None, header).to_bytes()
+    return gzip.compress(data, compresslevel=1, mtime=0)
+
+
 def write_text(text: str, path: str | Path) -> Path:
     """Write a text file atomically."""
     path = Path(path)

@@ -10,7 +10,8 @@ Layout of the output folder::
     scores.csv            ranked from most to least anomalous; failed studies last
     report.html           one row per study: score, percentile, thumbnail, links; failed studies with their error
     roc.png               with labels: the ROC curve of the volume scores
-    <study>/              what :func:`himatch_med.engine.analyse` writes for the study
+    <study>/              what :func:`himatch_med.engine.analyse` writes for the study, and with the ``viewer``
+                          extra its 3D viewer page ``view.html`` (:mod:`himatch_med.viewer`)
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from urllib.parse import quote
 
 from torch.utils.data import DataLoader, Dataset
 
-from himatch_med import __version__, engine, io
+from himatch_med import __version__, engine, io, viewer
 from himatch_med.bank import Bank
 from himatch_med.config import Settings
 from himatch_med.errors import InputError
@@ -62,7 +63,8 @@ class Result:
     """The outcome of one study: a row of ``scores.csv`` and of the report.
 
     ``status`` is ``ok`` (computed in this run), ``skipped`` (complete from an earlier run) or ``failed``; ``outputs``
-    maps ``anomaly``, ``uncertainty``, ``overview``, ``report`` to paths relative to the screening folder.
+    maps ``anomaly``, ``uncertainty``, ``overview``, ``report`` and, when written, ``view`` to paths relative to the
+    screening folder.
     """
 
     study: Study
@@ -340,7 +342,10 @@ def finished(study: Study, folder: Path, extractor: Extractor, bank: Bank, setti
     report = json.loads(paths["report"].read_text())
     if not _same_run(report, extractor, bank, settings):
         return None
-    return _from_report(study, report, folder, "skipped")
+    note = viewer.add_page(target, report, title=study.id, replace=False)  # e.g. the extra installed since
+    result = _from_report(study, report, folder, "skipped")
+    result.notes += [note] if note else []
+    return result
 
 
 def _same_run(report: dict, extractor: Extractor, bank: Bank, settings: Settings) -> bool:
@@ -354,6 +359,8 @@ def _same_run(report: dict, extractor: Extractor, bank: Bank, settings: Settings
 
 def _from_report(study: Study, report: dict, folder: Path, status: str) -> Result:
     outputs = {key: f"{study.folder}/{name}" for key, name in report.get("outputs", {}).items()}
+    if (folder / study.folder / viewer.PAGE).is_file():
+        outputs["view"] = f"{study.folder}/{viewer.PAGE}"
     percentile = report.get("volume_percentile")
     return Result(study, status, volume_score=_number(report.get("volume_score")),
                   volume_percentile=_number(percentile), top_slices=list(report.get("top_slices", [])),
@@ -382,7 +389,10 @@ def analyse_study(study: Study, loaded: Loaded, extractor: Extractor, bank: Bank
     except Exception as error:  # one failing study must not end the screening
         return Result(study, "failed", error=_one_line(engine.describe_error(study.path, error)),
                       details=traceback.format_exc(), seconds=round(loaded.seconds + time.perf_counter() - started, 3))
-    return _from_report(study, report, folder, "ok")
+    note = viewer.add_page(folder / study.folder, report, title=study.id, image=loaded.volume[0])
+    result = _from_report(study, report, folder, "ok")
+    result.notes += [note] if note else []
+    return result
 
 
 def _one_line(text: str) -> str:
@@ -511,6 +521,9 @@ def report_html(screening: Screening, *, model: str, bank: Bank) -> str:
              "<p class='meta'>Score: the mean of the top 1 % of a volume's anomaly map, in z-units of the bank's "
              "normal variation (0 is typical normal tissue). Percentile: among the bank's normal volumes. "
              "Top slices: the file's own voxel axis and index, with the slice score.</p>"]
+    if scored and not any("view" in r.outputs for r in scored):
+        parts.append(f"<p class='meta'>No 3D viewer pages: they need NiiVue, <code>{e(viewer.INSTALL)}</code>; then "
+                     "run the screening again (finished studies are not recomputed, their pages are added).</p>")
     if labelled:
         parts.append("<section class='roc'>")
         if screening.auc is not None:
@@ -551,7 +564,8 @@ def _row(rank: int, result: Result, labelled: bool) -> str:
     top = "<br>".join(f"{e(str(t.get('file_axis')))}={e(str(t.get('file_index')))}: {e(_shown(t.get('score')))}"
                       for t in _entries(result.top_slices[:3]))
     outputs = " ".join(f"<a href='{links[key]}'>{name}</a>" for key, name in (
-        ("report", "report"), ("anomaly", "heatmap"), ("uncertainty", "uncertainty")) if key in links)
+        ("view", "3D viewer"), ("report", "report"), ("anomaly", "heatmap"), ("uncertainty", "uncertainty"))
+        if key in links)
     folder = quote(f"{result.study.folder}/")
     status = "" if result.status == "ok" else "<div class='meta'>from an earlier run</div>"
     status += "".join(f"<div class='note'>{e(str(note))}</div>" for note in result.notes)

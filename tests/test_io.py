@@ -1,5 +1,6 @@
 """Files: reading every input kind, atomic writes, banks on disk."""
 
+import gzip
 import json
 
 import nibabel as nib
@@ -371,3 +372,21 @@ def test_several_series_are_listed_with_modality_and_description(tmp_path):
     assert io.read_image(folder, series="1.2.3.2").array.shape == (22, 24, 8)
     with pytest.raises(InputError, match=r'has no series 1.2.3.9; it holds: 1.2.3.1 \(CT, "Head 5mm", 6 slices\)'):
         io.read_image(folder, series="1.2.3.9")
+
+
+def test_nifti_bytes_keep_the_header_and_are_the_same_every_time(tmp_path):
+    array = brain_volume(3)[0]
+    path = save_nifti(array, OBLIQUE, tmp_path / "a.nii.gz", sform_code=4, qform_code=1)
+    image = io.read_image(path)
+    data = io.nifti_bytes(image)
+    assert data == io.nifti_bytes(image)  # no time in the gzip header
+    back = nib.Nifti1Image.from_bytes(gzip.decompress(data))
+    np.testing.assert_array_equal(back.get_fdata(dtype=np.float32), array)
+    for coded in ("get_sform", "get_qform"):
+        (matrix, code), (expected, expected_code) = (getattr(h, coded)(coded=True) for h in (back.header, image.header))
+        np.testing.assert_allclose(matrix, expected, atol=1e-6)
+        assert code == expected_code
+    rounded = io.Image(np.rint(array), image.affine, image.header, path, "nifti")
+    whole = nib.Nifti1Image.from_bytes(gzip.decompress(io.nifti_bytes(rounded, dtype=np.int16)))
+    assert whole.get_data_dtype() == np.int16
+    np.testing.assert_array_equal(whole.get_fdata(), np.rint(array))
