@@ -1,12 +1,17 @@
-"""Every tunable setting of himatch-med, with its default, documented once.
+"""Every tunable setting of himatch-med, with its default, documented once; and how files are read.
 
 The CLI builds its options from :class:`Settings`, so ``--help`` always shows these defaults. Library functions take
 the few values they need, never the whole object.
+
+Each setting's flags are the one place that says what it matters for (see :data:`FLAGS`): whether a bank records it
+and a query must repeat it (``bank``), whether the bank's calibration depends on it so that a query changing it gets
+approximate z-units (``calibrated``), whether it is recorded with the calibration because it fixed how the bank was
+built (``built``), or whether it only changes speed and memory (``speed``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 
 DEFAULT_MODEL = "facebook/dinov3-vitb16-pretrain-lvd1689m"
 MODALITIES = ("mri", "ct", "oct")
@@ -30,6 +35,7 @@ FULL_FIELD = 0.98
 """A foreground covering this share of the field of view is noted as suspicious for MRI and CT."""
 AXES = ("axial", "coronal", "sagittal")
 FUSIONS = ("uncertainty", "mean", "max", "last")
+NAN_POLICIES = ("refuse", "zero")
 
 # Per-modality defaults for the settings left at ``None``. Preprocessed MRI has a constant background, but not always
 # 0 (z-scored BraTS: -3.6; conformed or nnU-Net-style volumes alike): the value that fills the border is taken as the
@@ -42,13 +48,25 @@ MODALITY_DEFAULTS = {
 BODY_THRESHOLD_HU = -500.0
 
 
-def _setting(default, help: str, choices=None, bank: bool = False):  # noqa: A002
-    return field(default=default, metadata={"help": help, "choices": choices, "bank": bank})
+FLAGS = {
+    "bank": "recorded in the bank; a query must repeat it, or the bank is refused",
+    "calibrated": "the bank's calibration depends on it; a query that changes it gets approximate z-units and "
+                  "percentiles (a note in its report; an evaluation recalibrates)",
+    "built": "fixed when the bank is built (a query cannot change what it did); recorded with the calibration",
+    "speed": "changes speed and memory only, never a result",
+}
+"""What each flag of a setting means."""
+
+
+def _setting(default, help: str, choices=None, *, bank: bool = False, calibrated: bool = False,  # noqa: A002
+             built: bool = False, speed: bool = False):
+    return field(default=default, metadata={"help": help, "choices": choices, "bank": bank, "calibrated": calibrated,
+                                            "built": built, "speed": speed})
 
 
 @dataclass(frozen=True)
 class Settings:
-    """The settings of one run; fields marked ``bank`` must match between a bank and its queries."""
+    """The settings of one run; each field's flags (:data:`FLAGS`) say what it matters for."""
 
     model: str = _setting(DEFAULT_MODEL, "Hub id or local folder of a DINOv3 (or DINOv2) model", bank=True)
     modality: str = _setting("mri", "intensity preset: mri (foreground percentiles), ct (HU window), oct (foreground "
@@ -64,29 +82,33 @@ class Settings:
                                bank=True)
     stages: tuple[int, ...] = _setting((), "transformer blocks (1-based) whose patch tokens are matched; empty: "
                                        "4 evenly spaced ending at the last", bank=True)
-    axis: str = _setting("axial", "slice axis in RAS: axial, coronal or sagittal", AXES, bank=True)
+    axis: str = _setting("axial", "slice axis in RAS: axial, coronal or sagittal", AXES, bank=True, built=True)
     foreground: str | None = _setting(None, "foreground mode: border (all but the constant value filling the "
                                       "volume's border; Otsu when there is none), nonzero, body (CT > -500 HU), otsu, "
                                       "all; empty: the modality's default (mri border, ct body, oct otsu)",
-                                      FOREGROUNDS)
+                                      FOREGROUNDS, calibrated=True)
     min_foreground: float = _setting(0.01, "slices with less foreground than this fraction are not scored")
     patch_foreground: float = _setting(0.5, "a patch is foreground when this fraction of its pixels is")
     layout_cells: int = _setting(4, "cells per side of the coarse layout descriptor (patch branch of retrieval)",
-                                 bank=True)
-    centroids: int = _setting(32, "centroids per reference slice and stage (spherical k-means)")
+                                 bank=True, built=True)
+    centroids: int = _setting(32, "centroids per reference slice and stage (spherical k-means)", built=True)
     kmeans_iterations: int = _setting(20, "spherical k-means iterations")
     calibration_slices: int = _setting(512, "bank slices sampled for the z-unit and percentile calibration")
-    references_k: int = _setting(8, "references retrieved per query slice")
-    cls_weight: float = _setting(0.5, "weight of the CLS branch in retrieval (the layout branch gets the rest)")
+    references_k: int = _setting(8, "references retrieved per query slice", calibrated=True)
+    cls_weight: float = _setting(0.5, "weight of the CLS branch in retrieval (the layout branch gets the rest)",
+                                 calibrated=True)
     position_window: float | None = _setting(None, "only retrieve references within this relative slice position "
-                                             "(0 = off); empty: the modality's default (mri 0.1, else off)")
-    fusion: str = _setting("uncertainty", "how stage maps are fused: uncertainty, mean, max, last", FUSIONS)
-    temperature: float = _setting(1.0, "temperature of the uncertainty softmax over stages")
-    smoothing_sigma: float = _setting(4.0, "Gaussian smoothing of the maps, in backbone-image pixels")
-    top_fraction: float = _setting(0.01, "slice/volume score = mean of this top fraction of foreground values")
-    seed: int = _setting(0, "seed of every random choice (k-means, calibration sample)")
-    batch_size: int = _setting(16, "slices per backbone batch")
-    chunk_size: int = _setting(4096, "bank rows compared at once (bounds memory)")
+                                             "(0 = off); empty: the modality's default (mri 0.1, else off)",
+                                             calibrated=True)
+    fusion: str = _setting("uncertainty", "how stage maps are fused: uncertainty, mean, max, last", FUSIONS,
+                           calibrated=True)
+    temperature: float = _setting(1.0, "temperature of the uncertainty softmax over stages", calibrated=True)
+    smoothing_sigma: float = _setting(4.0, "Gaussian smoothing of the maps, in backbone-image pixels", calibrated=True)
+    top_fraction: float = _setting(0.01, "slice/volume score = mean of this top fraction of foreground values",
+                                   calibrated=True)
+    seed: int = _setting(0, "seed of every random choice (k-means, calibration sample)", built=True)
+    batch_size: int = _setting(16, "slices per backbone batch", speed=True)
+    chunk_size: int = _setting(4096, "bank rows compared at once (bounds memory)", speed=True)
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -115,10 +137,44 @@ class Settings:
         defaults = MODALITY_DEFAULTS[self.modality]
         return replace(self, **{k: v for k, v in defaults.items() if getattr(self, k) is None})
 
+    @classmethod
+    def flagged(cls, flag: str) -> tuple[str, ...]:
+        """Names of the settings with ``flag`` (one of :data:`FLAGS`), in field order."""
+        if flag not in FLAGS:
+            raise ValueError(f"flag={flag!r} is not one of {', '.join(FLAGS)}")
+        return tuple(f.name for f in fields(cls) if f.metadata[flag])
+
     def bank_fields(self) -> dict:
         """The settings a bank records and a query must repeat (the CT window only for CT)."""
-        return {f.name: getattr(self, f.name) for f in fields(self)
-                if f.metadata.get("bank") and (f.name != "window" or self.modality == "ct")}
+        return {name: getattr(self, name) for name in self.flagged("bank")
+                if name != "window" or self.modality == "ct"}
+
+    def calibration_fields(self) -> dict:
+        """The settings a bank records with its calibration: those it depends on and those fixed at building."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata["calibrated"] or f.metadata["built"]}
+
+    def results_fields(self) -> dict:
+        """Every setting that can change a result (all but the ``speed`` ones), as plain values."""
+        return {k: v for k, v in asdict(self).items() if not self.__dataclass_fields__[k].metadata["speed"]}
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    """How input files are read: ``--volume-index``, ``--series``, ``--nan-policy``, ``--allow-shear``.
+
+    ``volume_index`` picks a volume of a 4D NIfTI; ``series`` a SeriesInstanceUID of a DICOM folder holding several;
+    ``nan_policy`` is ``refuse`` (NaN or infinite voxels stop the file) or ``zero`` (they are set to 0, with a note);
+    ``allow_shear`` accepts sheared affines, slicing along the nearest voxel axes.
+    """
+
+    volume_index: int | None = None
+    series: str | None = None
+    nan_policy: str = "refuse"
+    allow_shear: bool = False
+
+    def __post_init__(self) -> None:
+        if self.nan_policy not in NAN_POLICIES:
+            raise ValueError(f"nan_policy={self.nan_policy!r} is not one of {', '.join(NAN_POLICIES)}")
 
 
 def default_stages(depth: int) -> tuple[int, ...]:

@@ -246,9 +246,7 @@ def build_bank(extractor: Extractor, volumes: Iterable[tuple[str, Prepared]], se
             if progress:
                 progress(len(part))
     meta = {"settings": {**settings.bank_fields(), "stages": list(extractor.stages)},
-            "calibration": {name: getattr(settings, name) for name in (
-                "references_k", "cls_weight", "position_window", "fusion", "temperature", "smoothing_sigma",
-                "top_fraction", "foreground", "axis", "centroids", "layout_cells", "seed")},
+            "calibration": settings.calibration_fields(),
             "patch_size": extractor.patch_size}
     bank = builder.bank(meta)
     return calibrate_bank(bank, builder.samples, settings, extractor.patch_size, device)

@@ -275,9 +275,7 @@ def _cache_key(files: list[Path], labels: Path | None, settings: Settings, extra
     stamp = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
     if labels is not None and labels.is_dir():
         stamp += [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(labels.iterdir())]
-    # Batch and chunk sizes change how fast a bank is built, not what it holds.
-    relevant = {k: v for k, v in asdict(settings).items() if k not in ("batch_size", "chunk_size")}
-    text = json.dumps([stamp, relevant, list(extractor.stages), extractor.model_id], default=str)
+    text = json.dumps([stamp, settings.results_fields(), list(extractor.stages), extractor.model_id], default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -375,14 +373,9 @@ def make_report(image: io.Image, orientation: np.ndarray, prepared: Prepared, de
     }
 
 
-CALIBRATED = ("references_k", "cls_weight", "position_window", "fusion", "temperature", "smoothing_sigma",
-              "top_fraction", "foreground")
-"""Settings the bank's calibration depends on: when a query changes them, its z-units and percentiles drift."""
-
-
 def calibration_notes(bank: Bank, settings: Settings) -> list[str]:
     """A warning when this run's settings differ from those the bank was calibrated with."""
-    changes = bank.calibration_changes(settings, CALIBRATED)
+    changes = bank.calibration_changes(settings, Settings.flagged("calibrated"))
     changed = [f"{name} {old!r} -> {new!r}" for name, (old, new) in changes.items()]
     if not changed:
         return []

@@ -70,8 +70,6 @@ MASK_SUFFIXES = ("", "_mask", "_label", "_seg", "_gt", "_segmentation")
 SPLIT_NAMES = {"train": ("train",), "test": ("test",), "valid": ("valid", "val")}
 ABLATION_AXES = ("stages", "fusion", "references_k", "cls_weight")
 """Settings that take several values in one evaluation, outermost first (``stages`` varies the slowest)."""
-ROW_ONLY = ("fusion", "references_k", "cls_weight")
-"""Settings that change neither the features nor the bank's references, only retrieval, fusion and calibration."""
 PIXEL_RANGE = (-20.0, 100.0)
 """Histogram range of the pixel metrics, in z-units."""
 PIXEL_BINS = 48_000
@@ -563,9 +561,11 @@ def evaluate(dataset: Dataset, rows: list[Settings], *, device: str = "auto", ca
                      pictures=pictures if number == 0 else 0) for number, row in enumerate(rows)]
     failures = [{"path": path, "rows": "all", "error": reason} for path, reason in dataset.skipped]
     notes = list(dataset.notes)
+    # Rows that differ only in calibrated settings share the features and the bank's references (recalibrated).
+    shared = [axis for axis in ABLATION_AXES if axis in Settings.flagged("calibrated")]
     groups: dict[Settings, list[int]] = {}
     for number, row in enumerate(rows):
-        groups.setdefault(replace(row, **{k: getattr(rows[0], k) for k in ROW_ONLY}), []).append(number)
+        groups.setdefault(replace(row, **{k: getattr(rows[0], k) for k in shared}), []).append(number)
     timings: dict = {"groups": []}
     for members in groups.values():
         members_rows = [rows[i] for i in members]

@@ -24,7 +24,7 @@ import math
 import re
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from urllib.parse import quote
@@ -41,8 +41,6 @@ SCORES = "scores.csv"
 REPORT = "report.html"
 ROC = "roc.png"
 COHORT_SUFFIXES = (".csv",)
-COMPUTE_ONLY = ("batch_size", "chunk_size")
-"""Settings that change speed and memory but not results: a study made with other values is still up to date."""
 
 
 @dataclass(frozen=True)
@@ -349,12 +347,12 @@ def finished(study: Study, folder: Path, extractor: Extractor, bank: Bank, setti
 
 
 def _same_run(report: dict, extractor: Extractor, bank: Bank, settings: Settings) -> bool:
-    def relevant(values: dict) -> dict:
-        return {k: v for k, v in json.loads(json.dumps(values)).items() if k not in COMPUTE_ONLY}
-
+    # Speed-only settings change no result: a study made with other values of them is still up to date.
+    speed = Settings.flagged("speed")
+    recorded = {k: v for k, v in report.get("settings", {}).items() if k not in speed}
     return (report.get("model") == extractor.model_id and report.get("stages") == list(extractor.stages)
             and report.get("bank", {}).get("id") == str(bank.meta.get("arrays_sha256", ""))[:16]
-            and relevant(report.get("settings", {})) == relevant(asdict(settings)))
+            and recorded == json.loads(json.dumps(settings.results_fields())))
 
 
 def _from_report(study: Study, report: dict, folder: Path, status: str) -> Result:
