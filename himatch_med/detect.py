@@ -1,25 +1,25 @@
-"""Orchestration on tensors: prepare a volume, build a bank, detect anomalies. Never touches files.
+"""Orchestration on tensors: prepare a volume, and the :class:`Detector` that finds its anomalies. Never touches files.
 
 A volume flows as: canonical volume -> :class:`Prepared` slices -> batches through the extractor -> retrieval and
-stage maps against the bank -> fused patch maps -> maps on the slice grid -> back to the canonical volume.
-Only the patch maps of the whole volume are held at once; stage grids live for one batch.
+stage maps against the bank -> fused patch maps -> maps on the slice grid (:class:`Detection`). Only the patch maps
+of the whole volume are held at once; stage grids live for one batch.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from himatch_med.bank import Bank, BankBuilder, Sample
+from himatch_med.bank.data import Bank
 from himatch_med.config import Settings
 from himatch_med.errors import InputError
 from himatch_med.features import Extractor, Features, describe
 from himatch_med.fusion import calibrate, fuse, stage_uncertainty
 from himatch_med.matching import reference_distances
 from himatch_med.retrieval import retrieve
-from himatch_med.scoring import percentile, slice_scores, top_mean, volume_score
+from himatch_med.scoring import percentile, slice_scores, volume_score
 from himatch_med.timing import NO_TIMER, Timer
 from himatch_med.transforms import (
     foreground_mask,
@@ -52,23 +52,36 @@ class Prepared:
 
 @dataclass(frozen=True)
 class Detection:
-    """Result for one volume: maps as canonical volumes, scores per slice and per volume."""
+    """Result for one volume: maps per slice, scores per slice and per volume.
+
+    ``anomaly`` and ``uncertainty`` (S, H, W): the fused maps F and U of the display-oriented slices cut along the
+    canonical ``axis``, as the picture and the metrics use them (:meth:`canonical` stacks them into the canonical
+    volume); ``slice_scores`` and ``slice_percentiles`` (S,); ``scored`` (S,) the slices that were scored;
+    ``volume_score`` and ``volume_percentile``.
+    """
 
     anomaly: torch.Tensor
     uncertainty: torch.Tensor
+    axis: int
     slice_scores: torch.Tensor
     slice_percentiles: torch.Tensor
     scored: torch.Tensor
     volume_score: float
     volume_percentile: float
 
+    def canonical(self, name: str) -> torch.Tensor:
+        """The map ``name`` (``anomaly`` or ``uncertainty``) as a canonical volume ``(X, Y, Z)``."""
+        if name not in ("anomaly", "uncertainty"):
+            raise ValueError(f"name={name!r} is not one of anomaly, uncertainty")
+        return from_slices(getattr(self, name), self.axis)
 
-def prepare(volume: torch.Tensor, settings: Settings, *, foreground: torch.Tensor | None = None,
+
+def prepare(canonical: torch.Tensor, settings: Settings, *, foreground: torch.Tensor | None = None,
             excluded: torch.Tensor | None = None) -> Prepared:
     """Scale intensities, find the foreground and cut a canonical volume ``(X, Y, Z)`` into slices.
 
     Args:
-        volume: raw intensities of the canonical volume.
+        canonical: raw intensities of the canonical volume.
         settings: resolved settings (modality, window, foreground, axis, min_foreground).
         foreground: a given foreground mask (overrides the foreground mode).
         excluded: voxels whose slices must not be scored nor used as references (lesion labels of annotated
@@ -77,9 +90,9 @@ def prepare(volume: torch.Tensor, settings: Settings, *, foreground: torch.Tenso
     if foreground is not None:
         mask, notes = foreground, ()
     else:
-        mask = foreground_mask(volume, settings.foreground)
-        notes = foreground_notes(volume, mask, mode=settings.foreground, modality=settings.modality)
-    scaled = scale_intensity(volume, mask, modality=settings.modality, window=settings.window,
+        mask = foreground_mask(canonical, settings.foreground)
+        notes = foreground_notes(canonical, mask, mode=settings.foreground, modality=settings.modality)
+    scaled = scale_intensity(canonical, mask, modality=settings.modality, window=settings.window,
                              intensity=settings.intensity)
     axis = AXIS_INDEX[settings.axis]
     slices, fg = to_slices(scaled, axis), to_slices(mask.bool(), axis)
@@ -161,53 +174,6 @@ def slice_sigma(settings: Settings, height: int, width: int, patch_size: int) ->
     return settings.smoothing_sigma * height / size[0]
 
 
-def detect(extractor: Extractor, bank: Bank, prepared: Prepared, settings: Settings,
-           progress: Progress | None = None,
-           computed: Iterable[tuple[torch.Tensor, Features, torch.Tensor]] | None = None,
-           timer: Timer = NO_TIMER) -> Detection:
-    """Anomaly and uncertainty maps and scores of one prepared volume against a bank.
-
-    Args:
-        extractor: the backbone (or a stand-in with the same interface).
-        bank: a calibrated bank built with the same model, stages, image size and preset.
-        prepared: the volume from :func:`prepare`.
-        settings: resolved settings.
-        progress: called with the number of slices finished after each batch.
-        computed: the output of :func:`batches` for this volume when already at hand (an evaluation that tries
-            several settings on the same features); computed here otherwise.
-        timer: charged with the time of each phase (benchmarks).
-    """
-    device = _device(extractor)
-    count, height, width = prepared.slices.shape
-    grid_maps: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    pending = computed if computed is not None else batches(extractor, prepared, settings, device, timer)
-    for part, features, patches in pending:
-        stage_maps, per_reference = stage_distances(features, bank, settings, prepared.positions[part], timer=timer)
-        with timer("fusion"):
-            anomaly, uncertainty = fused_maps(stage_maps, per_reference, bank, settings)
-            anomaly, uncertainty = fill_background(anomaly, patches), fill_background(uncertainty, patches)
-            for row, index in enumerate(part.tolist()):
-                grid_maps[index] = (anomaly[row], uncertainty[row])
-        if progress:
-            progress(len(part))
-    with timer("resample"):
-        scored = torch.zeros(count, dtype=torch.bool)
-        scored[list(grid_maps)] = True
-        sigma = slice_sigma(settings, height, width, extractor.patch_size)
-        anomaly = slice_maps([grid_maps.get(i, (None, None))[0] for i in range(count)], (height, width), sigma)
-        uncertainty = slice_maps([grid_maps.get(i, (None, None))[1] for i in range(count)], (height, width), sigma)
-        foreground = prepared.foreground.to(anomaly.device)
-        scores = slice_scores(anomaly, foreground, scored.to(anomaly.device), settings.top_fraction).cpu()
-        volume = volume_score(anomaly, foreground, scored.to(anomaly.device), settings.top_fraction) \
-            if scored.any() else 0.0
-        anomaly, uncertainty = anomaly.cpu(), uncertainty.cpu()
-    return Detection(
-        anomaly=from_slices(anomaly, prepared.axis), uncertainty=from_slices(uncertainty, prepared.axis),
-        slice_scores=scores, slice_percentiles=percentile(scores, bank.calibration_slice_scores), scored=scored,
-        volume_score=volume,
-        volume_percentile=float(percentile(torch.tensor([volume]), bank.calibration_volume_scores)[0]))
-
-
 def slice_maps(maps: list[torch.Tensor | None], size: tuple[int, int], sigma: float, chunk: int = 64
                 ) -> torch.Tensor:
     """Patch maps of every slice (None where not scored) -> smoothed slice maps ``(S, H, W)``.
@@ -222,74 +188,94 @@ def slice_maps(maps: list[torch.Tensor | None], size: tuple[int, int], sigma: fl
     return torch.cat([maps_to_slices(part, size, sigma=sigma) for part in stack.split(chunk)])
 
 
-def _device(extractor: Extractor) -> torch.device:
+def device_of_extractor(extractor: Extractor) -> torch.device:
+    """Where an extractor computes (the CPU for one that does not say)."""
     return getattr(extractor, "device", torch.device("cpu"))
 
 
-def build_bank(extractor: Extractor, volumes: Iterable[tuple[str, Prepared]], settings: Settings,
-               progress: Progress | None = None) -> Bank:
-    """Build and calibrate a bank from prepared normal volumes (each a 2D image or a 3D volume).
+@dataclass(frozen=True, eq=False)
+class Detector:
+    """What detection needs, loaded once: the extractor, a calibrated bank, and the method settings.
 
-    Args:
-        extractor: the backbone.
-        volumes: ``(source name, prepared volume)`` pairs; their scored slices become references.
-        settings: resolved settings.
-        progress: called with the number of slices finished after each batch.
+    ``bank`` was built with the extractor's model and stages and the settings' image size and preset (as
+    :func:`himatch_med.bank.store.open_bank` checks); ``settings`` are resolved. The command line, screening,
+    evaluation and the Ray actors pass this one object around.
     """
-    device = _device(extractor)
-    builder = BankBuilder(centroids=settings.centroids, iterations=settings.kmeans_iterations, seed=settings.seed,
-                          calibration_slices=settings.calibration_slices)
-    for group, (source, prepared) in enumerate(volumes):
-        for part, features, patches in batches(extractor, prepared, settings, device):
-            builder.add(features.cls, features.layout, features.stages, patches, prepared.foreground[part],
-                        prepared.positions[part], group, [{"source": source, "slice": i} for i in part.tolist()])
+
+    extractor: Extractor
+    bank: Bank
+    settings: Settings
+
+    @property
+    def device(self) -> torch.device:
+        """Where the extractor computes."""
+        return device_of_extractor(self.extractor)
+
+    def batches(self, prepared: Prepared, timer: Timer = NO_TIMER
+                ) -> Iterator[tuple[torch.Tensor, Features, torch.Tensor]]:
+        """The features of a prepared volume's scored slices, batch by batch (see :func:`batches`)."""
+        return batches(self.extractor, prepared, self.settings, self.device, timer)
+
+    def with_bank(self, bank: Bank, settings: Settings) -> Detector:
+        """The same extractor with another bank and settings (an evaluation row)."""
+        return replace(self, bank=bank, settings=settings)
+
+    def detect(self, prepared: Prepared, *, progress: Progress | None = None,
+               computed: Iterable[tuple[torch.Tensor, Features, torch.Tensor]] | None = None,
+               timer: Timer = NO_TIMER) -> Detection:
+        """Anomaly and uncertainty maps and scores of one prepared volume against the bank.
+
+        Args:
+            prepared: the volume from :func:`prepare`.
+            progress: called with the number of slices finished after each batch.
+            computed: the output of :meth:`batches` for this volume when already at hand (an evaluation that tries
+                several settings on the same features); computed here otherwise.
+            timer: charged with the time of each phase (benchmarks).
+        """
+        bank, settings = self.bank, self.settings
+        count, height, width = prepared.slices.shape
+        grid_maps: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        pending = computed if computed is not None else self.batches(prepared, timer)
+        for part, features, patches in pending:
+            stage_maps, per_reference = stage_distances(features, bank, settings, prepared.positions[part],
+                                                        timer=timer)
+            with timer("fusion"):
+                anomaly, uncertainty = fused_maps(stage_maps, per_reference, bank, settings)
+                anomaly, uncertainty = fill_background(anomaly, patches), fill_background(uncertainty, patches)
+                for row, index in enumerate(part.tolist()):
+                    grid_maps[index] = (anomaly[row], uncertainty[row])
             if progress:
                 progress(len(part))
-    meta = {"settings": {**settings.bank_fields(), "stages": list(extractor.stages)},
-            "calibration": settings.calibration_fields(),
-            "patch_size": extractor.patch_size}
-    bank = builder.bank(meta)
-    return calibrate_bank(bank, builder.samples, settings, extractor.patch_size, device)
+        with timer("resample"):
+            scored = torch.zeros(count, dtype=torch.bool)
+            scored[list(grid_maps)] = True
+            sigma = slice_sigma(settings, height, width, self.extractor.patch_size)
+            anomaly = slice_maps([grid_maps.get(i, (None, None))[0] for i in range(count)], (height, width), sigma)
+            uncertainty = slice_maps([grid_maps.get(i, (None, None))[1] for i in range(count)], (height, width),
+                                     sigma)
+            foreground = prepared.foreground.to(anomaly.device)
+            scores = slice_scores(anomaly, foreground, scored.to(anomaly.device), settings.top_fraction).cpu()
+            score = volume_score(anomaly, foreground, scored.to(anomaly.device), settings.top_fraction) \
+                if scored.any() else 0.0
+            anomaly, uncertainty = anomaly.cpu(), uncertainty.cpu()
+        return Detection(
+            anomaly=anomaly, uncertainty=uncertainty, axis=prepared.axis, slice_scores=scores,
+            slice_percentiles=percentile(scores, bank.calibration_slice_scores), scored=scored, volume_score=score,
+            volume_percentile=float(percentile(torch.tensor([score]), bank.calibration_volume_scores)[0]))
 
 
-def calibrate_bank(bank: Bank, samples: list[Sample], settings: Settings, patch_size: int,
-                   device: torch.device) -> Bank:
-    """Fill in the bank's calibration by querying sampled references against the bank without their own volume.
-
-    A bank made from a single volume (or image) leaves out only the sampled slice itself.
-    """
-    single = bank.groups.unique().numel() == 1
-    groups = torch.arange(len(bank)) if single else bank.groups
-    probe = Bank(**{**bank.tensors(), "groups": groups}, meta=bank.meta)
-    if len(bank) < 2:
-        raise InputError("a bank needs at least two reference slices to calibrate; add reference images")
-    sample_groups = torch.tensor([s.row if single else s.group for s in samples])
-    raw = []
-    for sample, group in zip(samples, sample_groups.tolist()):
-        features = Features(sample.cls[None].to(device), sample.layout[None].to(device),
-                            tuple(g[None].to(device, torch.float32) for g in sample.stages))
-        stage_maps, per_reference = stage_distances(features, probe, settings, torch.tensor([sample.position]),
-                                                    torch.tensor([group]))
-        raw.append((stage_maps, per_reference))
-    foreground_values = torch.cat([a[:, 0][:, s.patch_foreground.to(a.device)] for (a, _), s in zip(raw, samples)],
-                                  dim=1)
-    mean = foreground_values.mean(dim=1).cpu().float()
-    std = foreground_values.std(dim=1).clamp(min=1e-6).cpu().float()
-    calibrated = Bank(**{**bank.tensors(), "calibration_mean": mean, "calibration_std": std}, meta=bank.meta)
-    slice_values, volume_values = [], {}
-    for (stage_maps, per_reference), sample in zip(raw, samples):
-        anomaly, _ = fused_maps(stage_maps, per_reference, calibrated, settings)
-        anomaly = fill_background(anomaly, sample.patch_foreground[None].to(anomaly.device)).cpu()
-        height, width = sample.foreground.shape
-        slice_map = maps_to_slices(anomaly, (height, width), sigma=slice_sigma(settings, height, width, patch_size))[0]
-        values = slice_map[sample.foreground]
-        slice_values.append(float(top_mean(values, settings.top_fraction)))
-        volume_values.setdefault(sample.group, []).append(values)
-    volume_scores = [float(top_mean(torch.cat(v), settings.top_fraction)) for v in volume_values.values()]
-    calibrated.calibration_slice_scores = torch.tensor(slice_values, dtype=torch.float32)
-    calibrated.calibration_volume_scores = torch.tensor(volume_scores, dtype=torch.float32)
-    calibrated.meta = {**bank.meta, "calibration": {**bank.meta.get("calibration", {}), "sampled_slices": len(samples),
-                                                    "volumes": len(volume_scores)}}
-    return calibrated
+def device_of(name: str) -> torch.device:
+    """The torch device for ``--device`` (``auto``: CUDA when available)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {name}: no CUDA device is available here; use --device cpu")
+    return device
 
 
+def load_extractor(settings: Settings, device: str = "auto") -> Extractor:
+    """The backbone for ``settings.model`` and ``settings.stages`` on ``device`` (``auto``, ``cpu``, ``cuda:N``)."""
+    from himatch_med.backbone import load_backbone
+
+    return load_backbone(settings.model, stages=settings.stages, device=device_of(device))

@@ -1,4 +1,4 @@
-"""The only module that reads or writes files: images (NIfTI, DICOM series, PNG/JPEG), banks, reports, pictures.
+"""The only module that reads or writes files: images (NIfTI, DICOM series, PNG/JPEG), banks, text, pictures.
 
 Every output is written to a temporary name in its destination folder and renamed when complete, so an interrupted
 run never leaves a half-written file under a final name. Inputs are only ever opened for reading.
@@ -15,6 +15,7 @@ import os
 import shutil
 import struct
 import tempfile
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -550,12 +551,10 @@ def _umask() -> int:
     return mask
 
 
-def write_map(array: np.ndarray, like: Image, path: str | Path) -> Path:
-    """Save a map ``(X, Y, Z)`` on ``like``'s voxel grid as float32 NIfTI with its header (affine, qform, sform)."""
+def write_map(array: np.ndarray, header: nib.Nifti1Header, path: str | Path) -> Path:
+    """Save a map ``(X, Y, Z)`` as float32 NIfTI with a copy of ``header`` (affine, qform, sform, descriptions)."""
     path = Path(path)
-    if array.shape != like.array.shape:
-        raise RuntimeError(f"map shape {array.shape} differs from the input's {like.array.shape}")
-    header = like.header.copy()
+    header = header.copy()
     header.set_data_dtype(np.float32)
     header.set_slope_inter(np.nan, np.nan)
     header.set_data_shape(array.shape)
@@ -579,6 +578,24 @@ def nifti_bytes(image: Image, *, dtype=np.float32) -> bytes:
     kind = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
     data = kind(np.asarray(image.array, dtype=dtype), None, header).to_bytes()
     return gzip.compress(data, compresslevel=1, mtime=0)
+
+
+def read_text(path: str | Path, *, encoding: str = "utf-8") -> str:
+    """The text of a file (``OSError`` and ``UnicodeDecodeError`` as raised; callers say what the file was for)."""
+    return Path(path).read_text(encoding=encoding)
+
+
+def read_json(path: str | Path) -> dict:
+    """The content of a JSON file."""
+    return json.loads(read_text(path))
+
+
+def check_writable(folder: str | Path) -> None:
+    """Create ``folder`` if needed and write (and remove) a probe file in it; ``OSError`` when that fails."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+        pass
 
 
 def write_text(text: str, path: str | Path) -> Path:
@@ -616,8 +633,15 @@ def write_figure(figure, path: str | Path) -> Path:
     return path
 
 
-def write_bank(tensors: dict[str, torch.Tensor], meta: dict, folder: str | Path) -> Path:
-    """Write a bank folder (``bank.safetensors`` + ``bank.json``); it appears complete or not at all."""
+def write_bank(tensors: dict[str, torch.Tensor], meta: Callable[[str], dict], folder: str | Path) -> Path:
+    """Write a bank folder (``bank.safetensors`` + ``bank.json``); it appears complete or not at all.
+
+    Args:
+        tensors: the arrays by name.
+        meta: the content of ``bank.json`` given the checksum of the arrays file (:func:`file_sha256`), which
+            :func:`read_bank` verifies.
+        folder: the bank folder; an existing one is replaced.
+    """
     from safetensors.torch import save_file
 
     folder = Path(folder)
@@ -625,8 +649,8 @@ def write_bank(tensors: dict[str, torch.Tensor], meta: dict, folder: str | Path)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".part", dir=folder.parent))
     try:
         save_file({k: v.contiguous() for k, v in tensors.items()}, staging / BANK_ARRAYS)
-        meta = {**meta, "arrays_sha256": file_sha256(staging / BANK_ARRAYS)}
-        (staging / BANK_META).write_text(json.dumps(_json_safe(meta), indent=2) + "\n", encoding="utf-8")
+        content = meta(file_sha256(staging / BANK_ARRAYS))
+        (staging / BANK_META).write_text(json.dumps(_json_safe(content), indent=2) + "\n", encoding="utf-8")
         # mkdtemp makes 0700 and safetensors writes 0600; a bank is meant to be shared, like the other outputs.
         os.chmod(staging, 0o777 & ~_umask())
         for name in (BANK_ARRAYS, BANK_META):

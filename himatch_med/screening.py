@@ -1,16 +1,16 @@
 """Cohort screening: many studies in, one output folder each, a ranked ``scores.csv`` and a static ``report.html``.
 
-The model and the bank are loaded once by the caller. Studies stream through a torch ``DataLoader`` whose workers
-read and prepare the next volumes (:func:`himatch_med.engine.read_volume`) while the main process runs detection on
-the current one. A study that fails anywhere becomes a ``failed`` row with its error; the others go on. A rerun skips
-studies whose outputs are complete and were made with the same model, bank and settings.
+The caller loads the :class:`~himatch_med.detect.Detector` (model and bank) once. Studies stream through a torch
+``DataLoader`` whose workers read and prepare the next volumes (:func:`himatch_med.jobs.read`) while the main process
+runs detection on the current one. A study that fails anywhere becomes a ``failed`` row with its error; the others
+go on. A rerun skips studies whose outputs are complete and were made with the same model, bank and settings.
 
 Layout of the output folder::
 
     scores.csv            ranked from most to least anomalous; failed studies last
     report.html           one row per study: score, percentile, thumbnail, links; failed studies with their error
     roc.png               with labels: the ROC curve of the volume scores
-    <study>/              what :func:`himatch_med.engine.analyse` writes for the study, and with the ``viewer``
+    <study>/              what :func:`himatch_med.jobs.analyse` writes for the study, and with the ``viewer``
                           extra its 3D viewer page ``view.html`` (:mod:`himatch_med.viewer`)
 """
 
@@ -31,11 +31,11 @@ from urllib.parse import quote
 
 from torch.utils.data import DataLoader, Dataset
 
-from himatch_med import __version__, engine, io, viewer
-from himatch_med.bank import Bank
-from himatch_med.config import Settings
+from himatch_med import __version__, io, jobs, viewer
+from himatch_med.bank.data import Bank
+from himatch_med.config import ReadOptions, Settings
+from himatch_med.detect import Detector
 from himatch_med.errors import InputError
-from himatch_med.features import Extractor
 
 SCORES = "scores.csv"
 REPORT = "report.html"
@@ -100,10 +100,10 @@ class Screening:
 
 @dataclass(frozen=True)
 class Loaded:
-    """What a reader worker hands over: the read volume, or the error that prevented it."""
+    """What a reader worker hands over: the study read and prepared, or the error that prevented it."""
 
     index: int
-    volume: tuple | None
+    job: jobs.Job | None
     error: str
     details: str
     seconds: float
@@ -127,7 +127,7 @@ def read_cohort(sources: list[Path]) -> list[Study]:
         if source.is_file() and source.name.lower().endswith(COHORT_SUFFIXES):
             studies.extend(_read_csv(source))
         else:
-            studies.extend(Study(io.stem(p), p) for p in engine.expand_inputs([source]))
+            studies.extend(Study(io.stem(p), p) for p in jobs.expand_inputs([source]))
     if not studies:
         raise InputError(f"{', '.join(map(str, sources))}: no studies found")
     seen: dict[str, Study] = {}
@@ -158,7 +158,7 @@ def _read_csv(path: Path) -> list[Study]:
 
 def _csv_rows(path: Path) -> list[dict[str, str]]:
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        text = io.read_text(path, encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as error:
         raise InputError(f"{path}: cannot be read as a CSV ({error})") from error
     reader = csv.DictReader(text_io.StringIO(text))
@@ -187,7 +187,7 @@ def read_labels(path: Path) -> dict[str, int]:
 class StudyReader(Dataset):
     """Reads and prepares one study per item, in a worker; an error becomes part of the item, never an exception."""
 
-    def __init__(self, studies: list[Study], settings: Settings, options: dict | None = None) -> None:
+    def __init__(self, studies: list[Study], settings: Settings, options: ReadOptions | None = None) -> None:
         self.studies = studies
         self.settings = settings
         self.options = options
@@ -199,41 +199,40 @@ class StudyReader(Dataset):
         return read_study(self.studies[index], self.settings, self.options, index=index)
 
 
-def read_study(study: Study, settings: Settings, options: dict | None = None, *, index: int = 0) -> Loaded:
+def read_study(study: Study, settings: Settings, options: ReadOptions | None = None, *, index: int = 0) -> Loaded:
     """Read and prepare one study; an error becomes part of the result, never an exception.
 
     Args:
         study: the study to read.
         settings: resolved settings (preset, axis, image size).
-        options: read options for :func:`himatch_med.engine.read_volume`.
+        options: how the file is read.
         index: the study's position in the caller's list, handed back in :attr:`Loaded.index`.
     """
     started = time.perf_counter()
     try:
-        volume = engine.read_volume(study.path, settings, options=options)
+        job = jobs.read(study.path, settings, options)
     except Exception as error:  # a reader that raises would end the whole screening
-        return Loaded(index, None, engine.describe_error(study.path, error), traceback.format_exc(),
+        return Loaded(index, None, jobs.describe_error(study.path, error), traceback.format_exc(),
                       time.perf_counter() - started)
-    return Loaded(index, volume, "", "", time.perf_counter() - started)
+    return Loaded(index, job, "", "", time.perf_counter() - started)
 
 
 def _pass_through(item: Loaded) -> Loaded:
-    # The default collate would turn the numpy arrays inside the volume into tensors.
+    # The default collate would turn the numpy arrays inside the job into tensors.
     return item
 
 
-def screen(studies: list[Study], extractor: Extractor, bank: Bank, settings: Settings, folder: Path, *,
-           options: dict | None = None, workers: int = 2, force: bool = False, labels: dict[str, int] | None = None,
+def screen(studies: list[Study], detector: Detector, folder: Path, *, options: ReadOptions | None = None,
+           workers: int = 2, force: bool = False, labels: dict[str, int] | None = None,
            progress: bool = True) -> Screening:
     """Screen a cohort against a bank: write each study's outputs, ``scores.csv`` and ``report.html``.
 
     Args:
         studies: the cohort, from :func:`read_cohort`.
-        extractor: the backbone (or a stand-in with the same interface), loaded once.
-        bank: the reference bank, opened once and checked against ``settings``.
-        settings: resolved settings.
+        detector: the extractor (or a stand-in with the same interface), the bank checked against its settings,
+            and the resolved settings, loaded once.
         folder: the screening folder; each study writes into ``folder/<study folder>``.
-        options: read options for :func:`himatch_med.engine.read_volume` (``volume_index``, ``series``, ...).
+        options: how the studies' files are read.
         workers: reader processes that prepare the next volumes while one is analysed (0: read in this process).
         force: redo every study, even those complete from an earlier run.
         labels: study id -> 1 (abnormal) or 0 (normal); adds the ROC AUC and ``roc.png``.
@@ -241,29 +240,29 @@ def screen(studies: list[Study], extractor: Extractor, bank: Bank, settings: Set
     """
     if workers < 0:
         raise ValueError(f"workers={workers} must be 0 or more")
-    check_output_folder(studies, folder)
+    check_study_folders(folder, studies)
     started = time.perf_counter()
-    results, todo = resume(studies, extractor, bank, settings, folder, force=force)
+    results, todo = resume(studies, detector, folder, force=force)
     readers = min(workers, len(todo))
     # One volume waiting per reader bounds memory: a prepared CT volume can take a gigabyte.
-    loader = DataLoader(StudyReader([studies[i] for i in todo], settings, options), batch_size=None,
+    loader = DataLoader(StudyReader([studies[i] for i in todo], detector.settings, options), batch_size=None,
                         num_workers=readers, collate_fn=_pass_through, prefetch_factor=1 if readers else None)
     bar = progress_bar(len(todo), earlier=len(results), enabled=progress)
     failed = 0
     for loaded in loader:
         study = studies[todo[loaded.index]]
-        result = analyse_study(study, loaded, extractor, bank, settings, folder, progress=progress)
+        result = analyse_study(study, loaded, detector, folder, progress=progress)
         results[todo[loaded.index]] = result
         failed += result.status == "failed"
         bar.update()
         if failed:
             bar.set_postfix(failed=failed)
     bar.close()
-    return conclude(studies, results, time.perf_counter() - started, extractor, bank, folder, labels=labels)
+    return conclude(studies, results, time.perf_counter() - started, detector, folder, labels=labels)
 
 
-def resume(studies: list[Study], extractor: Extractor, bank: Bank, settings: Settings, folder: Path, *,
-           force: bool = False) -> tuple[dict[int, Result], list[int]]:
+def resume(studies: list[Study], detector: Detector, folder: Path, *, force: bool = False
+           ) -> tuple[dict[int, Result], list[int]]:
     """Split a cohort into the studies complete from an earlier run and those to compute.
 
     Returns:
@@ -272,7 +271,7 @@ def resume(studies: list[Study], extractor: Extractor, bank: Bank, settings: Set
     results: dict[int, Result] = {}
     todo = []
     for index, study in enumerate(studies):
-        previous = None if force else finished(study, folder, extractor, bank, settings)
+        previous = None if force else finished(study, folder, detector)
         if previous is not None:
             results[index] = previous
         else:
@@ -290,16 +289,15 @@ def progress_bar(total: int, *, earlier: int, enabled: bool, desc: str = "screen
     return bar
 
 
-def conclude(studies: list[Study], results: dict[int, Result], seconds: float, extractor: Extractor, bank: Bank,
-             folder: Path, *, labels: dict[str, int] | None = None) -> Screening:
+def conclude(studies: list[Study], results: dict[int, Result], seconds: float, detector: Detector, folder: Path, *,
+             labels: dict[str, int] | None = None) -> Screening:
     """Rank the results of every study, add the AUC with labels, and write ``scores.csv`` and ``report.html``.
 
     Args:
         studies: the cohort.
         results: one result per position in ``studies``.
         seconds: the run's wall time.
-        extractor: the run's model (only its ``model_id`` is used).
-        bank: the run's bank (its id and size go into the report).
+        detector: the run's detector (its model id, bank id and bank size go into the report; it is never run).
         folder: the screening folder.
         labels: study id -> 1 (abnormal) or 0 (normal); adds the ROC AUC and ``roc.png``.
     """
@@ -312,13 +310,13 @@ def conclude(studies: list[Study], results: dict[int, Result], seconds: float, e
         if screening.auc is not None:
             screening.files["roc"] = folder / ROC
     screening.files["scores"] = write_scores(screening, folder / SCORES)
-    screening.files["report"] = write_report(screening, folder / REPORT, extractor=extractor, bank=bank)
+    screening.files["report"] = write_report(screening, folder / REPORT, detector=detector)
     return screening
 
 
-def check_output_folder(studies: list[Study], folder: Path) -> None:
+def check_study_folders(folder: Path, studies: list[Study]) -> None:
     """Refuse a screening folder that cannot be written, or study folders that would lie on or above an input."""
-    engine.check_output_folder(folder, [])
+    jobs.check_output_folder(folder, [])
     for study in studies:
         target = (folder / study.folder).resolve()
         source = study.path.resolve()
@@ -327,18 +325,17 @@ def check_output_folder(studies: list[Study], folder: Path) -> None:
                              "the inputs; choose another output folder with -o")
 
 
-def finished(study: Study, folder: Path, extractor: Extractor, bank: Bank, settings: Settings) -> Result | None:
+def finished(study: Study, folder: Path, detector: Detector) -> Result | None:
     """The study's result read back from an earlier run; None when it must be (re)done.
 
     A study must be redone when its outputs are incomplete (the report, written last, is missing or damaged) or were
     made with another model, bank or settings.
     """
     target = folder / study.folder
-    if not engine.is_complete(study.path, target):
+    if not jobs.is_complete(study.path, target):
         return None
-    paths = engine.output_paths(study.path, target)
-    report = json.loads(paths["report"].read_text())
-    if not _same_run(report, extractor, bank, settings):
+    report = io.read_json(jobs.output_paths(study.path, target)["report"])
+    if not _same_run(report, detector):
         return None
     note = viewer.add_page(target, report, title=study.id, replace=False)  # e.g. the extra installed since
     result = _from_report(study, report, folder, "skipped")
@@ -346,13 +343,14 @@ def finished(study: Study, folder: Path, extractor: Extractor, bank: Bank, setti
     return result
 
 
-def _same_run(report: dict, extractor: Extractor, bank: Bank, settings: Settings) -> bool:
+def _same_run(report: dict, detector: Detector) -> bool:
     # Speed-only settings change no result: a study made with other values of them is still up to date.
     speed = Settings.flagged("speed")
     recorded = {k: v for k, v in report.get("settings", {}).items() if k not in speed}
+    extractor = detector.extractor
     return (report.get("model") == extractor.model_id and report.get("stages") == list(extractor.stages)
-            and report.get("bank", {}).get("id") == str(bank.meta.get("arrays_sha256", ""))[:16]
-            and recorded == json.loads(json.dumps(settings.results_fields())))
+            and report.get("bank", {}).get("id") == detector.bank.id
+            and recorded == json.loads(json.dumps(detector.settings.results_fields())))
 
 
 def _from_report(study: Study, report: dict, folder: Path, status: str) -> Result:
@@ -370,24 +368,25 @@ def _number(value) -> float | None:
     return None if value is None or (isinstance(value, float) and not math.isfinite(value)) else float(value)
 
 
-def analyse_study(study: Study, loaded: Loaded, extractor: Extractor, bank: Bank, settings: Settings, folder: Path,
-                  *, progress: bool = False) -> Result:
+def analyse_study(study: Study, loaded: Loaded, detector: Detector, folder: Path, *, progress: bool = False
+                  ) -> Result:
     """Detect anomalies in a study read by :func:`read_study` and write its outputs; a failure becomes a result.
 
     Returns:
         The study's ``ok`` result, or a ``failed`` one with the reading or analysis error (one line) and traceback.
     """
-    if loaded.volume is None:
+    if loaded.job is None:
         return Result(study, "failed", error=_one_line(loaded.error), details=loaded.details,
                       seconds=round(loaded.seconds, 3))
     started = time.perf_counter()
     try:
-        report = engine.analyse(loaded.volume, extractor, bank, settings, folder / study.folder, progress=progress,
-                                read_seconds=loaded.seconds)
+        report = jobs.analyse(loaded.job, detector, folder / study.folder, progress=progress)
     except Exception as error:  # one failing study must not end the screening
-        return Result(study, "failed", error=_one_line(engine.describe_error(study.path, error)),
+        return Result(study, "failed", error=_one_line(jobs.describe_error(study.path, error)),
                       details=traceback.format_exc(), seconds=round(loaded.seconds + time.perf_counter() - started, 3))
-    note = viewer.add_page(folder / study.folder, report, title=study.id, image=loaded.volume[0])
+    # The page shows the input as read; without the viewer extra no page is written and the input is not needed.
+    image = loaded.job.scan.as_read() if viewer.available() else None
+    note = viewer.add_page(folder / study.folder, report, title=study.id, image=image)
     result = _from_report(study, report, folder, "ok")
     result.notes += [note] if note else []
     return result
@@ -494,9 +493,9 @@ def write_scores(screening: Screening, path: Path) -> Path:
     return io.write_text(buffer.getvalue(), path)
 
 
-def write_report(screening: Screening, path: Path, *, extractor: Extractor, bank: Bank) -> Path:
+def write_report(screening: Screening, path: Path, *, detector: Detector) -> Path:
     """Write ``report.html``: a static page (inline CSS, relative links, nothing fetched) over the screening."""
-    page = report_html(screening, model=extractor.model_id, bank=bank)
+    page = report_html(screening, model=detector.extractor.model_id, bank=detector.bank)
     # Pure ASCII (other characters as references): the page reads the same whatever encoding writes or serves it.
     return io.write_text(page.encode("ascii", "xmlcharrefreplace").decode("ascii"), path)
 
@@ -507,7 +506,7 @@ def report_html(screening: Screening, *, model: str, bank: Bank) -> str:
     failed = [r for r in screening.results if r.status == "failed"]
     labelled = any(r.label is not None for r in screening.results)
     e = html.escape
-    bank_id = str(bank.meta.get("arrays_sha256", ""))[:16] or "in memory"
+    bank_id = bank.id or "in memory"
     facts = [f"<b>{len(screening.results)}</b> studies", f"<b>{screening.count('ok')}</b> computed",
              f"<b>{screening.count('skipped')}</b> from an earlier run",
              f"<b class='{'bad' if failed else ''}'>{len(failed)}</b> failed",

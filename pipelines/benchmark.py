@@ -24,10 +24,11 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from himatch_med import engine, io
-from himatch_med.bank import FORMAT_VERSION, Bank
+from himatch_med import io, jobs
+from himatch_med.bank.build import build_bank
+from himatch_med.bank.data import Bank, BankInfo
 from himatch_med.config import Settings
-from himatch_med.detect import build_bank, stage_distances
+from himatch_med.detect import Detector, load_extractor, stage_distances
 from himatch_med.features import Features
 from himatch_med.timing import Timer
 from himatch_med.transforms import to_backbone_images
@@ -90,7 +91,7 @@ def synchronizer(device: torch.device):
 def end_to_end(args, settings: Settings, device: torch.device, work: Path) -> dict:
     timer_sync = synchronizer(device)
     started = time.perf_counter()
-    extractor = engine.load(settings, str(device))
+    extractor = load_extractor(settings, str(device))
     model_load = time.perf_counter() - started
     shape = (args.in_plane, args.in_plane, args.slices)
     reference_shape = (args.in_plane, args.in_plane, args.reference_slices or args.slices)
@@ -98,15 +99,16 @@ def end_to_end(args, settings: Settings, device: torch.device, work: Path) -> di
     query = save(synthetic_brain(shape, 3), work / "query.nii.gz")
 
     started = time.perf_counter()
-    volumes = ((str(p), engine.read_volume(p, settings)[2]) for p in references)
+    volumes = ((str(p), jobs.read(p, settings).prepared) for p in references)
     bank = build_bank(extractor, volumes, settings)
     bank_seconds = time.perf_counter() - started
     bank = bank.to(device)
+    detector = Detector(extractor, bank, settings)
 
     # Warm-up: a short volume through the whole job (imports, first calls, allocator), so that neither timed run
     # pays for first-call costs.
     warm = save(synthetic_brain((args.in_plane, args.in_plane, settings.batch_size), 4), work / "warm.nii.gz")
-    engine.analyse(engine.read_volume(warm, settings), extractor, bank, settings, work / "warm", progress=False)
+    jobs.analyse(jobs.read(warm, settings), detector, work / "warm", progress=False)
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -127,14 +129,14 @@ def end_to_end(args, settings: Settings, device: torch.device, work: Path) -> di
         outcome = {}
 
         def job(timer=timer, outcome=outcome, repeat=repeat):
-            outcome["volume"] = engine.read_volume(query, settings, timer=timer)
-            outcome["report"] = engine.analyse(outcome["volume"], extractor, bank, settings, work / f"out{repeat}",
-                                               progress=False, timer=timer)
+            outcome["job"] = jobs.read(query, settings, timer=timer)
+            outcome["report"] = jobs.analyse(outcome["job"], detector, work / f"out{repeat}", progress=False,
+                                             timer=timer)
 
         runs.append(timed(job))
         timers.append(timer)
         # Backbone alone on exactly the same backbone images and batches.
-        prepared = outcome["volume"][2]
+        prepared = outcome["job"].prepared
         height, width = prepared.slices.shape[1:]
         size = backbone_size(height, width, image_size=settings.image_size, patch_size=extractor.patch_size)
         scored = torch.nonzero(prepared.scored).flatten()
@@ -186,9 +188,9 @@ def large_bank(args, device: torch.device, work: Path) -> dict:
     for start in range(0, n, 1000):  # filled in parts: a 2 GB tensor of randn at once would double peak memory
         tensors["centroids"][start:start + 1000] = unit(min(1000, n - start), stages, cents, dim)
     array_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
-    meta = {"format_version": FORMAT_VERSION, "settings": {"model": "synthetic"}}
+    info = BankInfo(settings={"model": "synthetic"})
     started = time.perf_counter()
-    folder = io.write_bank(tensors, meta, work / "large_bank")
+    folder = io.write_bank(tensors, Bank(**tensors, info=info).metadata, work / "large_bank")
     write_seconds = time.perf_counter() - started
     del tensors
     gc.collect()
@@ -210,7 +212,7 @@ def large_bank(args, device: torch.device, work: Path) -> dict:
                         tuple(g.to(device) for g in features.stages))
     positions = torch.rand(queries)
     small = Bank(**{name: (t[:1000] if t.dim() and len(t) == n else t) for name, t in bank.tensors().items()},
-                 meta=meta)
+                 info=bank.info)
     memory = {}
     for name, which in (("1000", small), (str(n), bank)):
         gc.collect()

@@ -19,7 +19,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from himatch_med.run import _add_common, _guarded, _read_options, _settings
+from himatch_med import cli
 
 SEVERAL = ("stages", "fusion", "references_k", "cls_weight")
 
@@ -63,22 +63,22 @@ def parser() -> argparse.ArgumentParser:
         sub.add_argument("--pixel-range", type=float, nargs=2, default=None, metavar=("LO", "HI"),
                          help="histogram range of the pixel metrics in z-units (default: -20 100)")
         sub.add_argument("--pixel-bins", type=int, default=None, help="histogram bins (default: 48000)")
-        _add_common(sub, several=SEVERAL)
+        cli.add_common(sub, several=SEVERAL)
     return main_parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run an evaluation; returns the exit code (0 all done, 1 some cases failed, 2 nothing could run)."""
     args = parser().parse_args(argv)
-    return _guarded(args, _evaluate, with_settings=False)
+    return cli.guarded(args, _evaluate, with_settings=False)
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from himatch_med import engine, evaluation
+    from himatch_med import evaluation, jobs
 
-    base = _settings(argparse.Namespace(**{**vars(args), **{axis: None for axis in SEVERAL}}))
+    base = cli.settings_from(argparse.Namespace(**{**vars(args), **{axis: None for axis in SEVERAL}}))
     rows = evaluation.ablation_rows(base, **{axis: getattr(args, axis) for axis in SEVERAL})
-    engine.check_output_folder(args.output, [])
+    jobs.check_output_folder(args.output, [])
     if args.command == "bmad":
         dataset = evaluation.discover(args.root, split=args.split, normal_class=args.normal_class,
                                       holdout=args.holdout, seed=base.seed)
@@ -88,7 +88,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     print(f"{dataset.layout} layout: {len(dataset.references)} references, {len(dataset.cases)} test cases, "
           f"{len(rows)} row(s)")
     result = evaluation.evaluate(
-        dataset, rows, device=args.device, cache=args.bank_cache, options=_read_options(args),
+        dataset, rows, device=args.device, cache=args.bank_cache, options=cli.read_options(args),
         anomaly_labels=tuple(args.anomaly_labels) if getattr(args, "anomaly_labels", None) else None,
         pixel_range=tuple(args.pixel_range) if args.pixel_range else evaluation.PIXEL_RANGE,
         bins=args.pixel_bins or evaluation.PIXEL_BINS, pictures=args.figures, strict=args.debug)

@@ -15,8 +15,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from himatch_med import cli
 from himatch_med.config import Settings
-from himatch_med.run import _add_bank_source, _add_common, _guarded, _read_options
 
 
 def parser() -> argparse.ArgumentParser:
@@ -28,7 +28,7 @@ def parser() -> argparse.ArgumentParser:
     result.add_argument("cohort", nargs="+", type=Path,
                         help="a folder of NIfTI files or DICOM series folders, a CSV with a 'path' column (optional "
                              "'id'), or NIfTI files / DICOM folders")
-    _add_bank_source(result)
+    cli.add_bank_source(result)
     result.add_argument("-o", "--output", type=Path, default=Path("screening"),
                         help="screening folder (default: screening)")
     result.add_argument("--labels", type=Path, default=None,
@@ -51,18 +51,21 @@ def parser() -> argparse.ArgumentParser:
                               "cluster, or one per node without GPUs)")
     cluster.add_argument("--retries", type=int, default=None,
                          help="times a study is tried again when the worker holding it dies (default: 2)")
-    _add_common(result)
+    cli.add_common(result)
     return result
 
 
 def main(argv: list[str] | None = None) -> int:
     """Screen a cohort; returns the exit code (0 all done, 1 some studies failed, 2 nothing could run)."""
     args = parser().parse_args(argv)
-    return _guarded(args, _screen)
+    return cli.guarded(args, _screen)
 
 
 def _screen(args: argparse.Namespace, settings: Settings) -> int:
-    from himatch_med import engine, screening
+    from dataclasses import replace
+
+    from himatch_med import screening
+    from himatch_med.detect import Detector, load_extractor
 
     _check_engine_options(args)
     cluster = args.engine == "ray"
@@ -72,27 +75,25 @@ def _screen(args: argparse.Namespace, settings: Settings) -> int:
         distributed.require_ray()  # before the model and the bank are loaded
     studies = screening.read_cohort(args.cohort)
     labels = screening.read_labels(args.labels) if args.labels is not None else None
-    screening.check_output_folder(studies, args.output)
+    screening.check_study_folders(args.output, studies)
     # On a cluster the driver only names the model and opens (or builds) the bank: no GPU for an opened one.
-    backbone = engine.load(settings, "cpu" if cluster and args.bank is not None else args.device)
-    if args.bank is not None:
-        bank = engine.open_bank(args.bank, settings, backbone)
-    else:
-        bank = engine.cached_bank(args.references, args.reference_labels, settings, backbone, args.bank_cache,
-                                  options=_read_options(args))
+    extractor = load_extractor(settings, "cpu" if cluster and args.bank is not None else args.device)
+    detector = Detector(extractor, cli.bank_from(args, settings, extractor), settings)
+    options = cli.read_options(args)
     if cluster:
         from functools import partial
 
-        model = distributed.Model.of(backbone)
-        del backbone
+        # The driver never runs the extractor: only its name stays, and its weights are freed.
+        detector = replace(detector, extractor=distributed.RemoteExtractor.of(extractor))
+        del extractor
         gpus = {"cpu": False, "auto": None}.get(args.device, True)
-        result = distributed.screen(studies, model, bank, settings, args.output, factory=partial(engine.load, settings),
+        result = distributed.screen(studies, detector, args.output, factory=partial(load_extractor, settings),
                                     actors=args.actors, gpus=gpus, workers=args.workers,
                                     retries=distributed.RETRIES if args.retries is None else args.retries,
-                                    address=args.address, options=_read_options(args), force=args.force, labels=labels,
+                                    address=args.address, options=options, force=args.force, labels=labels,
                                     progress=not args.quiet)
     else:
-        result = screening.screen(studies, backbone, bank, settings, args.output, options=_read_options(args),
+        result = screening.screen(studies, detector, args.output, options=options,
                                   workers=2 if args.workers is None else args.workers, force=args.force,
                                   labels=labels, progress=not args.quiet)
     failed = [r for r in result.results if r.status == "failed"]

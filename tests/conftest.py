@@ -1,4 +1,5 @@
-"""Shared fixtures: synthetic volumes with awkward headers, a weight-free stand-in extractor, a tiny DINOv3."""
+"""Shared fixtures: synthetic volumes with awkward headers, a weight-free stand-in extractor, a tiny DINOv3, and one
+bank of stand-in references (with the settings every stand-in test uses)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,18 @@ import torch.nn.functional as F
 # Tests never reach the network: a Hub id fails at once instead of retrying. Set before transformers is imported.
 os.environ["HF_HUB_OFFLINE"] = "1"
 
+from himatch_med.config import Settings  # noqa: E402
+
+SETTINGS = Settings(model="stand-in", image_size=64, centroids=16, calibration_slices=64, batch_size=8,
+                    kmeans_iterations=10, references_k=4).resolved()
+"""The settings of every test with the stand-in extractor (unless it says otherwise)."""
+SHAPE = (56, 60, 14)
+"""The synthetic brain volumes of those tests."""
+LESION = (20, 24, 7)
+"""Where a planted lesion goes in them."""
+FAST = ["--image-size", "32", "--centroids", "8", "--calibration-slices", "32", "--kmeans-iterations", "5",
+        "--references-k", "2"]
+"""Command-line options that keep the tiny DINOv3 runs short."""
 
 
 def _oblique() -> np.ndarray:
@@ -234,8 +247,31 @@ def tiny_dinov2(tmp_path_factory) -> Path:
     return folder
 
 
-FAST = ["--image-size", "32", "--centroids", "8", "--calibration-slices", "32", "--kmeans-iterations", "5",
-        "--references-k", "2"]
+@pytest.fixture(scope="session")
+def references(tmp_path_factory) -> Path:
+    """Four normal reference volumes of :data:`SHAPE`, stored oblique, permuted, LPS and oblique again."""
+    folder = tmp_path_factory.mktemp("references")
+    for i, affine in enumerate((OBLIQUE, PERMUTED, LPS, OBLIQUE)):
+        save_nifti(as_stored(brain_volume(i, SHAPE)[0], affine), affine, folder / f"ref{i}.nii.gz")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def bank(references, stand_in):
+    """The bank of :func:`references` built with the stand-in and :data:`SETTINGS`."""
+    from himatch_med import jobs
+    from himatch_med.bank.build import build_bank
+
+    paths = sorted(references.iterdir())
+    return build_bank(stand_in, ((str(p), jobs.read(p, SETTINGS).prepared) for p in paths), SETTINGS)
+
+
+@pytest.fixture(scope="session")
+def detector(stand_in, bank):
+    """The stand-in, :func:`bank` and :data:`SETTINGS` as one detector."""
+    from himatch_med.detect import Detector
+
+    return Detector(stand_in, bank, SETTINGS)
 
 
 @pytest.fixture(scope="session")
@@ -258,7 +294,7 @@ def cohort(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_bank(cohort, tiny_dinov3) -> Path:
     """A bank of the cohort's references built through the CLI with the tiny DINOv3."""
-    from himatch_med.run import bank_main
+    from himatch_med.bank.__main__ import bank_main
 
     folder = cohort / "bank"
     assert bank_main(["build", str(cohort / "refs"), "-o", str(folder), "--model", str(tiny_dinov3), *FAST]) == 0

@@ -1,19 +1,18 @@
 """End to end on tensors with the weight-free stand-in extractor: planted lesions light up where they were planted."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
-from conftest import LPS, OBLIQUE, PERMUTED, as_stored, brain_volume
+from conftest import LESION, LPS, OBLIQUE, PERMUTED, SETTINGS, SHAPE, as_stored, brain_volume
 from sklearn.metrics import roc_auc_score
 
+from himatch_med.bank.build import build_bank
 from himatch_med.config import Settings
-from himatch_med.detect import build_bank, detect, prepare
+from himatch_med.detect import Detector, batches, prepare, slice_sigma, stage_distances
 from himatch_med.volume import to_canonical
 
-SETTINGS = Settings(model="stand-in", image_size=64, centroids=16, calibration_slices=64, batch_size=8,
-                    kmeans_iterations=10, references_k=4).resolved()
-SHAPE = (56, 60, 14)
-LESION = (20, 24, 7)
 RADIUS = 3.0
 
 
@@ -27,13 +26,6 @@ def prepared(array, affine, settings=SETTINGS):
     return prepare(torch.from_numpy(canonical), settings)
 
 
-@pytest.fixture(scope="module")
-def bank(stand_in):
-    volumes = [(f"normal{i}", prepared(synthetic(i)[0], affine))
-               for i, affine in enumerate((OBLIQUE, PERMUTED, LPS, OBLIQUE))]
-    return build_bank(stand_in, volumes, SETTINGS)
-
-
 def test_bank_holds_every_scored_slice_and_a_calibration(bank):
     assert len(bank) == int(bank.groups.bincount().sum())
     assert bank.centroids.shape[1:] == (3, 16, 24)
@@ -43,17 +35,18 @@ def test_bank_holds_every_scored_slice_and_a_calibration(bank):
     assert abs(float(bank.calibration_slice_scores.median())) < 3
 
 
-def test_planted_lesion_lights_up_where_it_was_planted(stand_in, bank):
+def test_planted_lesion_lights_up_where_it_was_planted(detector):
     array, lesion = synthetic(11, lesion=LESION)
     canonical, orientation = to_canonical(as_stored(array, OBLIQUE), OBLIQUE)
     query = prepare(torch.from_numpy(canonical), SETTINGS)
-    result = detect(stand_in, bank, query, SETTINGS)
+    result = detector.detect(query)
+    heat = result.canonical("anomaly").numpy()
     truth, _ = to_canonical(as_stored(lesion, OBLIQUE), OBLIQUE)
     foreground = canonical != 0
-    auroc = roc_auc_score(truth[foreground], result.anomaly.numpy()[foreground])
+    auroc = roc_auc_score(truth[foreground], heat[foreground])
     assert auroc >= 0.95
     # The hottest voxel of the volume lies in or right next to the lesion.
-    peak = np.unravel_index(np.argmax(np.where(foreground, result.anomaly.numpy(), -np.inf)), canonical.shape)
+    peak = np.unravel_index(np.argmax(np.where(foreground, heat, -np.inf)), canonical.shape)
     distance = np.min(np.linalg.norm(np.argwhere(truth) - np.array(peak), axis=1))
     assert distance <= 2
     # A slice through the lesion scores highest (the top 1 % of a slice need not be largest where its area is).
@@ -62,10 +55,9 @@ def test_planted_lesion_lights_up_where_it_was_planted(stand_in, bank):
     assert float(result.slice_scores[lesion_slices].min()) > float(np.delete(result.slice_scores, lesion_slices).max())
 
 
-def test_lesion_volume_scores_above_lesion_free_ones(stand_in, bank):
-    normal = [detect(stand_in, bank, prepared(synthetic(20 + i)[0], OBLIQUE), SETTINGS).volume_score
-              for i in range(3)]
-    sick = detect(stand_in, bank, prepared(synthetic(30, lesion=LESION)[0], OBLIQUE), SETTINGS)
+def test_lesion_volume_scores_above_lesion_free_ones(detector):
+    normal = [detector.detect(prepared(synthetic(20 + i)[0], OBLIQUE)).volume_score for i in range(3)]
+    sick = detector.detect(prepared(synthetic(30, lesion=LESION)[0], OBLIQUE))
     assert sick.volume_score > max(normal) + 0.5
     assert sick.volume_percentile == 100.0
 
@@ -79,37 +71,73 @@ def test_a_reference_scores_near_zero_against_a_bank_that_contains_it(stand_in):
     volumes = [(f"n{i}", prepared(synthetic(i)[0], PERMUTED, settings)) for i in range(3)]
     bank = build_bank(stand_in, volumes, settings)
     again = volumes[1][1]
-    from himatch_med.detect import batches, stage_distances
     for part, features, patches in batches(stand_in, again, settings, torch.device("cpu")):
         stage_maps, _ = stage_distances(features, bank, settings, again.positions[part])
         assert float(stage_maps[:, patches].abs().max()) < 1e-3  # centroids are stored in fp16
     # And the whole volume scores below every calibration volume of other normal anatomy.
-    result = detect(stand_in, bank, again, settings)
+    result = Detector(stand_in, bank, settings).detect(again)
     assert result.volume_score < float(bank.calibration_volume_scores.min())
 
 
-def test_same_input_same_output(stand_in, bank):
-    query = prepared(synthetic(5, lesion=LESION)[0], OBLIQUE)
-    first, second = detect(stand_in, bank, query, SETTINGS), detect(stand_in, bank, query, SETTINGS)
-    assert torch.equal(first.anomaly, second.anomaly) and torch.equal(first.uncertainty, second.uncertainty)
-
-
-def test_every_fusion_mode_finds_the_lesion(stand_in, bank):
-    from dataclasses import replace
-
+def test_every_fusion_mode_finds_the_lesion(detector):
     array, lesion = synthetic(12, lesion=LESION)
     canonical, _ = to_canonical(as_stored(array, LPS), LPS)
     truth, _ = to_canonical(as_stored(lesion, LPS), LPS)
     foreground = canonical != 0
     for fusion in ("mean", "max", "last", "uncertainty"):
         settings = replace(SETTINGS, fusion=fusion)
-        result = detect(stand_in, bank, prepare(torch.from_numpy(canonical), settings), settings)
-        assert roc_auc_score(truth[foreground], result.anomaly.numpy()[foreground]) >= 0.9, fusion
+        result = replace(detector, settings=settings).detect(prepare(torch.from_numpy(canonical), settings))
+        assert roc_auc_score(truth[foreground], result.canonical("anomaly").numpy()[foreground]) >= 0.9, fusion
 
 
-def test_slices_without_foreground_are_not_scored(stand_in, bank):
+def test_slices_without_foreground_are_not_scored(detector):
     array, _ = synthetic(3)
     array[:, :, :3] = 0  # the three lowest axial slices (the identity affine stores them along k)
     query = prepared(array, np.diag([1.0, 1.0, 1.0, 1.0]))
-    result = detect(stand_in, bank, query, SETTINGS)
+    result = detector.detect(query)
     assert not result.scored[:3].any() and (result.slice_scores[:3] == 0).all()
+
+
+def test_detection_keeps_the_slice_maps_the_picture_shows(detector):
+    query = prepared(synthetic(13, lesion=LESION)[0], PERMUTED)
+    result = detector.detect(query)
+    assert result.anomaly.shape == query.slices.shape and result.axis == query.axis
+    # The canonical volume is the slices stacked back: cut again, it gives the very same slice maps.
+    from himatch_med.volume import to_slices
+
+    assert torch.equal(to_slices(result.canonical("uncertainty"), result.axis), result.uncertainty)
+    assert result.canonical("anomaly").shape == to_canonical(as_stored(synthetic(13)[0], PERMUTED), PERMUTED)[0].shape
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_a_detection_stacks_its_slice_maps_back_along_its_own_axis(axis):
+    from himatch_med.detect import Detection
+    from himatch_med.volume import to_slices
+
+    volume = torch.arange(5 * 6 * 7, dtype=torch.float32).reshape(5, 6, 7)
+    slices = to_slices(volume, axis)
+    count = len(slices)
+    detection = Detection(anomaly=slices, uncertainty=-slices, axis=axis, slice_scores=torch.zeros(count),
+                          slice_percentiles=torch.zeros(count), scored=torch.ones(count, dtype=torch.bool),
+                          volume_score=0.0, volume_percentile=0.0)
+    assert torch.equal(detection.canonical("anomaly"), volume)
+    assert torch.equal(detection.canonical("uncertainty"), -volume)
+    with pytest.raises(ValueError, match="name='scored'"):
+        detection.canonical("scored")
+
+
+@pytest.mark.parametrize(("height", "width", "expected"), [
+    (56, 60, 4.0 * 56 / 64),  # shorter side 56 -> 64 px: a backbone pixel is 56/64 slice pixels
+    (60, 56, 4.0 * 60 / 72),  # rows now the longer side: 60 * 64/56 = 68.6 px, rounded to 9 patches = 72
+    (100, 300, 4.0 * 100 / 64),  # 100 x 300 -> 64 x 192
+    (256, 256, 4.0 * 256 / 64),
+])
+def test_smoothing_sigma_goes_from_backbone_pixels_to_slice_pixels(height, width, expected):
+    assert slice_sigma(SETTINGS, height, width, 8) == pytest.approx(expected)
+
+
+def test_smoothing_sigma_follows_the_rounded_backbone_height():
+    # 50 x 30 at 64 px with 16 px patches: the height 50 * 64/30 = 106.7 rounds to 112 (7 patches), so a backbone
+    # pixel is 50/112 slice pixels, not 30/64.
+    settings = replace(SETTINGS, smoothing_sigma=2.0)
+    assert slice_sigma(settings, 50, 30, 16) == pytest.approx(2.0 * 50 / 112)

@@ -7,26 +7,26 @@ import csv
 import importlib.util
 import json
 import os
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
 import pytest
-from conftest import LPS, OBLIQUE, PERMUTED, StandIn, as_stored, brain_volume, save_nifti
+from conftest import FAST, LPS, OBLIQUE, PERMUTED, SETTINGS, StandIn, as_stored, brain_volume, save_nifti
 
 ray = pytest.importorskip("ray")
 
-from himatch_med import distributed, engine, screening  # noqa: E402
-from himatch_med.config import Settings  # noqa: E402
-from himatch_med.detect import build_bank  # noqa: E402
+from himatch_med import distributed, jobs, screening  # noqa: E402
+from himatch_med.bank.build import build_bank  # noqa: E402
+from himatch_med.detect import Detector  # noqa: E402
 from himatch_med.errors import WeightsUnavailableError  # noqa: E402
 
-SETTINGS = Settings(model="stand-in", image_size=32, centroids=8, calibration_slices=32, batch_size=8,
-                    kmeans_iterations=5, references_k=2).resolved()
-SHAPE = (36, 40, 10)
+# Smaller than the other stand-in tests (the same values as FAST): every study goes through Ray several times.
+RAY_SETTINGS = replace(SETTINGS, image_size=32, centroids=8, calibration_slices=32, kmeans_iterations=5,
+                       references_k=2)
+RAY_SHAPE = (36, 40, 10)
 STUDIES = {"normal_1": OBLIQUE, "normal_2": PERMUTED, "lesion_a": LPS, "lesion_b": OBLIQUE}
 MAPS = ("anomaly", "uncertainty")
-FAST = ["--image-size", "32", "--centroids", "8", "--calibration-slices", "32", "--kmeans-iterations", "5",
-        "--references-k", "2"]
 
 
 @pytest.fixture(scope="module")
@@ -55,19 +55,21 @@ def root(tmp_path_factory):
     (root / "refs").mkdir()
     (root / "cohort").mkdir()
     for i, affine in enumerate((OBLIQUE, PERMUTED, LPS)):
-        save_nifti(as_stored(brain_volume(i, SHAPE)[0], affine), affine, root / "refs" / f"ref{i}.nii.gz")
+        save_nifti(as_stored(brain_volume(i, RAY_SHAPE)[0], affine), affine, root / "refs" / f"ref{i}.nii.gz")
     for i, (name, affine) in enumerate(STUDIES.items()):
         lesion = (14, 20, 5) if name.startswith("lesion") else None
-        array = brain_volume(50 + i, SHAPE, lesion=lesion, radius=2.5)[0]
+        array = brain_volume(50 + i, RAY_SHAPE, lesion=lesion, radius=2.5)[0]
         save_nifti(as_stored(array, affine), affine, root / "cohort" / f"{name}.nii.gz")
     (root / "cohort" / "corrupt.nii.gz").write_bytes((root / "cohort" / "normal_1.nii.gz").read_bytes()[:300])
     return root
 
 
 @pytest.fixture(scope="module")
-def bank(root, stand_in):
+def ray_detector(root, stand_in):
+    """The stand-in with a bank of this module's references and :data:`RAY_SETTINGS`."""
     references = sorted((root / "refs").iterdir())
-    return build_bank(stand_in, ((str(p), engine.read_volume(p, SETTINGS)[2]) for p in references), SETTINGS)
+    bank = build_bank(stand_in, ((str(p), jobs.read(p, RAY_SETTINGS).prepared) for p in references), RAY_SETTINGS)
+    return Detector(stand_in, bank, RAY_SETTINGS)
 
 
 @pytest.fixture(scope="module")
@@ -76,21 +78,21 @@ def studies(root):
 
 
 @pytest.fixture(scope="module")
-def local(root, studies, stand_in, bank):
+def local(root, studies, ray_detector):
     """The cohort screened by the local engine: the reference for every comparison."""
     folder = root / "local"
-    screening.screen(studies, stand_in, bank, SETTINGS, folder, workers=0, progress=False)
+    screening.screen(studies, ray_detector, folder, workers=0, progress=False)
     return folder
 
 
 @pytest.fixture(scope="module")
-def on_ray(cluster, root, studies, stand_in, bank):
+def on_ray(cluster, root, studies, ray_detector):
     """The cohort screened on Ray by two CPU actors, one of which dies on its first study (and is restarted)."""
     flag = root / "crash.flag"
     flag.write_text("the first actor call to find this file ends its process")
     folder = root / "ray"
-    result = distributed.screen(studies, stand_in, bank, SETTINGS, folder, factory=partial(Crashing, str(flag)),
-                                actors=2, progress=False)
+    result = distributed.screen(studies, ray_detector, folder, factory=partial(Crashing, str(flag)), actors=2,
+                                progress=False)
     return folder, result, flag
 
 
@@ -173,14 +175,12 @@ def test_a_corrupt_study_is_recorded_like_locally(on_ray):
     assert "Traceback" in result.results[-1].details
 
 
-def test_a_rerun_skips_finished_studies_and_redoes_a_half_written_one(cluster, on_ray, local, studies, stand_in,
-                                                                       bank):
+def test_a_rerun_skips_finished_studies_and_redoes_a_half_written_one(cluster, on_ray, local, studies, ray_detector):
     folder, _, _ = on_ray
     (folder / "normal_2" / "normal_2_report.json").unlink()
     kept = folder / "lesion_a" / "lesion_a_anomaly.nii.gz"
     stamp = kept.stat().st_mtime_ns
-    result = distributed.screen(studies, stand_in, bank, SETTINGS, folder, factory=stand_in_on, actors=1,
-                                progress=False)
+    result = distributed.screen(studies, ray_detector, folder, factory=stand_in_on, actors=1, progress=False)
     status = {r.study.id: r.status for r in result.results}
     assert status == {"lesion_a": "skipped", "lesion_b": "skipped", "normal_1": "skipped", "normal_2": "ok",
                       "corrupt": "failed"}
@@ -190,30 +190,30 @@ def test_a_rerun_skips_finished_studies_and_redoes_a_half_written_one(cluster, o
 
 
 def test_a_study_that_kills_its_worker_every_time_is_recorded_and_the_one_queued_behind_it_is_not(
-        cluster, root, local, studies, stand_in, bank):
+        cluster, root, local, studies, ray_detector):
     poison = root / "poison" / "poison.nii.gz"
     poison.parent.mkdir()
     save_nifti(as_stored(brain_volume(70, (36, 90, 10))[0], OBLIQUE), OBLIQUE, poison)
     chosen = [s for s in studies if s.id in ("normal_1", "lesion_b")]
     chosen.insert(1, screening.Study("poison", poison))
     folder = root / "ray_poison"
-    result = distributed.screen(chosen, stand_in, bank, SETTINGS, folder, factory=Poisoned, actors=1, retries=0,
-                                workers=3, progress=False)
+    result = distributed.screen(chosen, ray_detector, folder, factory=Poisoned, actors=1, retries=0, workers=3,
+                                progress=False)
     status = {r.study.id: r for r in result.results}
     assert status["poison"].status == "failed" and result.count("ok") == 2
     assert status["poison"].error == f"{poison}: the Ray worker analysing it died on each of its 1 tries"
     assert_same_outputs(folder, local, ["normal_1", "lesion_b"])
 
 
-def test_an_actor_that_cannot_start_stops_the_run_with_its_error(cluster, root, studies, stand_in, bank):
+def test_an_actor_that_cannot_start_stops_the_run_with_its_error(cluster, root, studies, ray_detector):
     with pytest.raises(WeightsUnavailableError, match="no such folder on this node"):
-        distributed.screen(studies[:1], stand_in, bank, SETTINGS, root / "ray_no_weights", factory=no_weights,
-                           actors=1, progress=False)
+        distributed.screen(studies[:1], ray_detector, root / "ray_no_weights", factory=no_weights, actors=1,
+                           progress=False)
 
 
-def test_an_actor_that_does_not_see_the_output_folder_says_so(cluster, tmp_path, bank):
+def test_an_actor_that_does_not_see_the_output_folder_says_so(cluster, tmp_path, ray_detector):
     # In this process: what a node without the shared folder would find (no run folder of the driver's).
-    analyser = distributed.Analyser(stand_in_on, "cpu", [ray.put(bank)], SETTINGS, str(tmp_path),
+    analyser = distributed.Analyser(stand_in_on, "cpu", [ray.put(ray_detector)], str(tmp_path),
                                     ".himatch-ray-elsewhere", os.getcwd(), None, 2)
     with pytest.raises(ValueError, match="the screening folder is not shared with node .*same path"):
         analyser.identity()
@@ -241,8 +241,8 @@ def test_ray_is_imported_only_by_the_distributed_module_and_only_inside_function
     import ast
 
     project = Path(__file__).parents[1]
-    for path in [*(project / "himatch_med").glob("*.py"), *(project / "pipelines").glob("*.py")]:
-        tree = ast.parse(path.read_text())
+    for path in [*(project / "himatch_med").rglob("*.py"), *(project / "pipelines").glob("*.py")]:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
         imports = [node for node in ast.walk(tree) if isinstance(node, ast.Import | ast.ImportFrom)
                    and any((alias.name if isinstance(node, ast.Import) else node.module or "").split(".")[0] == "ray"
                            for alias in node.names)]
@@ -260,8 +260,8 @@ def test_the_engine_options_are_in_the_help():
     assert "--engine {local,ray}" in text and "--address" in text and "--actors" in text and "--retries" in text
 
 
-def test_options_are_checked(root, studies, stand_in, bank):
+def test_options_are_checked(root, studies, ray_detector):
     with pytest.raises(ValueError, match="actors=0 must be 1 or more"):
-        distributed.screen(studies, stand_in, bank, SETTINGS, root / "x", factory=stand_in_on, actors=0)
+        distributed.screen(studies, ray_detector, root / "x", factory=stand_in_on, actors=0)
     with pytest.raises(ValueError, match="retries=-1 must be 0 or more"):
-        distributed.screen(studies, stand_in, bank, SETTINGS, root / "x", factory=stand_in_on, retries=-1)
+        distributed.screen(studies, ray_detector, root / "x", factory=stand_in_on, retries=-1)

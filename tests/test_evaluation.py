@@ -12,16 +12,18 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from conftest import LPS, OBLIQUE, PERMUTED, StandIn, as_stored, brain_volume, save_nifti
+from conftest import FAST, LESION, LPS, OBLIQUE, PERMUTED, SETTINGS, SHAPE, StandIn, as_stored, brain_volume, save_nifti
 
-from himatch_med import engine, evaluation
+from himatch_med import evaluation, io
+from himatch_med.bank.build import calibrate_bank
+from himatch_med.bank.store import cached_bank, calibration_samples
 from himatch_med.config import Settings
-from himatch_med.detect import calibrate_bank
 from himatch_med.errors import InputError
+from himatch_med.scan import read_scan
 
 ROOT = Path(__file__).resolve().parents[1]
-SETTINGS = Settings(model="stand-in", image_size=96, centroids=16, calibration_slices=64, batch_size=8,
-                    kmeans_iterations=10, references_k=4).resolved()
+IMAGE_SETTINGS = replace(SETTINGS, image_size=96)
+"""The 2D sets' images (96 x 88) go through the backbone at about their own size."""
 PLANE = (96, 88)
 # Under 0.5 % of the foreground, so that the mri preset's 99.5th percentile stays in normal tissue (see test_detect).
 RADIUS = 2.5
@@ -179,15 +181,15 @@ def test_unknown_layout_says_what_was_expected(tmp_path):
 
 
 def test_ablation_rows_cross_the_values_given():
-    rows = evaluation.ablation_rows(SETTINGS, fusion=["mean", "last"], stages=[[1, 2], [3]], references_k=[2, 2])
+    rows = evaluation.ablation_rows(IMAGE_SETTINGS, fusion=["mean", "last"], stages=[[1, 2], [3]], references_k=[2, 2])
     assert [(r.stages, r.fusion, r.references_k) for r in rows] == [
         ((1, 2), "mean", 2), ((1, 2), "last", 2), ((3,), "mean", 2), ((3,), "last", 2)]
-    assert all(r.cls_weight == SETTINGS.cls_weight and r.image_size == 96 for r in rows)
-    assert evaluation.ablation_rows(SETTINGS) == [SETTINGS]
+    assert all(r.cls_weight == IMAGE_SETTINGS.cls_weight and r.image_size == 96 for r in rows)
+    assert evaluation.ablation_rows(IMAGE_SETTINGS) == [IMAGE_SETTINGS]
     with pytest.raises(ValueError, match="cannot be ablated"):
-        evaluation.ablation_rows(SETTINGS, image_size=[32, 64])
+        evaluation.ablation_rows(IMAGE_SETTINGS, image_size=[32, 64])
     with pytest.raises(ValueError, match="fusion='median'"):
-        evaluation.ablation_rows(SETTINGS, fusion=["median"])
+        evaluation.ablation_rows(IMAGE_SETTINGS, fusion=["median"])
 
 
 # ---------------------------------------------------------------- end to end on 2D images
@@ -213,7 +215,7 @@ def brain_set(tmp_path_factory):
 @pytest.fixture(scope="module")
 def brain_result(brain_set, tmp_path_factory):
     dataset = evaluation.discover(brain_set)
-    result = evaluation.evaluate(dataset, [SETTINGS], cache=tmp_path_factory.mktemp("cache"), load=loader(),
+    result = evaluation.evaluate(dataset, [IMAGE_SETTINGS], cache=tmp_path_factory.mktemp("cache"), load=loader(),
                                  progress=False)
     out = tmp_path_factory.mktemp("out")
     return result, evaluation.write_outputs(result, out), out
@@ -273,9 +275,9 @@ def test_gallery_shows_the_lesion_slice_with_its_outline(brain_result):
 def test_ablation_rows_share_features_and_get_their_own_calibration(brain_set, tmp_path):
     dataset = evaluation.discover(brain_set)
     single, several = [], []
-    evaluation.evaluate(dataset, [SETTINGS], cache=tmp_path / "a", load=loader(single), progress=False,
+    evaluation.evaluate(dataset, [IMAGE_SETTINGS], cache=tmp_path / "a", load=loader(single), progress=False,
                         pictures=0)
-    rows = evaluation.ablation_rows(SETTINGS, fusion=["uncertainty", "last"], references_k=[4, 2])
+    rows = evaluation.ablation_rows(IMAGE_SETTINGS, fusion=["uncertainty", "last"], references_k=[4, 2])
     result = evaluation.evaluate(dataset, rows, cache=tmp_path / "b", load=loader(several), progress=False,
                                  pictures=0)
     assert len(result.tallies) == 4 and result.timings["groups"][0]["recalibrated_rows"] == [2, 3, 4]
@@ -293,12 +295,12 @@ def test_ablation_rows_share_features_and_get_their_own_calibration(brain_set, t
 def test_recalibration_equals_a_bank_built_with_those_settings(brain_set, tmp_path):
     dataset = evaluation.discover(brain_set)
     stand_in = StandIn()
-    base = engine.cached_bank(list(dataset.references), None, SETTINGS, stand_in, tmp_path)
-    other = replace(SETTINGS, fusion="max", references_k=2, cls_weight=1.0)
-    samples = evaluation.calibration_samples(base, other, stand_in)
+    base = cached_bank(list(dataset.references), None, IMAGE_SETTINGS, stand_in, tmp_path)
+    other = replace(IMAGE_SETTINGS, fusion="max", references_k=2, cls_weight=1.0)
+    samples = calibration_samples(base, other, stand_in)
     assert len(samples) == len(base)
     recalibrated = calibrate_bank(base, samples, other, stand_in.patch_size, torch.device("cpu"))
-    direct = engine.cached_bank(list(dataset.references), None, other, stand_in, tmp_path)
+    direct = cached_bank(list(dataset.references), None, other, stand_in, tmp_path)
     assert not torch.allclose(base.calibration_mean, direct.calibration_mean)
     torch.testing.assert_close(recalibrated.calibration_mean, direct.calibration_mean, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(recalibrated.calibration_std, direct.calibration_std, atol=1e-5, rtol=1e-4)
@@ -308,7 +310,7 @@ def test_recalibration_equals_a_bank_built_with_those_settings(brain_set, tmp_pa
 
 def test_stages_variants_get_their_own_backbone_and_bank(brain_set, tmp_path):
     dataset = evaluation.discover(brain_set)
-    rows = evaluation.ablation_rows(SETTINGS, stages=[[1, 2, 3], [1, 2]], fusion=["mean", "last"])
+    rows = evaluation.ablation_rows(IMAGE_SETTINGS, stages=[[1, 2, 3], [1, 2]], fusion=["mean", "last"])
     result = evaluation.evaluate(dataset, rows, cache=tmp_path, load=loader(), progress=False, pictures=0)
     groups = result.timings["groups"]
     assert [g["rows"] for g in groups] == [[1, 2], [3, 4]]
@@ -326,7 +328,7 @@ def test_a_broken_image_is_recorded_and_the_others_are_evaluated(brain_set, tmp_
     png(plane(7)[0][::4, ::4], root / "test" / "Ungood" / "img" / "small.png")
     dot(root / "test" / "Ungood" / "label" / "small.png").write_bytes(
         (root / "test" / "Ungood" / "label" / "a0.png").read_bytes())  # a mask of another size
-    result = evaluation.evaluate(evaluation.discover(root), [SETTINGS], cache=tmp_path / "cache", load=loader(),
+    result = evaluation.evaluate(evaluation.discover(root), [IMAGE_SETTINGS], cache=tmp_path / "cache", load=loader(),
                                  progress=False, pictures=0)
     errors = {Path(f["path"]).name: f["error"] for f in result.failures}
     assert set(errors) == {"broken.png", "small.png"}
@@ -335,7 +337,7 @@ def test_a_broken_image_is_recorded_and_the_others_are_evaluated(brain_set, tmp_
     text = evaluation.scores_csv(result)
     assert "broken.png" in text and "cannot be read" in text
     with pytest.raises(InputError):
-        evaluation.evaluate(evaluation.discover(root), [SETTINGS], cache=tmp_path / "cache", load=loader(),
+        evaluation.evaluate(evaluation.discover(root), [IMAGE_SETTINGS], cache=tmp_path / "cache", load=loader(),
                             progress=False, pictures=0, strict=True)
 
 
@@ -346,7 +348,7 @@ def test_a_set_without_masks_gives_image_metrics_only(tmp_path):
         image, _ = plane(200 + i, lesion=centre)
         png(image, tmp_path / "LESION" / f"LESION-{i}-1.png")
     dataset = evaluation.discover(tmp_path, holdout=0.34, seed=0)
-    result = evaluation.evaluate(dataset, [SETTINGS], cache=tmp_path / "cache", load=loader(), progress=False)
+    result = evaluation.evaluate(dataset, [IMAGE_SETTINGS], cache=tmp_path / "cache", load=loader(), progress=False)
     metrics = result.tallies[0].metrics()
     assert metrics["cases"] == 4 and metrics["anomalous_cases"] == 2
     assert metrics["image_auroc"] == 1.0 and "pixel_auroc" not in metrics
@@ -356,12 +358,6 @@ def test_a_set_without_masks_gives_image_metrics_only(tmp_path):
 
 
 # ---------------------------------------------------------------- annotated volumes
-
-VOLUME_SETTINGS = Settings(model="stand-in", image_size=64, centroids=16, calibration_slices=64, batch_size=8,
-                           kmeans_iterations=10, references_k=4).resolved()
-SHAPE = (56, 60, 14)
-LESION = (20, 24, 7)
-
 
 @pytest.fixture(scope="module")
 def volume_set(tmp_path_factory):
@@ -387,7 +383,7 @@ def _folder(path: Path) -> Path:
 
 def test_volume_dataset_pairs_labels_by_name(volume_set):
     dataset = evaluation.volume_dataset([volume_set / "images"], volume_set / "labels", [volume_set / "normals"])
-    pairs = {evaluation.io.stem(c.path): evaluation.io.stem(c.mask) for c in dataset.cases}
+    pairs = {io.stem(c.path): io.stem(c.mask) for c in dataset.cases}
     assert pairs == {"volume-0": "segmentation-0", "case1_0000": "case1", "case2": "case2_seg", "case3": "case3"}
     assert [Path(p).name for p, _ in dataset.skipped] == ["unlabelled.nii.gz"]
     assert dataset.volumes and len(dataset.references) == 3
@@ -397,7 +393,7 @@ def test_volume_dataset_pairs_labels_by_name(volume_set):
 
 def test_volumes_reach_voxel_slice_and_volume_metrics(volume_set, tmp_path):
     dataset = evaluation.volume_dataset([volume_set / "images"], volume_set / "labels", [volume_set / "normals"])
-    rows = evaluation.ablation_rows(VOLUME_SETTINGS, fusion=["uncertainty", "mean"])
+    rows = evaluation.ablation_rows(SETTINGS, fusion=["uncertainty", "mean"])
     result = evaluation.evaluate(dataset, rows, cache=tmp_path / "cache", load=loader(), anomaly_labels=(2,),
                                  progress=False)
     for tally in result.tallies:
@@ -422,15 +418,15 @@ def test_volumes_reach_voxel_slice_and_volume_metrics(volume_set, tmp_path):
     assert "voxel AUROC" in (tmp_path / "out" / "metrics.md").read_text()
 
 
-def test_read_mask_refuses_another_grid_and_selects_label_values(volume_set):
-    image = evaluation.io.read_image(volume_set / "images" / "volume-0.nii.gz")
+def test_a_mask_is_read_on_the_scan_grid_and_selects_label_values(volume_set):
+    scan = read_scan(volume_set / "images" / "volume-0.nii.gz", axis="axial")
     label = volume_set / "labels" / "segmentation-0.nii.gz"
-    anything = evaluation.read_mask(label, image)
-    lesion = evaluation.read_mask(label, image, values=(2,))
+    anything = scan.aligned(label, "the mask")
+    lesion = scan.aligned(label, "the mask", values=(2,))
     assert anything.sum() > 20 * lesion.sum() > 0
-    other = evaluation.io.read_image(volume_set / "images" / "case1_0000.nii.gz")
-    with pytest.raises(InputError, match="must lie on the grid"):
-        evaluation.read_mask(label, other)
+    other = read_scan(volume_set / "images" / "case1_0000.nii.gz", axis="axial")
+    with pytest.raises(InputError, match="the mask must lie on the grid"):
+        other.aligned(label, "the mask")
 
 
 # ---------------------------------------------------------------- command line
@@ -441,10 +437,6 @@ def pipeline():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-FAST = ["--image-size", "32", "--centroids", "8", "--calibration-slices", "32", "--kmeans-iterations", "5",
-        "--references-k", "2"]
 
 
 def test_command_line_on_a_bmad_tree_with_a_broken_image(brain_set, tiny_dinov3, tmp_path, capsys):

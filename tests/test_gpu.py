@@ -4,8 +4,9 @@ import pytest
 import torch
 from conftest import OBLIQUE, StandIn, as_stored, brain_volume
 
+from himatch_med.bank.build import build_bank
 from himatch_med.config import Settings
-from himatch_med.detect import build_bank, detect, prepare
+from himatch_med.detect import Detector, prepare
 from himatch_med.volume import to_canonical
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -23,6 +24,6 @@ def test_stand_in_detection_on_cuda_matches_cpu():
         extractor = StandIn(device=device)
         extractor.projections = [p.to(device) for p in extractor.projections]
         bank = build_bank(extractor, [(f"n{i}", prepared(i)) for i in range(3)], settings).to(device)
-        results[device] = detect(extractor, bank, prepared(9, (20, 24, 7)), settings)
+        results[device] = Detector(extractor, bank, settings).detect(prepared(9, (20, 24, 7)))
     torch.testing.assert_close(results["cuda"].anomaly, results["cpu"].anomaly, atol=1e-3, rtol=1e-3)
     assert abs(results["cuda"].volume_score - results["cpu"].volume_score) < 1e-3

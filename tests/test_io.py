@@ -1,7 +1,6 @@
 """Files: reading every input kind, atomic writes, banks on disk."""
 
 import gzip
-import json
 
 import nibabel as nib
 import numpy as np
@@ -10,7 +9,7 @@ import torch
 from conftest import CORONAL, OBLIQUE, brain_volume, ct_volume, save_nifti, write_dicom, write_dicom_object
 
 from himatch_med import io
-from himatch_med.bank import FORMAT_VERSION, Bank
+from himatch_med.bank.data import Bank, BankInfo
 from himatch_med.errors import InputError
 from himatch_med.volume import to_canonical, to_slices
 
@@ -85,7 +84,7 @@ def test_an_interrupted_write_leaves_no_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(nib, "save", explode)
     with pytest.raises(OSError, match="disk full"):
-        io.write_map(np.ones((4, 5, 6), np.float32), like, tmp_path / "out_anomaly.nii.gz")
+        io.write_map(np.ones((4, 5, 6), np.float32), like.header, tmp_path / "out_anomaly.nii.gz")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.nii.gz"]
 
 
@@ -96,17 +95,18 @@ def _bank(stages=2):
                 positions=torch.linspace(0, 1, n), groups=torch.tensor([0, 0, 1, 1, 1]),
                 calibration_mean=torch.zeros(stages), calibration_std=torch.ones(stages),
                 calibration_slice_scores=torch.tensor([0.1, 0.2]), calibration_volume_scores=torch.zeros(0),
-                meta={"format_version": FORMAT_VERSION, "settings": {"model": "m", "image_size": 32}})
+                info=BankInfo(settings={"model": "m", "image_size": 32}))
 
 
 def test_bank_round_trip_memory_mapped(tmp_path):
     bank = _bank()
-    io.write_bank(bank.tensors(), bank.meta, tmp_path / "bank")
+    io.write_bank(bank.tensors(), bank.metadata, tmp_path / "bank")
     tensors, meta = io.read_bank(tmp_path / "bank")
     loaded = Bank.from_stored(tensors, meta, source="bank")
     for name, tensor in bank.tensors().items():
         assert torch.equal(getattr(loaded, name), tensor), name
-    assert meta["settings"] == bank.meta["settings"] and len(meta["arrays_sha256"]) == 64
+    assert loaded.info.settings == bank.info.settings and len(meta["arrays_sha256"]) == 64
+    assert loaded.id == meta["arrays_sha256"][:16] and bank.id == ""
     memory = loaded.memory(torch.tensor([[4, 0]]), torch.device("cpu"))
     assert memory.shape == (2, 1, 2, 3, 8)
     assert torch.equal(memory[1, 0, 0], bank.centroids[4, 1].float())
@@ -114,7 +114,7 @@ def test_bank_round_trip_memory_mapped(tmp_path):
 
 def test_a_damaged_bank_is_refused(tmp_path):
     bank = _bank()
-    folder = io.write_bank(bank.tensors(), bank.meta, tmp_path / "bank")
+    folder = io.write_bank(bank.tensors(), bank.metadata, tmp_path / "bank")
     arrays = folder / io.BANK_ARRAYS
     data = bytearray(arrays.read_bytes())
     data[-3] ^= 0xFF
@@ -137,7 +137,7 @@ def test_a_bank_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
 
     monkeypatch.setattr(safetensors.torch, "save_file", explode)
     with pytest.raises(OSError):
-        io.write_bank(_bank().tensors(), {}, tmp_path / "bank")
+        io.write_bank(_bank().tensors(), _bank().metadata, tmp_path / "bank")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -146,7 +146,6 @@ def test_bank_settings_mismatch_names_each_difference():
     with pytest.raises(InputError, match="image_size: bank has 32, this run asks for 64"):
         bank.check({"model": "m", "image_size": 64}, source="b")
     bank.check({"model": "m", "image_size": 32}, source="b")
-    assert json.dumps(bank.meta)
 
 
 def test_a_bank_is_shared_like_the_other_outputs(tmp_path):
@@ -155,7 +154,7 @@ def test_a_bank_is_shared_like_the_other_outputs(tmp_path):
 
     previous = os.umask(0o022)
     try:
-        folder = io.write_bank(_bank().tensors(), _bank().meta, tmp_path / "bank")
+        folder = io.write_bank(_bank().tensors(), _bank().metadata, tmp_path / "bank")
     finally:
         os.umask(previous)
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir()}
@@ -246,7 +245,7 @@ def test_analyze_and_nifti_pairs_are_read(tmp_path):
     assert io.stem("pair.hdr") == "pair" and io.stem("pair.img") == "pair"
     # Outputs are single-file NIfTI on the input's grid, whatever the input's format.
     for image in (pair, old):
-        written = nib.load(io.write_map(np.zeros(ct.shape, np.float32), image, tmp_path / "out" / "map.nii.gz"))
+        written = nib.load(io.write_map(np.zeros(ct.shape, np.float32), image.header, tmp_path / "out" / "map.nii.gz"))
         assert isinstance(written, nib.Nifti1Image)
         np.testing.assert_allclose(written.affine, image.affine, atol=1e-5)
 
@@ -320,21 +319,21 @@ def test_a_series_mixing_orientations_is_refused(tmp_path):
 
 
 def test_a_folder_is_a_dicom_series_by_its_content_not_a_file_name(tmp_path):
-    from himatch_med import engine
+    from himatch_med import jobs
 
     cohort = tmp_path / "cohort"
     cohort.mkdir()
     save_nifti(ct_volume(1, (20, 22, 6)), OBLIQUE, cohort / "a.nii.gz")
     (cohort / "stray.dcm").write_bytes(b"")  # an empty file named .dcm is not a DICOM series
     assert not io.is_dicom_folder(cohort)
-    assert engine.expand_inputs([cohort]) == [cohort / "a.nii.gz"]
+    assert jobs.expand_inputs([cohort]) == [cohort / "a.nii.gz"]
     # DICOM slices named without a suffix, beside a NIfTI volume: both are inputs, neither hides the other.
     write_dicom(cohort, _slices(), names=[f"slice{k}" for k in range(10)])
     assert not io.is_dicom_folder(cohort)
-    assert engine.expand_inputs([cohort]) == [cohort / "a.nii.gz", cohort]
+    assert jobs.expand_inputs([cohort]) == [cohort / "a.nii.gz", cohort]
     assert io.read_image(cohort).array.shape == (22, 24, 10)
     write_dicom(tmp_path / "series", _slices(), names=[f"{k}" for k in range(10)])
-    assert io.is_dicom_folder(tmp_path / "series") and engine.expand_inputs([tmp_path / "series"]) == [
+    assert io.is_dicom_folder(tmp_path / "series") and jobs.expand_inputs([tmp_path / "series"]) == [
         tmp_path / "series"]
 
 

@@ -18,10 +18,11 @@ import torch
 from conftest import LPS, OBLIQUE, as_distributed, as_stored, brain_volume, save_nifti
 from sklearn.metrics import roc_auc_score
 
-from himatch_med import engine, io
-from himatch_med.bank import Bank
+from himatch_med import io, jobs
+from himatch_med.bank.data import Bank
+from himatch_med.bank.store import build_bank_folder, cached_bank, open_bank
 from himatch_med.config import Settings
-from himatch_med.detect import prepare
+from himatch_med.detect import Detector, prepare
 from himatch_med.errors import InputError
 from himatch_med.transforms import foreground_mask, scale_intensity
 
@@ -33,8 +34,8 @@ def _auroc_inside(heat: np.ndarray, lesion: np.ndarray, body: np.ndarray) -> flo
 
 
 def _run(references: list[Path], query: Path, settings: Settings, extractor, tmp_path: Path) -> tuple[dict, Path]:
-    bank = engine.cached_bank(references, None, settings, extractor, tmp_path / "cache")
-    report = engine.process(query, extractor, bank, settings, tmp_path / "out", progress=False)
+    bank = cached_bank(references, None, settings, extractor, tmp_path / "cache")
+    report = jobs.process(query, Detector(extractor, bank, settings), tmp_path / "out", progress=False)
     return report, tmp_path / "out" / report["outputs"]["anomaly"]
 
 
@@ -195,13 +196,13 @@ def test_bank_records_the_new_defaults_and_refuses_an_older_format(stand_in, tmp
     for seed in (0, 1):
         save_nifti(as_stored(brain_volume(seed)[0], LPS), LPS, refs / f"normal{seed}.nii.gz")
     settings = Settings(model=stand_in.model_id, image_size=32, centroids=8).resolved()
-    folder = engine.build_bank_folder(sorted(refs.iterdir()), None, settings, stand_in, tmp_path / "bank")
+    folder = build_bank_folder(sorted(refs.iterdir()), None, settings, stand_in, tmp_path / "bank")
     meta = json.loads((folder / io.BANK_META).read_text())
     assert meta["settings"]["intensity"] == "headroom"
     assert meta["calibration"]["foreground"] == "border"
-    engine.open_bank(folder, settings, stand_in)  # this run's settings: accepted
+    open_bank(folder, settings, stand_in)  # this run's settings: accepted
     with pytest.raises(InputError, match="intensity: bank has 'headroom', this run asks for 'clip'"):
-        engine.open_bank(folder, Settings(model=stand_in.model_id, image_size=32, intensity="clip").resolved(),
+        open_bank(folder, Settings(model=stand_in.model_id, image_size=32, intensity="clip").resolved(),
                          stand_in)
     tensors, meta = io.read_bank(folder)
     with pytest.raises(InputError, match="older himatch-med.*rebuild it"):

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from conftest import FAST, OBLIQUE, as_stored, brain_volume, ct_volume, save_nifti
 
-from himatch_med.run import bank_main, main
+from himatch_med.bank.__main__ import bank_main
+from himatch_med.run import main
 
 
 def digest(folder):

@@ -10,24 +10,17 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import LPS, OBLIQUE, PERMUTED, as_stored, brain_volume, save_nifti
+from conftest import FAST, LESION, LPS, OBLIQUE, PERMUTED, SETTINGS, SHAPE, as_stored, brain_volume, save_nifti
 
-from himatch_med import engine, screening
-from himatch_med.config import Settings
-from himatch_med.detect import build_bank
+from himatch_med import jobs, screening
 from himatch_med.io import LPS_TO_RAS
 
-SETTINGS = Settings(model="stand-in", image_size=64, centroids=16, calibration_slices=64, batch_size=8,
-                    kmeans_iterations=10, references_k=4).resolved()
-SHAPE = (56, 60, 14)
 RADIUS = 3.0  # keeps each lesion under 0.5 % of the foreground (see test_detect)
-LESIONS = {"lesion_a": (20, 24, 7), "lesion_b": (34, 30, 6)}
+LESIONS = {"lesion_a": LESION, "lesion_b": (34, 30, 6)}
 NORMALS = {"normal_1": OBLIQUE, "normal_2": PERMUTED, "normal_3": LPS, "normal_4": OBLIQUE}
 # The DICOM series: oblique (rotated about two axes), anisotropic, in SimpleITK's LPS world.
 DICOM_SPACING = (1.1, 0.9, 2.5)
 DICOM_ORIGIN = (30.0, -20.0, 10.0)
-FAST = ["--image-size", "32", "--centroids", "8", "--calibration-slices", "32", "--kmeans-iterations", "5",
-        "--references-k", "2"]
 
 
 def _rotation(z_degrees, x_degrees):
@@ -78,11 +71,8 @@ def write_dicom_series(anatomy, folder):
 @pytest.fixture(scope="module")
 def studies_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("screening")
-    refs, studies = root / "refs", root / "cohort"
-    refs.mkdir()
+    studies = root / "cohort"
     studies.mkdir()
-    for i, affine in enumerate((OBLIQUE, PERMUTED, LPS, OBLIQUE)):
-        save_nifti(as_stored(brain_volume(i, SHAPE)[0], affine), affine, refs / f"ref{i}.nii.gz")
     for i, (name, affine) in enumerate(NORMALS.items()):
         save_nifti(as_stored(brain_volume(20 + i, SHAPE)[0], affine), affine, studies / f"{name}.nii.gz")
     for i, (name, centre) in enumerate(LESIONS.items()):
@@ -97,23 +87,17 @@ def studies_root(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def bank(studies_root, stand_in):
-    references = sorted((studies_root / "refs").iterdir())
-    return build_bank(stand_in, ((str(p), engine.read_volume(p, SETTINGS)[2]) for p in references), SETTINGS)
-
-
-@pytest.fixture(scope="module")
 def labels():
     names = [*NORMALS, *LESIONS, "dicom_oblique", "corrupt"]
     return {name: int(name in LESIONS) for name in names}
 
 
 @pytest.fixture(scope="module")
-def screened(studies_root, bank, stand_in, labels):
+def screened(studies_root, detector, labels):
     """The cohort screened once, with two reader workers."""
     folder = studies_root / "out"
     studies = screening.read_cohort([studies_root / "cohort"])
-    result = screening.screen(studies, stand_in, bank, SETTINGS, folder, workers=2, labels=labels, progress=False)
+    result = screening.screen(studies, detector, folder, workers=2, labels=labels, progress=False)
     return folder, result
 
 
@@ -142,7 +126,7 @@ def test_lesion_volumes_rank_first_and_failures_are_recorded(screened):
     assert "has 2 dimensions" in failed["flat"]["error"] and failed["flat"]["rank"] == ""
     assert result.count("ok") == 7 and result.count("failed") == 2
     for row in rows[:7]:
-        assert engine.is_complete(Path(row["input"]), folder / row["study"])
+        assert jobs.is_complete(Path(row["input"]), folder / row["study"])
 
 
 def test_labels_give_an_auc_and_a_roc_curve(screened):
@@ -192,14 +176,14 @@ def test_the_report_references_only_files_that_exist(screened):
     assert "cannot be read as NIfTI" in page and "AUC 1.000" in page
 
 
-def test_a_rerun_skips_finished_studies_and_redoes_a_half_written_one(studies_root, bank, stand_in, screened):
+def test_a_rerun_skips_finished_studies_and_redoes_a_half_written_one(studies_root, detector, screened):
     folder, _ = screened
     half = folder / "normal_2" / "normal_2_report.json"
     half.unlink()  # the report is written last: without it the study is half-written
     kept = folder / "lesion_a" / "lesion_a_anomaly.nii.gz"
     stamp = kept.stat().st_mtime_ns
     studies = screening.read_cohort([studies_root / "cohort"])
-    result = screening.screen(studies, stand_in, bank, SETTINGS, folder, workers=0, progress=False)
+    result = screening.screen(studies, detector, folder, workers=0, progress=False)
     status = {r.study.id: r.status for r in result.results}
     assert status["normal_2"] == "ok" and half.exists()
     assert [name for name, s in status.items() if s == "skipped"] == [
@@ -211,37 +195,36 @@ def test_a_rerun_skips_finished_studies_and_redoes_a_half_written_one(studies_ro
     assert "label" not in rows[0]
 
 
-def test_force_redoes_every_study_and_other_settings_are_not_skipped(studies_root, bank, stand_in, tmp_path):
+def test_force_redoes_every_study_and_other_settings_are_not_skipped(studies_root, detector, tmp_path):
     from dataclasses import replace
 
     studies = [s for s in screening.read_cohort([studies_root / "cohort"]) if s.id in ("normal_1", "lesion_a")]
-    first = screening.screen(studies, stand_in, bank, SETTINGS, tmp_path, workers=0, progress=False)
+    first = screening.screen(studies, detector, tmp_path, workers=0, progress=False)
     assert first.count("ok") == 2
-    again = screening.screen(studies, stand_in, bank, SETTINGS, tmp_path, workers=0, progress=False)
+    again = screening.screen(studies, detector, tmp_path, workers=0, progress=False)
     assert again.count("skipped") == 2
     # Speed-only settings do not make a study stale; settings that change the result do.
-    faster = screening.screen(studies, stand_in, bank, replace(SETTINGS, batch_size=4), tmp_path, workers=0,
-                              progress=False)
+    faster = screening.screen(studies, replace(detector, settings=replace(SETTINGS, batch_size=4)), tmp_path,
+                              workers=0, progress=False)
     assert faster.count("skipped") == 2
-    other = screening.screen(studies, stand_in, bank, replace(SETTINGS, top_fraction=0.05), tmp_path, workers=0,
-                             progress=False)
+    other_settings = replace(detector, settings=replace(SETTINGS, top_fraction=0.05))
+    other = screening.screen(studies, other_settings, tmp_path, workers=0, progress=False)
     assert other.count("ok") == 2
-    forced = screening.screen(studies, stand_in, bank, replace(SETTINGS, top_fraction=0.05), tmp_path, workers=0,
-                              force=True, progress=False)
+    forced = screening.screen(studies, other_settings, tmp_path, workers=0, force=True, progress=False)
     assert forced.count("ok") == 2
 
 
-def test_a_failing_analysis_is_recorded_and_the_rest_goes_on(studies_root, bank, stand_in, tmp_path, monkeypatch):
-    real = engine.analyse
+def test_a_failing_analysis_is_recorded_and_the_rest_goes_on(studies_root, detector, tmp_path, monkeypatch):
+    real = jobs.analyse
 
-    def analyse(volume, *args, **kwargs):
-        if volume[0].path.name.startswith("normal_3"):
+    def analyse(job, *args, **kwargs):
+        if job.scan.path.name.startswith("normal_3"):
             raise MemoryError("out of memory on this one")
-        return real(volume, *args, **kwargs)
+        return real(job, *args, **kwargs)
 
-    monkeypatch.setattr(engine, "analyse", analyse)
+    monkeypatch.setattr(jobs, "analyse", analyse)
     studies = [s for s in screening.read_cohort([studies_root / "cohort"]) if s.id in ("normal_3", "lesion_b")]
-    result = screening.screen(studies, stand_in, bank, SETTINGS, tmp_path, workers=0, progress=False)
+    result = screening.screen(studies, detector, tmp_path, workers=0, progress=False)
     assert [(r.study.id, r.status) for r in result.results] == [("lesion_b", "ok"), ("normal_3", "failed")]
     assert result.results[1].error.endswith("MemoryError: out of memory on this one")
     assert "Traceback" in result.results[1].details
@@ -267,7 +250,7 @@ def test_a_cohort_csv_with_ids_and_relative_paths(studies_root):
 def test_outputs_inside_a_dicom_series_folder_are_refused(studies_root):
     studies = [s for s in screening.read_cohort([studies_root / "cohort"]) if s.id == "dicom_oblique"]
     with pytest.raises(ValueError, match="would mix them with the inputs"):
-        screening.check_output_folder(studies, studies_root / "cohort")
+        screening.check_study_folders(studies_root / "cohort", studies)
 
 
 def test_labels_csv_is_checked(tmp_path):
@@ -279,7 +262,7 @@ def test_labels_csv_is_checked(tmp_path):
         screening.read_labels(path)
 
 
-def test_the_command_line_on_a_csv_cohort_with_labels(studies_root, tiny_dinov3, tmp_path, capsys):
+def test_the_command_line_on_a_csv_cohort_with_labels(studies_root, references, tiny_dinov3, tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("screen", Path(__file__).parents[1] / "pipelines" / "screen.py")
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
@@ -288,7 +271,7 @@ def test_the_command_line_on_a_csv_cohort_with_labels(studies_root, tiny_dinov3,
         "normal_1.nii.gz", "lesion_a.nii.gz", "corrupt.nii.gz", "dicom_oblique")))
     (tmp_path / "labels.csv").write_text("id,label\nnormal_1,0\nlesion_a,1\ndicom_oblique,0\n")
     out = tmp_path / "out"
-    args = [str(table), "--references", str(studies_root / "refs"), "--bank-cache", str(tmp_path / "cache"),
+    args = [str(table), "--references", str(references), "--bank-cache", str(tmp_path / "cache"),
             "-o", str(out), "--labels", str(tmp_path / "labels.csv"), "--model", str(tiny_dinov3), "--workers", "1",
             "--quiet", *FAST]
     assert cli.main(args) == 1
@@ -337,7 +320,7 @@ def _unquote(link):
 
 
 class _NoBank:
-    meta = {"arrays_sha256": "0123456789abcdef"}
+    id = "0123456789abcdef"
 
     def __len__(self):
         return 3

@@ -18,13 +18,13 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import LPS, OBLIQUE, PERMUTED, as_stored, brain_volume, save_nifti
-from test_screening import SETTINGS, SHAPE, write_dicom_series
+from conftest import LESION, LPS, OBLIQUE, PERMUTED, SETTINGS, SHAPE, as_stored, brain_volume, save_nifti
+from test_screening import write_dicom_series
 
-from himatch_med import engine, screening, viewer
-from himatch_med.detect import build_bank
+from himatch_med import jobs, screening, viewer
+from himatch_med.bank.build import build_bank
+from himatch_med.detect import Detector
 
-LESION = (20, 24, 7)
 RADIUS = 3.0
 HOSTILE = "P<01> & \"Ann's\" <script>alert(1)</script>"
 
@@ -46,19 +46,21 @@ def root(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def bank(root, stand_in):
+def viewer_detector(root, stand_in):
+    """The stand-in with a bank of this module's three references (what the pages' checks were written against)."""
     references = sorted((root / "refs").iterdir())
-    return build_bank(stand_in, ((str(p), engine.read_volume(p, SETTINGS)[2]) for p in references), SETTINGS)
+    bank = build_bank(stand_in, ((str(p), jobs.read(p, SETTINGS).prepared) for p in references), SETTINGS)
+    return Detector(stand_in, bank, SETTINGS)
 
 
 @pytest.fixture(scope="module")
-def screened(root, bank, stand_in):
+def screened(root, viewer_detector):
     """The two studies screened once with the viewer extra installed."""
     if not viewer.available():
         pytest.skip(f"the viewer extra is not installed: {viewer.INSTALL}")
     folder = root / "out"
     studies = screening.read_cohort([root / "cohort.csv"])
-    result = screening.screen(studies, stand_in, bank, SETTINGS, folder, workers=0, progress=False)
+    result = screening.screen(studies, viewer_detector, folder, workers=0, progress=False)
     assert result.count("ok") == 2
     return folder, {r.study.id: r for r in result.results}
 
@@ -211,7 +213,7 @@ def test_a_findings_label_map_is_shown_when_present(with_findings):
         assert table.labels == ["", "finding 1", "finding 2"] and table.lut[:8] == [0, 0, 0, 0, 230, 25, 75, 255]
 
 
-def test_without_the_extra_no_page_is_written_and_the_report_says_how(root, bank, stand_in, tmp_path, monkeypatch):
+def test_without_the_extra_no_page_is_written_and_the_report_says_how(root, viewer_detector, tmp_path, monkeypatch):
     studies = [s for s in screening.read_cohort([root / "cohort.csv"]) if s.id == "dicom_oblique"]
     stale = tmp_path / "dicom_oblique"
     stale.mkdir()
@@ -220,7 +222,7 @@ def test_without_the_extra_no_page_is_written_and_the_report_says_how(root, bank
     monkeypatch.setattr(viewer, "bundle_path", lambda: None)
     viewer.niivue_script.cache_clear()
     try:
-        result = screening.screen(studies, stand_in, bank, SETTINGS, tmp_path, workers=0, progress=False)
+        result = screening.screen(studies, viewer_detector, tmp_path, workers=0, progress=False)
     finally:
         viewer.niivue_script.cache_clear()
     assert result.count("ok") == 1 and "view" not in result.results[0].outputs and not result.results[0].notes
@@ -230,13 +232,13 @@ def test_without_the_extra_no_page_is_written_and_the_report_says_how(root, bank
     assert "view.html" not in report
 
 
-def test_a_rerun_adds_pages_to_studies_finished_without_them(root, bank, stand_in, screened):
+def test_a_rerun_adds_pages_to_studies_finished_without_them(root, viewer_detector, screened):
     folder, results = screened
     page = folder / "dicom_oblique" / viewer.PAGE
     page.unlink()
     kept = (folder / results[HOSTILE].study.folder / viewer.PAGE).stat().st_mtime_ns
     studies = screening.read_cohort([root / "cohort.csv"])
-    again = screening.screen(studies, stand_in, bank, SETTINGS, folder, workers=0, progress=False)
+    again = screening.screen(studies, viewer_detector, folder, workers=0, progress=False)
     assert again.count("skipped") == 2 and page.is_file()
     assert (folder / results[HOSTILE].study.folder / viewer.PAGE).stat().st_mtime_ns == kept
     assert all("view" in r.outputs for r in again.results)

@@ -1,0 +1,207 @@
+"""Building a bank: seeded k-means of each reference slice's foreground patches, then the calibration.
+
+:func:`build_bank` streams prepared normal volumes through the extractor into a :class:`BankBuilder`, which keeps a
+seeded sample of whole volumes; :func:`calibrate_bank` queries that sample against the bank without each slice's own
+volume (METHOD.md §3). Tensors only: reading the references and storing the bank is :mod:`himatch_med.bank.store`'s.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+
+from himatch_med.bank.data import ARRAYS, STORAGE_DTYPE, Bank, BankInfo
+from himatch_med.config import Settings
+from himatch_med.detect import (
+    Prepared,
+    Progress,
+    batches,
+    device_of_extractor,
+    fill_background,
+    fused_maps,
+    slice_sigma,
+    stage_distances,
+)
+from himatch_med.errors import InputError
+from himatch_med.features import Extractor, Features
+from himatch_med.matching import spherical_kmeans
+from himatch_med.scoring import top_mean
+from himatch_med.volume import maps_to_slices
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One reference slice kept for calibration: its features, foreground, and its row in the bank."""
+
+    cls: torch.Tensor
+    layout: torch.Tensor
+    stages: tuple[torch.Tensor, ...]
+    patch_foreground: torch.Tensor
+    foreground: torch.Tensor
+    position: float
+    group: int
+    row: int
+
+
+class BankBuilder:
+    """Accumulates references slice batch by slice batch; keeps whole volumes, seeded, for calibration.
+
+    Calibration samples whole reference volumes (by a seeded random priority, as many as fit in
+    ``calibration_slices``), so that a calibration volume's score is computed over all its slices like a query's.
+    A volume longer than the budget is thinned to evenly spaced slices.
+
+    Args:
+        centroids: c, centroids per slice and stage.
+        iterations: k-means iterations.
+        seed: seed of k-means and of the calibration sample.
+        calibration_slices: size of the calibration sample.
+    """
+
+    def __init__(self, *, centroids: int, iterations: int, seed: int, calibration_slices: int) -> None:
+        self.k, self.iterations, self.seed = centroids, iterations, seed
+        self.capacity = calibration_slices
+        self.parts: dict[str, list[torch.Tensor]] = {name: [] for name in ARRAYS[:6]}
+        self.sources: list[dict] = []
+        self.kept: list[tuple[float, list[Sample]]] = []
+        self.current: list[Sample] = []
+        self.current_source: object = None
+        self.stride, self.offered = 1, 0
+        self.rows = 0
+        self.volumes = 0
+        self.random = np.random.default_rng(seed)
+
+    def add(self, cls: torch.Tensor, layout: torch.Tensor, stages: tuple[torch.Tensor, ...],
+            patch_foreground: torch.Tensor, foreground: torch.Tensor, positions: torch.Tensor, group: object,
+            sources: list[dict]) -> None:
+        """Add ``B`` reference slices of one volume.
+
+        Args:
+            cls, layout, stages: their features (``(B, D)``, ``(B, g*g, D)``, ``L`` grids ``(B, h, w, D)``).
+            patch_foreground: foreground patches ``(B, h, w)``; each slice needs at least one.
+            foreground: foreground pixels ``(B, H, W)``.
+            positions: relative slice positions ``(B,)``.
+            group: any key of the reference volume the slices come from (consecutive calls share it).
+            sources: one record per slice (file, slice index) for the bank's metadata.
+        """
+        if group != self.current_source or not self.volumes:
+            self._close_volume()
+            self.current_source = group
+            self.volumes += 1
+        index = self.volumes - 1  # dense: volumes without a usable slice take no number
+        valid = patch_foreground.flatten(1)
+        clustered = [spherical_kmeans(grid.flatten(1, 2), valid, self.k, iterations=self.iterations, seed=self.seed)
+                     for grid in stages]
+        self.parts["cls"].append(cls.to("cpu", STORAGE_DTYPE))
+        self.parts["layout"].append(layout.to("cpu", STORAGE_DTYPE))
+        self.parts["centroids"].append(torch.stack([c for c, _ in clustered], dim=1).to("cpu", STORAGE_DTYPE))
+        self.parts["sizes"].append(torch.stack([s for _, s in clustered], dim=1).to("cpu", torch.int32))
+        self.parts["positions"].append(positions.to("cpu", torch.float32))
+        self.parts["groups"].append(torch.full((len(cls),), index, dtype=torch.int64))
+        self.sources.extend(sources)
+        for row in range(len(cls)):
+            if self.offered % self.stride == 0:
+                self.current.append(Sample(cls[row].cpu(), layout[row].cpu(),
+                                           tuple(grid[row].to("cpu", STORAGE_DTYPE) for grid in stages),
+                                           patch_foreground[row].cpu(), foreground[row].cpu(),
+                                           float(positions[row]), index, self.rows))
+            self.offered += 1
+            self.rows += 1
+            if len(self.current) > self.capacity:
+                # Too long for the budget: keep every other slice from here on, evenly spaced.
+                self.current, self.stride = self.current[::2], self.stride * 2
+
+    def _close_volume(self) -> None:
+        if self.current:
+            self.kept.append((float(self.random.random()), self.current))
+            self.kept.sort(key=lambda item: -item[0])
+            total, fitting = 0, []
+            for priority, samples in self.kept:
+                if fitting and total + len(samples) > self.capacity:
+                    continue
+                fitting.append((priority, samples))
+                total += len(samples)
+            self.kept = fitting
+        self.current, self.stride, self.offered = [], 1, 0
+
+    @property
+    def samples(self) -> list[Sample]:
+        """The calibration sample: the slices of the kept volumes, in bank order."""
+        self._close_volume()
+        return sorted((s for _, samples in self.kept for s in samples), key=lambda sample: sample.row)
+
+    def bank(self, info: BankInfo) -> Bank:
+        """The references gathered so far, not yet calibrated (calibration arrays empty), with ``info``'s sources."""
+        if not self.parts["cls"]:
+            raise InputError("no usable reference slice: every reference slice lacks foreground or is labelled; "
+                             "check the reference files, --foreground and --min-foreground")
+        arrays = {name: torch.cat(parts) for name, parts in self.parts.items()}
+        stages = arrays["centroids"].shape[1]
+        empty = torch.zeros(0)
+        return Bank(**arrays, calibration_mean=torch.zeros(stages), calibration_std=torch.ones(stages),
+                    calibration_slice_scores=empty, calibration_volume_scores=empty,
+                    info=replace(info, sources=tuple(self.sources)))
+
+
+def build_bank(extractor: Extractor, references: Iterable[tuple[str, Prepared]], settings: Settings,
+               progress: Progress | None = None) -> Bank:
+    """Build and calibrate a bank from prepared normal volumes (each a 2D image or a 3D volume).
+
+    Args:
+        extractor: the backbone.
+        references: ``(source name, prepared volume)`` pairs; their scored slices become references.
+        settings: resolved settings.
+        progress: called with the number of slices finished after each batch.
+    """
+    device = device_of_extractor(extractor)
+    builder = BankBuilder(centroids=settings.centroids, iterations=settings.kmeans_iterations, seed=settings.seed,
+                          calibration_slices=settings.calibration_slices)
+    for group, (source, prepared) in enumerate(references):
+        for part, features, patches in batches(extractor, prepared, settings, device):
+            builder.add(features.cls, features.layout, features.stages, patches, prepared.foreground[part],
+                        prepared.positions[part], group, [{"source": source, "slice": i} for i in part.tolist()])
+            if progress:
+                progress(len(part))
+    info = BankInfo(settings={**settings.bank_fields(), "stages": list(extractor.stages)},
+                    calibrated_with=settings.calibration_fields(), patch_size=extractor.patch_size)
+    return calibrate_bank(builder.bank(info), builder.samples, settings, extractor.patch_size, device)
+
+
+def calibrate_bank(bank: Bank, samples: list[Sample], settings: Settings, patch_size: int,
+                   device: torch.device) -> Bank:
+    """The bank calibrated by querying sampled references against it without their own volume.
+
+    A bank made from a single volume (or image) leaves out only the sampled slice itself.
+    """
+    single = bank.groups.unique().numel() == 1
+    groups = torch.arange(len(bank)) if single else bank.groups
+    probe = replace(bank, groups=groups)
+    if len(bank) < 2:
+        raise InputError("a bank needs at least two reference slices to calibrate; add reference images")
+    sample_groups = torch.tensor([s.row if single else s.group for s in samples])
+    raw = []
+    for sample, group in zip(samples, sample_groups.tolist()):
+        features = Features(sample.cls[None].to(device), sample.layout[None].to(device),
+                            tuple(g[None].to(device, torch.float32) for g in sample.stages))
+        stage_maps, per_reference = stage_distances(features, probe, settings, torch.tensor([sample.position]),
+                                                    torch.tensor([group]))
+        raw.append((stage_maps, per_reference))
+    foreground_values = torch.cat([a[:, 0][:, s.patch_foreground.to(a.device)] for (a, _), s in zip(raw, samples)],
+                                  dim=1)
+    mean = foreground_values.mean(dim=1).cpu().float()
+    std = foreground_values.std(dim=1).clamp(min=1e-6).cpu().float()
+    calibrated = replace(bank, calibration_mean=mean, calibration_std=std)
+    slice_values, volume_values = [], {}
+    for (stage_maps, per_reference), sample in zip(raw, samples):
+        anomaly, _ = fused_maps(stage_maps, per_reference, calibrated, settings)
+        anomaly = fill_background(anomaly, sample.patch_foreground[None].to(anomaly.device)).cpu()
+        height, width = sample.foreground.shape
+        slice_map = maps_to_slices(anomaly, (height, width), sigma=slice_sigma(settings, height, width, patch_size))[0]
+        values = slice_map[sample.foreground]
+        slice_values.append(float(top_mean(values, settings.top_fraction)))
+        volume_values.setdefault(sample.group, []).append(values)
+    volume_scores = [float(top_mean(torch.cat(v), settings.top_fraction)) for v in volume_values.values()]
+    return replace(calibrated, calibration_slice_scores=torch.tensor(slice_values, dtype=torch.float32),
+                   calibration_volume_scores=torch.tensor(volume_scores, dtype=torch.float32))

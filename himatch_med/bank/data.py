@@ -1,0 +1,173 @@
+"""The reference bank as data: descriptors of normal slices, their clustered features, the calibration, its format.
+
+Format (version 2), written by :func:`himatch_med.io.write_bank` as a folder with two files:
+
+- ``bank.safetensors``: ``cls`` (N, D) fp16, ``layout`` (N, g*g, D) fp16, ``centroids`` (N, L, c, D) fp16,
+  ``sizes`` (N, L, c) int32, ``positions`` (N,) fp32, ``groups`` (N,) int64 (which reference volume a slice came
+  from), ``calibration_mean`` and ``calibration_std`` (L,) fp32, ``calibration_slice_scores`` (M,) fp32,
+  ``calibration_volume_scores`` (V,) fp32;
+- ``bank.json``: :meth:`Bank.metadata`, the typed :class:`BankInfo`: ``format_version``, the settings a query must
+  repeat (model, modality, window, image size, stages, ...), the settings it was calibrated with, the sources (file
+  and slice of every reference), and ``arrays_sha256``: the SHA-256 of the SHA-256 digests of the arrays file's
+  64 MiB blocks (see :func:`himatch_med.io.file_sha256`), checked on every load.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from himatch_med import __version__
+from himatch_med.errors import InputError
+
+FORMAT_VERSION = 2
+"""Version 2 (himatch-med 0.2): references prepared with the background detection and intensity headroom of 0.2."""
+ARRAYS = ("cls", "layout", "centroids", "sizes", "positions", "groups", "calibration_mean", "calibration_std",
+          "calibration_slice_scores", "calibration_volume_scores")
+STORAGE_DTYPE = torch.float16
+COUNTS = ("sampled_slices", "volumes", "recalibrated_for_evaluation")
+"""Entries of ``bank.json``'s ``calibration`` that are not settings: they follow from the arrays (and a flag)."""
+
+
+@dataclass(frozen=True)
+class BankInfo:
+    """What a bank records besides its arrays.
+
+    ``settings``: the settings a query must repeat (:meth:`himatch_med.config.Settings.bank_fields` and the stages
+    used); ``calibrated_with``: the settings of its calibration
+    (:meth:`himatch_med.config.Settings.calibration_fields`); ``patch_size``: the extractor's; ``sources``:
+    ``{"source": file, "slice": index}`` per reference; ``recalibrated``: the calibration was redone for an
+    evaluation row. Set when stored: ``created_by``, ``warnings`` (skipped
+    references), ``build_seconds``, ``arrays_sha256``.
+    """
+
+    settings: dict = field(default_factory=dict)
+    calibrated_with: dict = field(default_factory=dict)
+    patch_size: int | None = None
+    sources: tuple[dict, ...] = ()
+    recalibrated: bool = False
+    format_version: int = FORMAT_VERSION
+    created_by: str | None = None
+    warnings: tuple[str, ...] | None = None
+    build_seconds: float | None = None
+    arrays_sha256: str | None = None
+
+    @classmethod
+    def from_json(cls, meta: dict, *, source: str) -> BankInfo:
+        """The description in a bank's ``bank.json``; :class:`InputError` for another format version."""
+        version = meta.get("format_version")
+        if isinstance(version, int) and version > FORMAT_VERSION:
+            raise InputError(f"{source}: bank format version {version} was written by a newer himatch-med (this one, "
+                             f"{__version__}, reads version {FORMAT_VERSION}); upgrade himatch-med to use it")
+        if version != FORMAT_VERSION:
+            raise InputError(f"{source}: bank format version {version!r} was built by an older himatch-med whose "
+                             "preprocessing differs (version 0.2 detects a constant non-zero background and leaves "
+                             "intensity headroom for bright lesions), so its references would not match this run's "
+                             "slices; rebuild it from the same references with `python -m himatch_med.bank build`")
+        calibration = meta.get("calibration", {})
+        warnings = meta.get("warnings")
+        return cls(settings=dict(meta.get("settings", {})),
+                   calibrated_with={k: v for k, v in calibration.items() if k not in COUNTS},
+                   patch_size=meta.get("patch_size"), sources=tuple(meta.get("sources", ())),
+                   recalibrated=bool(calibration.get("recalibrated_for_evaluation", False)), format_version=version,
+                   created_by=meta.get("created_by"), warnings=None if warnings is None else tuple(warnings),
+                   build_seconds=meta.get("build_seconds"), arrays_sha256=meta.get("arrays_sha256"))
+
+
+@dataclass(frozen=True, eq=False)
+class Bank:
+    """References ``N`` with ``L`` stages of ``c`` centroids each, the calibration of their stage maps, and ``info``."""
+
+    cls: torch.Tensor
+    layout: torch.Tensor
+    centroids: torch.Tensor
+    sizes: torch.Tensor
+    positions: torch.Tensor
+    groups: torch.Tensor
+    calibration_mean: torch.Tensor
+    calibration_std: torch.Tensor
+    calibration_slice_scores: torch.Tensor
+    calibration_volume_scores: torch.Tensor
+    info: BankInfo = field(default_factory=BankInfo)
+
+    @classmethod
+    def from_stored(cls, tensors: dict[str, torch.Tensor], meta: dict, *, source: str) -> Bank:
+        """A bank from the arrays and metadata :func:`himatch_med.io.read_bank` returns."""
+        info = BankInfo.from_json(meta, source=source)
+        missing = [name for name in ARRAYS if name not in tensors]
+        if missing:
+            raise InputError(f"{source}: the bank lacks arrays {', '.join(missing)}; rebuild the bank")
+        return cls(**{name: tensors[name] for name in ARRAYS}, info=info)
+
+    @property
+    def id(self) -> str:
+        """The bank's short id: the first 16 hex digits of its arrays' checksum ("" for a bank never stored)."""
+        return (self.info.arrays_sha256 or "")[:16]
+
+    def __len__(self) -> int:
+        return len(self.cls)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The arrays by name, as stored."""
+        return {name: getattr(self, name) for name in ARRAYS}
+
+    def calibration(self) -> dict:
+        """The calibration as ``bank.json`` records it: the settings, the sampled slices and volumes."""
+        counts = {"sampled_slices": len(self.calibration_slice_scores),
+                  "volumes": len(self.calibration_volume_scores)} if len(self.calibration_slice_scores) else {}
+        return {**self.info.calibrated_with, **counts,
+                **({"recalibrated_for_evaluation": True} if self.info.recalibrated else {})}
+
+    def metadata(self, arrays_sha256: str | None = None) -> dict:
+        """The content of ``bank.json``, the only place that writes it; ``arrays_sha256`` when it is being stored."""
+        info = self.info
+        meta = {"settings": info.settings, "calibration": self.calibration(), "patch_size": info.patch_size,
+                "format_version": info.format_version, "sources": list(info.sources)}
+        stored = {"created_by": info.created_by, "warnings": None if info.warnings is None else list(info.warnings),
+                  "build_seconds": info.build_seconds, "arrays_sha256": arrays_sha256 or info.arrays_sha256}
+        return {**meta, **{key: value for key, value in stored.items() if value is not None}}
+
+    def to(self, device: torch.device | str, *, centroid_budget: int = 8 << 30) -> Bank:
+        """This bank with its retrieval arrays on ``device``.
+
+        The centroids follow when they fit ``centroid_budget`` bytes; else they stay memory-mapped on the host and
+        only the retrieved rows travel.
+        """
+        device = torch.device(device)
+        if device.type == "cpu":
+            return self
+        moved = {name: tensor.to(device) for name, tensor in self.tensors().items() if name != "centroids"}
+        fits = self.centroids.numel() * self.centroids.element_size() <= centroid_budget
+        return replace(self, **moved, centroids=self.centroids.to(device) if fits else self.centroids)
+
+    def memory(self, indices: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """Centroids of the references ``indices`` ``(B, K)`` as float32 ``(L, B, K, c, D)`` on ``device``."""
+        rows = self.centroids[indices.flatten().to(self.centroids.device)]
+        rows = rows.to(device=device, dtype=torch.float32)
+        return rows.unflatten(0, indices.shape).movedim(2, 0)
+
+    def check(self, expected: dict, *, source: str) -> None:
+        """Raise :class:`InputError` unless the bank was built with the ``expected`` settings (model, stages, ...)."""
+        recorded = self.info.settings
+        wrong = [f"{key}: bank has {recorded.get(key)!r}, this run asks for {value!r}"
+                 for key, value in expected.items() if _plain(recorded.get(key)) != _plain(value)]
+        if wrong:
+            raise InputError(f"{source} was built with other settings than this run: " + "; ".join(wrong)
+                             + ". Run with the bank's settings, or build a new bank with these.")
+
+    def calibration_changes(self, settings, names: tuple[str, ...] | None = None) -> dict[str, tuple]:
+        """Settings (``names``, default all recorded) whose value in ``settings`` differs from the calibration's.
+
+        Returns:
+            ``{name: (value the bank was calibrated with, value in settings)}``.
+        """
+        recorded = self.info.calibrated_with
+        names = tuple(recorded) if names is None else names
+        return {name: (recorded[name], getattr(settings, name)) for name in names
+                if name in recorded and hasattr(settings, name)
+                and _plain(recorded[name]) != _plain(getattr(settings, name))}
+
+
+def _plain(value):
+    return list(value) if isinstance(value, tuple) else value

@@ -1,0 +1,184 @@
+"""Banks and files: open a stored bank, build one from reference files, cache it, recalibrate it for an evaluation.
+
+Reference files are read through :func:`himatch_med.jobs.read`; banks are stored through
+:func:`himatch_med.io.write_bank` with :meth:`~himatch_med.bank.data.Bank.metadata` as ``bank.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from himatch_med import __version__, io, jobs
+from himatch_med.bank.build import Sample, build_bank, calibrate_bank
+from himatch_med.bank.data import STORAGE_DTYPE, Bank
+from himatch_med.config import ReadOptions, Settings
+from himatch_med.detect import batches, device_of_extractor
+from himatch_med.errors import InputError
+from himatch_med.features import Extractor
+
+LABEL_SUFFIXES = ("", "_seg", "_label", "_mask")
+"""A reference ``case.nii.gz`` takes the label ``case<suffix>.nii.gz`` of ``--reference-labels``."""
+
+
+def bank_settings(settings: Settings, extractor: Extractor) -> dict:
+    """What a bank must share with a query: model, preset, image size, and the stages actually used."""
+    return {**settings.bank_fields(), "model": extractor.model_id, "stages": list(extractor.stages)}
+
+
+def open_bank(folder: Path, settings: Settings, extractor: Extractor) -> Bank:
+    """Read a bank and check it was built with this run's model, stages, image size and preset."""
+    tensors, meta = io.read_bank(folder)
+    bank = Bank.from_stored(tensors, meta, source=str(folder))
+    bank.check(bank_settings(settings, extractor), source=str(folder))
+    # On a GPU the bank moves there once; on the CPU it stays memory-mapped.
+    return bank.to(device_of_extractor(extractor))
+
+
+def reference_volumes(references: list[Path], labels: Path | None, settings: Settings,
+                      options: ReadOptions | None, warn=None):
+    """Yield ``(name, prepared)`` for each readable reference.
+
+    Unreadable references, and notes on how a reference's foreground was found, are reported through ``warn``.
+    """
+    for path in references:
+        try:
+            label = label_for(path, labels) if labels is not None else None
+            job = jobs.read(path, settings, options, labels=label)
+        except InputError as error:
+            if warn:
+                warn(f"skipping reference {error}")
+            continue
+        for note in job.prepared.notes if warn else ():
+            warn(f"reference {path}: {note}")
+        yield str(path.resolve()), job.prepared
+
+
+def label_for(path: Path, labels: Path) -> Path:
+    """The label file of reference ``path`` in the folder ``labels`` (named like it, see :data:`LABEL_SUFFIXES`)."""
+    if not labels.is_dir():
+        raise InputError(f"{labels}: --reference-labels must be a folder of label files named like the references")
+    name = io.stem(path)
+    for candidate in sorted(labels.iterdir()):
+        if io.stem(candidate) in tuple(name + suffix for suffix in LABEL_SUFFIXES):
+            return candidate
+    raise InputError(f"{path}: no label named like it in {labels} (expected {name}.nii.gz or {name}_seg.nii.gz)")
+
+
+def build_bank_folder(references: list[Path], labels: Path | None, settings: Settings, extractor: Extractor,
+                      folder: Path, *, options: ReadOptions | None = None) -> Path:
+    """Build a bank from reference files and write it to ``folder``; skipped references are warned about."""
+    from tqdm.auto import tqdm
+
+    if not references:
+        raise InputError("no reference files given")
+    if folder.resolve() in {p.resolve() for p in references}:
+        raise InputError(f"{folder}: the bank would overwrite a reference; choose another -o")
+    warnings: list[str] = []
+    jobs.check_output_folder(folder.parent, [])
+    bar = tqdm(total=None, unit="slice", desc="building bank", leave=False)
+    started = time.perf_counter()
+    try:
+        bank = build_bank(extractor, reference_volumes(references, labels, settings, options, warnings.append),
+                          settings, progress=bar.update)
+    except InputError as error:
+        if warnings:
+            raise InputError(f"{error}. Skipped references:\n  " + "\n  ".join(warnings)) from error
+        raise
+    finally:
+        bar.close()
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    bank = replace(bank, info=replace(bank.info, created_by=f"himatch-med {__version__}", warnings=tuple(warnings),
+                                      build_seconds=round(time.perf_counter() - started, 2)))
+    return io.write_bank(bank.tensors(), bank.metadata, folder)
+
+
+def cached_bank(references: list[Path], labels: Path | None, settings: Settings, extractor: Extractor,
+                cache: Path | None, *, options: ReadOptions | None = None) -> Bank:
+    """The bank of these references and settings, built on first use and reused from the cache afterwards."""
+    files = jobs.expand_inputs(references)
+    key = _cache_key(files, labels, settings, extractor)
+    cache = cache or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "himatch-med" / "banks"
+    folder = cache / key
+    if not (folder / io.BANK_META).exists():
+        build_bank_folder(files, labels, settings, extractor, folder, options=options)
+    return open_bank(folder, settings, extractor)
+
+
+def _cache_key(files: list[Path], labels: Path | None, settings: Settings, extractor: Extractor) -> str:
+    stamp = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    if labels is not None and labels.is_dir():
+        stamp += [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(labels.iterdir())]
+    text = json.dumps([stamp, settings.results_fields(), list(extractor.stages), extractor.model_id], default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def recalibrated(bank: Bank, rows: list[Settings], extractor: Extractor, *, options: ReadOptions | None = None,
+                 progress: bool = False) -> tuple[list[Bank], list[int]]:
+    """The bank for each row, recalibrated for the rows whose calibrated settings differ from its own.
+
+    Returns:
+        One bank per row, and the positions of the rows that were recalibrated.
+    """
+    keys = tuple(k for k in bank.info.calibrated_with if k in Settings.__dataclass_fields__)
+    differ = [i for i, row in enumerate(rows) if bank.calibration_changes(row, keys)]
+    if not differ:
+        return [bank] * len(rows), []
+    samples = calibration_samples(bank, rows[0], extractor, options=options, progress=progress)
+    device = device_of_extractor(extractor)
+    banks = []
+    for i, row in enumerate(rows):
+        if i not in differ:
+            banks.append(bank)
+            continue
+        calibrated = calibrate_bank(bank, samples, row, extractor.patch_size, device)
+        info = replace(calibrated.info, calibrated_with={**calibrated.info.calibrated_with,
+                                                         **{k: getattr(row, k) for k in keys}}, recalibrated=True)
+        banks.append(replace(calibrated, info=info))
+    return banks, differ
+
+
+def calibration_samples(bank: Bank, settings: Settings, extractor: Extractor, *, options: ReadOptions | None = None,
+                        progress: bool = False) -> list[Sample]:
+    """Features of a seeded sample of the bank's references, for :func:`himatch_med.bank.build.calibrate_bank`.
+
+    At most ``settings.calibration_slices`` bank rows are drawn; only their slices go through the backbone again.
+    """
+    from tqdm.auto import tqdm
+
+    sources = bank.info.sources
+    if len(sources) != len(bank):
+        raise RuntimeError(f"the bank lists {len(sources)} sources for {len(bank)} references")
+    count = min(settings.calibration_slices, len(bank))
+    drawn = np.sort(np.random.default_rng(settings.seed).choice(len(bank), size=count, replace=False))
+    wanted: dict[str, dict[int, int]] = {}
+    for row in drawn.tolist():
+        wanted.setdefault(sources[row]["source"], {})[int(sources[row]["slice"])] = row
+    device = device_of_extractor(extractor)
+    samples = []
+    for source, slices in tqdm(wanted.items(), desc="recalibration sample", unit="file", leave=False,
+                               disable=not progress):
+        try:
+            prepared = jobs.read(Path(source), settings, options).prepared
+        except InputError as error:
+            raise InputError(f"cannot recalibrate the bank for another fusion or retrieval setting: {error}; remove "
+                             "the cached bank or pass --bank-cache to build a new one") from error
+        chosen = torch.zeros(len(prepared.slices), dtype=torch.bool)
+        chosen[list(slices)] = True
+        for part, features, patches in batches(extractor, replace(prepared, scored=chosen), settings, device):
+            for position, index in enumerate(part.tolist()):
+                samples.append(Sample(features.cls[position].cpu(), features.layout[position].cpu(),
+                                      tuple(g[position].to("cpu", STORAGE_DTYPE) for g in features.stages),
+                                      patches[position].cpu(), prepared.foreground[index].cpu(),
+                                      float(prepared.positions[index]), int(bank.groups[slices[index]]),
+                                      slices[index]))
+    return samples

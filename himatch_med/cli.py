@@ -1,0 +1,119 @@
+"""What the command lines share: ``run``, ``bank``, ``pipelines/screen.py`` and ``pipelines/evaluate.py``.
+
+One option per setting of :class:`himatch_med.config.Settings` (with its default shown), the read options, the bank
+source, and :func:`guarded`, which turns every error into one line and an exit code. Heavy libraries are imported
+only inside functions, after the arguments are parsed, so that ``--help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import MISSING, fields
+from pathlib import Path
+
+from himatch_med.config import NAN_POLICIES, ReadOptions, Settings
+
+
+def add_settings(parser: argparse.ArgumentParser, several: tuple[str, ...] = ()) -> None:
+    """Add one option per setting of :class:`Settings`; the settings named in ``several`` take several values.
+
+    A setting in ``several`` collects a list (``--fusion mean max``); ``--stages`` then collects one list of blocks
+    per use of the option (``--stages 3 6 9 12 --stages 12``). :func:`settings_from` needs single values.
+    """
+    group = parser.add_argument_group("method settings (METHOD.md)")
+    for f in fields(Settings):
+        default = f.default if f.default is not MISSING else None
+        option = "--" + f.name.replace("_", "-")
+        shown = "modality default" if default is None else ("4 evenly spaced" if default == () else default)
+        help_text = f"{f.metadata['help']} (default: {shown})"
+        many = f.name in several
+        if f.name == "stages":
+            group.add_argument(option, type=int, nargs="+", default=None, metavar="BLOCK",
+                               action="append" if many else "store",
+                               help=help_text + ("; repeat the option for several sets" if many else ""))
+        else:
+            kind = type(default) if default is not None else (str if f.name == "foreground" else float)
+            group.add_argument(option, type=kind, default=None, choices=f.metadata.get("choices"),
+                               nargs="+" if many else None, help=help_text + ("; several values allowed" if many
+                                                                              else ""))
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    """The resolved settings of parsed arguments (options not given keep their defaults)."""
+    chosen = {f.name: getattr(args, f.name) for f in fields(Settings) if getattr(args, f.name) is not None}
+    if "stages" in chosen:
+        chosen["stages"] = tuple(chosen["stages"])
+    return Settings(**chosen).resolved()
+
+
+def add_common(parser: argparse.ArgumentParser, several: tuple[str, ...] = ()) -> None:
+    """Add the options every command has: device, read options, ``--debug`` and the settings."""
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+    parser.add_argument("--volume-index", type=int, default=None, help="volume to take from a 4D NIfTI")
+    parser.add_argument("--series", default=None, help="SeriesInstanceUID to read from a DICOM folder with several")
+    parser.add_argument("--nan-policy", choices=NAN_POLICIES, default="refuse",
+                        help="NaN or infinite voxels: refuse the file, or set them to 0 with a warning (default: "
+                             "refuse)")
+    parser.add_argument("--allow-shear", action="store_true",
+                        help="accept sheared affines (e.g. CT gantry tilt), slicing along the nearest voxel axes")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    add_settings(parser, several)
+
+
+def read_options(args: argparse.Namespace) -> ReadOptions:
+    """How the inputs are read, from the options :func:`add_common` added."""
+    return ReadOptions(volume_index=args.volume_index, series=args.series, nan_policy=args.nan_policy,
+                       allow_shear=args.allow_shear)
+
+
+def add_bank_source(parser: argparse.ArgumentParser) -> None:
+    """The options that say where the normal references come from: a bank, or reference files (cached bank)."""
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--bank", type=Path, help="a bank folder built with `python -m himatch_med.bank build`")
+    source.add_argument("--references", type=Path, nargs="+",
+                        help="normal reference files or folders; a bank is built from them and cached")
+    add_reference_labels(parser)
+    parser.add_argument("--bank-cache", type=Path, default=None,
+                        help="where banks built from --references are cached (default: ~/.cache/himatch-med/banks)")
+
+
+def add_reference_labels(parser: argparse.ArgumentParser) -> None:
+    """The ``--reference-labels`` option: annotated references whose lesion-free slices are used."""
+    parser.add_argument("--reference-labels", type=Path, default=None,
+                        help="folder of lesion labels named like the references: only lesion-free slices are used")
+
+
+def bank_from(args: argparse.Namespace, settings: Settings, extractor):
+    """The bank the options of :func:`add_bank_source` name: ``--bank`` opened, or ``--references`` built and cached."""
+    from himatch_med.bank.store import cached_bank, open_bank
+
+    if args.bank is not None:
+        return open_bank(args.bank, settings, extractor)
+    return cached_bank(args.references, args.reference_labels, settings, extractor, args.bank_cache,
+                       options=read_options(args))
+
+
+def guarded(args: argparse.Namespace, job, *, with_settings: bool = True) -> int:
+    """Run ``job(args, settings)`` (or ``job(args)``) so that every error ends in one line and an exit code.
+
+    Tracebacks are shown only with ``--debug``.
+    """
+    from himatch_med.errors import InputError, WeightsUnavailableError
+
+    try:
+        return job(args, settings_from(args)) if with_settings else job(args)
+    except (InputError, WeightsUnavailableError, ValueError) as error:
+        if args.debug:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; finished outputs are kept, nothing half-written was left", file=sys.stderr)
+        return 130
+    except Exception as error:  # anything unforeseen still ends in one line, with the way to the details
+        if args.debug:
+            raise
+        print(f"error: unexpected {type(error).__name__}: {error}; run again with --debug for the traceback",
+              file=sys.stderr)
+        return 2

@@ -1,0 +1,172 @@
+"""The job for one input, files on both ends: read and prepare it, detect, write its four outputs.
+
+:func:`read` goes from a file to a :class:`Job` (its :class:`~himatch_med.scan.Scan` and prepared slices);
+:func:`analyse` from a job and a :class:`~himatch_med.detect.Detector` to the files. The command line, screening,
+evaluation and bank building read their inputs through :func:`read`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from himatch_med import io
+from himatch_med.config import ReadOptions, Settings
+from himatch_med.detect import Detector, Prepared, prepare
+from himatch_med.errors import InputError
+from himatch_med.report import make_report, overview_figure
+from himatch_med.scan import Scan, read_scan
+from himatch_med.timing import NO_TIMER, Timer
+
+OUTPUTS = ("anomaly", "uncertainty", "overview", "report")
+"""Files written per input; the report is written last, so its presence means the outputs are complete."""
+
+
+@dataclass(frozen=True, eq=False)
+class Job:
+    """One input read and prepared for detection.
+
+    ``scan``: the input as read, with the way back to its file; ``prepared``: its slices; ``seconds``: the time
+    reading and preparing took.
+    """
+
+    scan: Scan
+    prepared: Prepared
+    seconds: float = 0.0
+
+
+def output_paths(path: Path, folder: Path) -> dict[str, Path]:
+    """Where the outputs of one input go.
+
+    ``<name>_anomaly.nii.gz``, ``<name>_uncertainty.nii.gz``, ``<name>_overview.png`` and ``<name>_report.json``.
+    """
+    name = io.stem(path)
+    return {"anomaly": folder / f"{name}_anomaly.nii.gz", "uncertainty": folder / f"{name}_uncertainty.nii.gz",
+            "overview": folder / f"{name}_overview.png", "report": folder / f"{name}_report.json"}
+
+
+def expand_inputs(paths: list[Path]) -> list[Path]:
+    """Files as given, folders replaced by the images in them (a folder of DICOM files is one series)."""
+    expanded = []
+    for path in paths:
+        if not path.exists():
+            raise InputError(f"{path}: no such file or folder")
+        if path.is_dir() and not io.is_dicom_folder(path):
+            found = io.list_images(path)
+            if not found:
+                raise InputError(f"{path}: holds no NIfTI, DICOM or 2D image files")
+            expanded.extend(found)
+        else:
+            expanded.append(path)
+    return expanded
+
+
+def check_output_folder(folder: Path, inputs: list[Path]) -> None:
+    """Refuse an output folder that cannot be written, or outputs that would overwrite an input."""
+    try:
+        io.check_writable(folder)
+    except OSError as error:
+        raise InputError(f"{folder}: the output folder cannot be written ({error.strerror}); choose another with "
+                         "-o") from error
+    resolved = {p.resolve() for p in inputs}
+    seen: dict[str, Path] = {}
+    for path in inputs:
+        if io.stem(path) in seen:
+            raise InputError(f"{path} and {seen[io.stem(path)]} would write the same outputs "
+                             f"({io.stem(path)}_*); run them into different output folders")
+        seen[io.stem(path)] = path
+        for output in output_paths(path, folder).values():
+            if output.resolve() in resolved:
+                raise InputError(f"{output}: writing it would overwrite an input; choose another output folder "
+                                 "with -o")
+
+
+def read(path: Path, settings: Settings, options: ReadOptions | None = None, *, labels: Path | None = None,
+         mask: Path | None = None, timer: Timer = NO_TIMER) -> Job:
+    """Read a file and prepare it for detection.
+
+    Args:
+        path: a NIfTI file, DICOM series folder or 2D image.
+        settings: resolved settings (axis, preset, foreground).
+        options: how the file is read.
+        labels: lesion labels on its grid: their slices are neither scored nor used as references.
+        mask: a foreground mask on its grid, instead of the foreground mode.
+        timer: charged with ``load`` and ``preprocess`` (benchmarks).
+    """
+    started = time.perf_counter()
+    with timer("load"):
+        scan = read_scan(path, axis=settings.axis, options=options)
+    excluded = scan.aligned(labels, "--reference-labels") if labels is not None else None
+    foreground = scan.aligned(mask, "--mask") if mask is not None else None
+    with timer("preprocess"):
+        prepared = prepare(torch.from_numpy(scan.canonical), settings,
+                           foreground=None if foreground is None else torch.from_numpy(foreground),
+                           excluded=None if excluded is None else torch.from_numpy(excluded))
+    if not prepared.scored.any():
+        how = "the --mask" if mask is not None else f"--foreground {settings.foreground}"
+        raise InputError(f"{path}: no slice has at least {settings.min_foreground:.0%} foreground under {how}; "
+                         "choose another --foreground (otsu, all) or --modality, or check the file")
+    return Job(scan, prepared, time.perf_counter() - started)
+
+
+def process(path: Path, detector: Detector, folder: Path, *, options: ReadOptions | None = None,
+            mask: Path | None = None, progress: bool = True) -> dict:
+    """Detect anomalies in one input and write its four outputs; returns the report."""
+    return analyse(read(path, detector.settings, options, mask=mask), detector, folder, progress=progress)
+
+
+def analyse(job: Job, detector: Detector, folder: Path, *, progress: bool = True, timer: Timer = NO_TIMER) -> dict:
+    """Detect anomalies in an input read by :func:`read` and write its outputs; returns the report.
+
+    The report is written last: its presence means the other outputs are complete.
+    """
+    from tqdm.auto import tqdm
+
+    scan, prepared = job.scan, job.prepared
+    timings = {"read_prepare": job.seconds}
+    bar = tqdm(total=int(prepared.scored.sum()), unit="slice", desc=io.stem(scan.path), leave=False,
+               disable=not progress)
+    started = time.perf_counter()
+    detection = detector.detect(prepared, progress=bar.update, timer=timer)
+    bar.close()
+    timings["detect"] = time.perf_counter() - started
+    started = time.perf_counter()
+    paths = output_paths(scan.path, folder)
+    with timer("save"):
+        report = make_report(scan, prepared, detection, detector, paths)
+        # gzip releases the GIL: the two maps compress in parallel while the picture is drawn.
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            writes = [pool.submit(scan.write_map, detection.canonical(name).numpy(), paths[name])
+                      for name in ("anomaly", "uncertainty")]
+            figure = overview_figure(prepared, detection, report, aspect=scan.pixel_aspect(prepared.axis))
+            io.write_figure(figure, paths["overview"])
+            for write in writes:
+                write.result()
+    timings["write"] = time.perf_counter() - started
+    report["timings_seconds"] = {k: round(v, 3) for k, v in timings.items()}
+    io.write_json(report, paths["report"])
+    return report
+
+
+def is_complete(path: Path, folder: Path) -> bool:
+    """Whether every output of ``path`` is in ``folder`` (the report, written last, is checked to parse)."""
+    paths = output_paths(path, folder)
+    if not all(p.is_file() for p in paths.values()):
+        return False
+    try:
+        io.read_json(paths["report"])
+    except (OSError, json.JSONDecodeError):
+        return False
+    return True
+
+
+def describe_error(path: Path, error: Exception) -> str:
+    """A one-line message for a failed input, naming the file."""
+    if isinstance(error, InputError):
+        return str(error)
+    return f"{path}: {type(error).__name__}: {error}"
