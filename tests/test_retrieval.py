@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from himatch_med.retrieval import OUT_OF_WINDOW_PENALTY, retrieve, similarity
+from himatch_med.retrieval import retrieve, similarity
 
 DIM, CELLS = 12, 4
 
@@ -161,8 +161,14 @@ def test_position_window_zero_means_no_prior():
     assert torch.equal(plain, off)
 
 
-def test_out_of_window_penalty_exceeds_similarity_range():
-    assert OUT_OF_WINDOW_PENALTY > 2
+def test_the_least_similar_reference_in_the_window_comes_before_the_most_similar_outside():
+    """The worst case of the penalty: similarity -1 inside the window against +1 outside."""
+    b_cls, b_layout = bank(2, seed=23)
+    b_cls[1], b_layout[1] = -b_cls[0], -b_layout[0]  # row 1: the exact opposite of row 0
+    index, sims = retrieve(b_cls[:1], b_layout[:1], b_cls, b_layout, k=2, cls_weight=0.5, chunk=2,
+                           query_positions=torch.tensor([0.5]), bank_positions=torch.tensor([0.0, 0.5]), window=0.1)
+    torch.testing.assert_close(sims[0], torch.tensor([-1.0, 1.0]))
+    assert index[0].tolist() == [1, 0]
 
 
 def test_returned_similarities_are_similarities_even_outside_the_window():

@@ -126,10 +126,6 @@ def test_slice_shapes(axis, shape):
     assert tuple(to_slices(torch.zeros(SHAPE), axis).shape) == shape
 
 
-def test_axis_index_names():
-    assert AXIS_INDEX == {"sagittal": 0, "coronal": 1, "axial": 2}
-
-
 def marked(*voxels) -> torch.Tensor:
     volume = torch.zeros(SHAPE)
     for value, voxel in enumerate(voxels, start=1):
