@@ -121,8 +121,8 @@ def batches(extractor: Extractor, prepared: Prepared, settings: Settings, device
         if images is None:
             continue
         with timer("backbone"):
-            cls, stages = extractor(images)
-            features = describe(cls, stages, settings.layout_cells)
+            cls, grids = extractor(images)
+            features = describe(cls, grids, settings.layout_cells)
         yield part, features, patches
 
 
@@ -148,7 +148,7 @@ def stage_distances(features: Features, bank: Bank, settings: Settings, position
     with timer("matching"):
         memory = bank.memory(index, device)
         distances = torch.stack([reference_distances(grid.flatten(1, 2), memory[stage], chunk=settings.chunk_size)
-                                 for stage, grid in enumerate(features.stages)])
+                                 for stage, grid in enumerate(features.grids)])
         per_reference = distances.unflatten(2, features.grid)
         return per_reference.amin(dim=-1), per_reference
 

@@ -31,12 +31,12 @@ class Features:
 
     cls: torch.Tensor
     layout: torch.Tensor
-    stages: tuple[torch.Tensor, ...]
+    grids: tuple[torch.Tensor, ...]
 
     @property
     def grid(self) -> tuple[int, int]:
         """The patch grid ``(h, w)``."""
-        return tuple(self.stages[0].shape[1:3])
+        return tuple(self.grids[0].shape[1:3])
 
 
 def layout_descriptor(grid: torch.Tensor, cells: int) -> torch.Tensor:
@@ -45,6 +45,6 @@ def layout_descriptor(grid: torch.Tensor, cells: int) -> torch.Tensor:
     return F.normalize(pooled.flatten(2).transpose(1, 2), dim=-1).to(grid.dtype)
 
 
-def describe(cls: torch.Tensor, stages: tuple[torch.Tensor, ...], cells: int) -> Features:
+def describe(cls: torch.Tensor, grids: tuple[torch.Tensor, ...], cells: int) -> Features:
     """Bundle an extractor's output with the layout descriptor of its last stage."""
-    return Features(cls=cls, layout=layout_descriptor(stages[-1], cells), stages=tuple(stages))
+    return Features(cls=cls, layout=layout_descriptor(grids[-1], cells), grids=tuple(grids))

@@ -209,7 +209,7 @@ def large_bank(args, device: torch.device, work: Path) -> dict:
     features = Features(unit(queries, dim).float(), unit(queries, cells, dim).float(),
                         tuple(unit(queries, *grid, dim).float() for _ in range(stages)))
     features = Features(features.cls.to(device), features.layout.to(device),
-                        tuple(g.to(device) for g in features.stages))
+                        tuple(g.to(device) for g in features.grids))
     positions = torch.rand(queries)
     small = Bank(**{name: (t[:1000] if t.dim() and len(t) == n else t) for name, t in bank.tensors().items()},
                  info=bank.info)
@@ -220,7 +220,7 @@ def large_bank(args, device: torch.device, work: Path) -> dict:
         started = time.perf_counter()
         for part in range(0, queries, 16):
             piece = Features(features.cls[part:part + 16], features.layout[part:part + 16],
-                             tuple(g[part:part + 16] for g in features.stages))
+                             tuple(g[part:part + 16] for g in features.grids))
             stage_distances(piece, which.to(device), settings, positions[part:part + 16])
         memory[name] = {"anonymous_growth_mib": round(anonymous_mib() - before, 1),
                         "query_seconds": round(time.perf_counter() - started, 3)}

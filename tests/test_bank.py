@@ -57,7 +57,7 @@ def test_calibrating_makes_a_new_bank_and_leaves_the_old_one(stand_in, reference
     for group, path in enumerate(sorted(references.iterdir())[:2]):
         prepared = jobs.read(path, SETTINGS).prepared
         for part, features, patches in batches(stand_in, prepared, SETTINGS, torch.device("cpu")):
-            builder.add(features.cls, features.layout, features.stages, patches, prepared.foreground[part],
+            builder.add(features.cls, features.layout, features.grids, patches, prepared.foreground[part],
                         prepared.positions[part], group, [{"source": str(path), "slice": i} for i in part.tolist()])
     raw = builder.bank(BankInfo(settings={"model": "stand-in"}))
     calibrated = calibrate_bank(raw, builder.samples, SETTINGS, stand_in.patch_size, torch.device("cpu"))

@@ -38,7 +38,7 @@ class Sample:
 
     cls: torch.Tensor
     layout: torch.Tensor
-    stages: tuple[torch.Tensor, ...]
+    grids: tuple[torch.Tensor, ...]
     patch_foreground: torch.Tensor
     foreground: torch.Tensor
     position: float
@@ -73,13 +73,13 @@ class BankBuilder:
         self.volumes = 0
         self.random = np.random.default_rng(seed)
 
-    def add(self, cls: torch.Tensor, layout: torch.Tensor, stages: tuple[torch.Tensor, ...],
+    def add(self, cls: torch.Tensor, layout: torch.Tensor, grids: tuple[torch.Tensor, ...],
             patch_foreground: torch.Tensor, foreground: torch.Tensor, positions: torch.Tensor, group: object,
             sources: list[dict]) -> None:
         """Add ``B`` reference slices of one volume.
 
         Args:
-            cls, layout, stages: their features (``(B, D)``, ``(B, g*g, D)``, ``L`` grids ``(B, h, w, D)``).
+            cls, layout, grids: their features (``(B, D)``, ``(B, g*g, D)``, ``L`` grids ``(B, h, w, D)``).
             patch_foreground: foreground patches ``(B, h, w)``; each slice needs at least one.
             foreground: foreground pixels ``(B, H, W)``.
             positions: relative slice positions ``(B,)``.
@@ -93,7 +93,7 @@ class BankBuilder:
         index = self.volumes - 1  # dense: volumes without a usable slice take no number
         valid = patch_foreground.flatten(1)
         clustered = [spherical_kmeans(grid.flatten(1, 2), valid, self.k, iterations=self.iterations, seed=self.seed)
-                     for grid in stages]
+                     for grid in grids]
         self.parts["cls"].append(cls.to("cpu", STORAGE_DTYPE))
         self.parts["layout"].append(layout.to("cpu", STORAGE_DTYPE))
         self.parts["centroids"].append(torch.stack([c for c, _ in clustered], dim=1).to("cpu", STORAGE_DTYPE))
@@ -104,7 +104,7 @@ class BankBuilder:
         for row in range(len(cls)):
             if self.offered % self.stride == 0:
                 self.current.append(Sample(cls[row].cpu(), layout[row].cpu(),
-                                           tuple(grid[row].to("cpu", STORAGE_DTYPE) for grid in stages),
+                                           tuple(grid[row].to("cpu", STORAGE_DTYPE) for grid in grids),
                                            patch_foreground[row].cpu(), foreground[row].cpu(),
                                            float(positions[row]), index, self.rows))
             self.offered += 1
@@ -160,7 +160,7 @@ def build_bank(extractor: Extractor, references: Iterable[tuple[str, Prepared]],
                           calibration_slices=settings.calibration_slices)
     for group, (source, prepared) in enumerate(references):
         for part, features, patches in batches(extractor, prepared, settings, device):
-            builder.add(features.cls, features.layout, features.stages, patches, prepared.foreground[part],
+            builder.add(features.cls, features.layout, features.grids, patches, prepared.foreground[part],
                         prepared.positions[part], group, [{"source": source, "slice": i} for i in part.tolist()])
             if progress:
                 progress(len(part))
@@ -184,7 +184,7 @@ def calibrate_bank(bank: Bank, samples: list[Sample], settings: Settings, patch_
     raw = []
     for sample, group in zip(samples, sample_groups.tolist()):
         features = Features(sample.cls[None].to(device), sample.layout[None].to(device),
-                            tuple(g[None].to(device, torch.float32) for g in sample.stages))
+                            tuple(g[None].to(device, torch.float32) for g in sample.grids))
         stage_maps, per_reference = stage_distances(features, probe, settings, torch.tensor([sample.position]),
                                                     torch.tensor([group]))
         raw.append((stage_maps, per_reference))

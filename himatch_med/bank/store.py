@@ -177,7 +177,7 @@ def calibration_samples(bank: Bank, settings: Settings, extractor: Extractor, *,
         for part, features, patches in batches(extractor, replace(prepared, scored=chosen), settings, device):
             for position, index in enumerate(part.tolist()):
                 samples.append(Sample(features.cls[position].cpu(), features.layout[position].cpu(),
-                                      tuple(g[position].to("cpu", STORAGE_DTYPE) for g in features.stages),
+                                      tuple(g[position].to("cpu", STORAGE_DTYPE) for g in features.grids),
                                       patches[position].cpu(), prepared.foreground[index].cpu(),
                                       float(prepared.positions[index]), int(bank.groups[slices[index]]),
                                       slices[index]))
