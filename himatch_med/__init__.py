@@ -12,7 +12,18 @@ Shape letters, used in every docstring of the package:
 
 Words: a **stage** is a transformer block whose patch tokens are used; a **grid** holds patch features
 ``(..., h, w, D)``; a **map** holds scores on a grid or a slice; a **reference** is a normal slice in the **bank**;
-**centroids** are the clustered normal features of a reference.
+**centroids** are the clustered normal features of a reference; a **scan** is a volume as read, with the way back to
+its file; the **extractor** is what turns images into CLS and grids (the DINOv3 backbone, or a stand-in).
+
+The house: :mod:`~himatch_med.jobs` reads an input (:func:`~himatch_med.scan.read_scan`: the file's
+:class:`~himatch_med.scan.Scan`, checked and in RAS, through :mod:`~himatch_med.io`, the only module that opens
+files), :func:`~himatch_med.detect.prepare` cuts it into slices, a :class:`~himatch_med.detect.Detector` (extractor
++ bank + settings) finds its anomalies with the method modules (``volume``, ``transforms``, ``backbone``,
+``features``, ``retrieval``, ``matching``, ``fusion``, ``scoring``; ``metrics`` for evaluation), and the job writes
+the maps back on the file's grid with :mod:`~himatch_med.report`'s report and picture. The bank lives in
+:mod:`himatch_med.bank` (data, building, storage); :mod:`~himatch_med.config` holds every setting and what it
+matters for; :mod:`~himatch_med.cli` and ``run``, :mod:`~himatch_med.screening`, :mod:`~himatch_med.distributed` and
+:mod:`himatch_med.evaluation` are the applications.
 
 This module imports nothing heavy so that ``--help`` stays instant.
 """
