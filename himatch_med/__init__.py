@@ -22,8 +22,8 @@ files), :func:`~himatch_med.detect.prepare` cuts it into slices, a :class:`~hima
 ``features``, ``retrieval``, ``matching``, ``fusion``, ``scoring``; ``metrics`` for evaluation), and the job writes
 the maps back on the file's grid with :mod:`~himatch_med.report`'s report and picture. The bank lives in
 :mod:`himatch_med.bank` (data, building, storage); :mod:`~himatch_med.config` holds every setting and what it
-matters for; :mod:`~himatch_med.cli` and ``run``, :mod:`~himatch_med.screening`, :mod:`~himatch_med.distributed` and
-:mod:`himatch_med.evaluation` are the applications.
+matters for; :mod:`~himatch_med.cli` and ``run``, :mod:`~himatch_med.screening`, :mod:`~himatch_med.distributed`,
+:mod:`~himatch_med.viewer` and :mod:`himatch_med.evaluation` are the applications.
 
 This module imports nothing heavy so that ``--help`` stays instant.
 """

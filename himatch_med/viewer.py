@@ -137,7 +137,7 @@ def niivue_script() -> str | None:
         return None
     distribution = metadata.distribution(PACKAGE)
     licence = distribution.read_text("licenses/LICENSE") or distribution.read_text("LICENSE") or ""
-    return classic_script(path.read_text(encoding="utf-8"), source=f"{PACKAGE} {distribution.version}",
+    return classic_script(io.read_text(path), source=f"{PACKAGE} {distribution.version}",
                           licence=licence)
 
 
@@ -177,7 +177,7 @@ def read_report(folder: Path) -> dict:
     if len(reports) != 1:
         raise ValueError(f"{folder}: holds {len(reports)} reports (*_report.json); pass the folder of one study's "
                          "outputs")
-    return json.loads(reports[0].read_text(encoding="utf-8"))
+    return io.read_json(reports[0])
 
 
 def study_view(folder: Path, report: dict, *, title: str, image: io.Image | None = None) -> StudyView:
@@ -354,7 +354,7 @@ def show(source: str | Path, *, height: int = 600):
         raise ImportError(f"the notebook view needs ipyniivue: {INSTALL}") from error
     source = Path(source)
     folder = source.parent if source.is_file() else source
-    report = json.loads(source.read_text(encoding="utf-8")) if source.is_file() else read_report(folder)
+    report = io.read_json(source) if source.is_file() else read_report(folder)
     view = study_view(folder, report, title=io.stem(report["input"]))
     widget = NiiVue(height=height, slice_type=SliceType.MULTIPLANAR, multiplanar_show_render=ShowRender.ALWAYS,
                     multiplanar_layout=MultiplanarType.GRID, is_colorbar=True, show_3d_crosshair=True)

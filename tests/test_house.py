@@ -18,8 +18,10 @@ METHOD_MAY_IMPORT = ("config", "errors", "features")
 """The only modules of the package a method module may import."""
 MONAI_ALLOWED = ("volume", "transforms")
 TRANSFORMERS_ALLOWED = ("backbone",)
-OPENS_FILES = ("io",)
-"""The only module that opens files itself; ``scan`` and ``bank.store`` store things through it."""
+OPENS_FILES = ("io", "backbone")
+"""The modules that open files themselves: ``io``, and ``backbone``, which reads the model folder it loads (its
+``config.json`` checked for custom code; transformers reads the weights). ``scan`` and ``bank.store`` store things
+through ``io``."""
 FILE_CALLS = {
     "open", "read_text", "write_text", "read_bytes", "write_bytes", "savefig", "ReadImage", "WriteImage",
     "ImageSeriesReader", "ImageFileReader", "ImageFileWriter", "memmap", "NamedTemporaryFile", "TemporaryFile",
@@ -107,6 +109,8 @@ def file_openings(tree: ast.Module) -> list[str]:
             elif isinstance(function, ast.Attribute):
                 owner = function.value.id if isinstance(function.value, ast.Name) else None
                 if owner == "io":  # himatch_med.io, the way to open files
+                    continue
+                if owner == "distribution" and function.attr == "read_text":  # importlib.metadata: package metadata
                     continue
                 if function.attr in FILE_CALLS or (owner, function.attr) in FILE_MODULE_CALLS:
                     found.append(f"{node.lineno}: {owner or '...'}.{function.attr}(")
