@@ -7,6 +7,7 @@ This is the only module that knows the token layout ``[CLS | registers | patches
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -25,6 +26,11 @@ DINOv3 weights are gated on the Hugging Face Hub. To use them:
   2. log in on this machine: `hf auth login` (or set HF_TOKEN), then run again;
 or pass weights you already have: `--model /path/to/local/folder` (a folder saved with `save_pretrained`),
 or use an ungated DINOv2 model, e.g. `--model facebook/dinov2-base`."""
+
+
+GATED_HELP = """
+DINOv3 weights are gated: on a machine with network, accept the licence on the model's page while signed in, log in
+(`hf auth login` or HF_TOKEN) and run once; the weights are then cached, or can be saved and copied as a folder."""
 
 
 class Backbone:
@@ -48,6 +54,7 @@ class Backbone:
         # DINOv3 and DINOv2-with-registers put registers between CLS and patches; plain DINOv2 has none.
         self.prefix = 1 + int(getattr(config, "num_register_tokens", 0) or 0)
         self.norm = getattr(model, "norm", None) or model.layernorm
+        self.fingerprint = weights_fingerprint(model)
 
     @property
     def device(self) -> torch.device:
@@ -70,6 +77,31 @@ class Backbone:
         return cls, grids
 
 
+VOLATILE_CONFIG = ("transformers_version", "architectures", "torch_dtype", "dtype")
+"""Configuration entries that say how a model was saved, not what it computes."""
+
+
+def weights_fingerprint(model: torch.nn.Module, *, sample: int = 64 << 10) -> str:
+    """A SHA-256 of what a model computes: its configuration and every weight tensor (name, shape, dtype, values).
+
+    The same weights give the same fingerprint whether they come from the Hub or a folder, however the path to them
+    is spelt; other weights saved at the same path give another. Tensors over 1 MiB are hashed by 64 evenly spaced
+    windows of ``sample`` bytes, so that even a 7B model is fingerprinted in a moment; weights that differ anywhere
+    differ in every window in practice (a retrained or another model), which is what a bank must notice.
+    """
+    config = {k: v for k, v in model.config.to_dict().items() if not k.startswith("_") and k not in VOLATILE_CONFIG}
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        data = tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy()
+        digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+        if data.size <= 1 << 20:
+            digest.update(data.tobytes())
+        else:
+            for start in range(0, data.size - sample, (data.size - sample) // 63):
+                digest.update(data[start:start + sample].tobytes())
+    return digest.hexdigest()
+
+
 def load_backbone(model_id: str, *, stages: tuple[int, ...] = (), device: str | torch.device = "cpu") -> Backbone:
     """Load weights from a Hub id or a local folder; :class:`WeightsUnavailableError` says how to get missing ones.
 
@@ -88,11 +120,24 @@ def load_backbone(model_id: str, *, stages: tuple[int, ...] = (), device: str | 
     source = str(Path(model_id).expanduser()) if model_id.startswith("~") else model_id
     if Path(source).is_dir():
         _refuse_custom_code(model_id, custom_code(Path(source)))
+        # One name for one folder, whatever the spelling (`model/`, `../x/model`): banks and reports record it.
+        model_id = str(Path(source).resolve())
+    offline = None if Path(source).is_dir() else hub_unreachable()
     try:
         # trust_remote_code=False: transformers neither runs a repository's code nor prompts "[y/N]" for it.
-        model = AutoModel.from_pretrained(source, trust_remote_code=False)
+        # Without network, only this machine's Hub cache is looked at: huggingface_hub would retry for half a minute.
+        model = AutoModel.from_pretrained(source, trust_remote_code=False, local_files_only=offline is not None)
     except (OSError, ValueError) as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if offline is not None:
+            raise WeightsUnavailableError(
+                f"--model {model_id}: not in this machine's Hugging Face cache, and the Hub cannot be reached "
+                f"({offline}); check the spelling of the id, or, on a machine without network, pass --model "
+                "/path/to/folder (weights saved with `save_pretrained`, e.g. copied from a machine with network)"
+                + (GATED_HELP if "dinov3" in model_id.lower() else "")) from error
+        if type(error).__name__ == "RepositoryNotFoundError" or "is not a valid model identifier" in str(error):
+            raise WeightsUnavailableError(f"--model {model_id}: no such model on the Hugging Face Hub (check the "
+                                          "spelling, e.g. facebook/dinov3-vitb16-pretrain-lvd1689m)") from error
         if "trust_remote_code" in str(error) or "custom code" in str(error):
             _refuse_custom_code(model_id, ["the repository's own modelling code"])
         hub_id = model_id if "/" in model_id and not model_id.startswith((".", "/")) else \
@@ -105,6 +150,22 @@ def load_backbone(model_id: str, *, stages: tuple[int, ...] = (), device: str | 
         raise WeightsUnavailableError(f"{model_id!r} is a {type(model).__name__}, not a DINOv3/DINOv2 vision "
                                       "transformer; pass a DINOv3 or DINOv2 model with --model")
     return Backbone(model.to(device), model_id, stages)
+
+
+def hub_unreachable(timeout: float = 3.0) -> str | None:
+    """Why the Hugging Face Hub cannot be reached (None when it can, or when ``HF_HUB_OFFLINE`` already says so)."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return None
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout).close()
+    except OSError as error:
+        return f"{endpoint.hostname}: {error.strerror or error}"
+    return None
 
 
 def custom_code(folder: Path) -> list[str]:

@@ -40,11 +40,28 @@ def add_settings(parser: argparse.ArgumentParser, several: tuple[str, ...] = ())
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
-    """The resolved settings of parsed arguments (options not given keep their defaults)."""
+    """The resolved settings of parsed arguments.
+
+    With ``--bank``, the bank defines the run: every setting it records (model, preset, image size, stages, and the
+    settings it was calibrated with) is taken from it unless given explicitly; an explicit one that differs is then
+    refused or noted when the bank is opened. Other options not given keep their defaults.
+    """
     chosen = {f.name: getattr(args, f.name) for f in fields(Settings) if getattr(args, f.name) is not None}
+    if getattr(args, "bank", None) is not None:
+        chosen = {**bank_defaults(args.bank), **chosen}
     if "stages" in chosen:
         chosen["stages"] = tuple(chosen["stages"])
     return Settings(**chosen).resolved()
+
+
+def bank_defaults(folder: Path) -> dict:
+    """The settings a bank folder records (``bank.json``: its settings and those of its calibration)."""
+    from himatch_med.io import read_bank_meta
+
+    meta = read_bank_meta(folder, verify=False)  # verified in full when the bank is opened
+    names = {f.name for f in fields(Settings)}
+    recorded = {**(meta.get("calibration") or {}), **(meta.get("settings") or {})}
+    return {name: value for name, value in recorded.items() if name in names and value is not None}
 
 
 def add_common(parser: argparse.ArgumentParser, several: tuple[str, ...] = ()) -> None:
@@ -94,15 +111,30 @@ def bank_from(args: argparse.Namespace, settings: Settings, extractor):
                        options=read_options(args))
 
 
+def quiet_itk() -> None:
+    """Keep ITK's C++ warnings (printed straight to stderr) from reaching the user."""
+    import SimpleITK as sitk
+
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+
+
 def guarded(args: argparse.Namespace, job, *, with_settings: bool = True) -> int:
     """Run ``job(args, settings)`` (or ``job(args)``) so that every error ends in one line and an exit code.
 
     Tracebacks are shown only with ``--debug``.
     """
+    import warnings
+
     from himatch_med.errors import InputError, WeightsUnavailableError
 
     try:
-        return job(args, settings_from(args)) if with_settings else job(args)
+        with warnings.catch_warnings():
+            if not args.debug:
+                # The libraries' own warnings (numpy, matplotlib, ITK) say nothing a user can act on; what matters
+                # reaches them as notes and errors. --debug shows everything.
+                warnings.simplefilter("ignore")
+                quiet_itk()
+            return job(args, settings_from(args)) if with_settings else job(args)
     except (InputError, WeightsUnavailableError, ValueError) as error:
         if args.debug:
             raise

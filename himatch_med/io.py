@@ -127,7 +127,20 @@ def read_image(path: str | Path, *, volume_index: int | None = None, series: str
         return _read_2d(path)
     if path.stat().st_size == 0:
         raise InputError(f"{path}: the file is empty; pass a NIfTI volume (.nii or .nii.gz)")
+    if not lower.endswith(NIFTI_SUFFIXES + (".hdr", ".img")) and not _looks_like_nifti(path):
+        kind = "a DICOM file: pass the folder that holds its series" if is_dicom_file(path) else \
+            f"not an image file (its name ends in {path.suffix or 'no suffix'} and its content is no NIfTI)"
+        raise InputError(f"{path}: {kind}; pass a NIfTI volume (.nii, .nii.gz), a DICOM series folder or a 2D image "
+                         "(PNG, JPEG, TIFF)")
     return _read_nifti(path, volume_index)
+
+
+def _looks_like_nifti(path: Path) -> bool:
+    """Whether a file's first bytes are gzip's or a NIfTI-1/2 header's (``sizeof_hdr`` 348 or 540)."""
+    with open(path, "rb") as handle:
+        start = handle.read(4)
+    return start[:2] == b"\x1f\x8b" or start in (struct.pack("<i", 348), struct.pack(">i", 348),
+                                                  struct.pack("<i", 540), struct.pack(">i", 540))
 
 
 def _read_nifti(path: Path, volume_index: int | None) -> Image:
@@ -644,19 +657,26 @@ def write_bank(tensors: dict[str, torch.Tensor], meta: Callable[[str], dict], fo
     """
     from safetensors.torch import save_file
 
-    folder = Path(folder)
+    folder = Path(folder).resolve()  # `-o .` has no name of its own until resolved
+    check_bank_target(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".part", dir=folder.parent))
     try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, staging / BANK_ARRAYS)
-        content = meta(file_sha256(staging / BANK_ARRAYS))
-        (staging / BANK_META).write_text(json.dumps(_json_safe(content), indent=2) + "\n", encoding="utf-8")
+        try:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, staging / BANK_ARRAYS)
+            content = meta(file_sha256(staging / BANK_ARRAYS))
+            content = {**content, "meta_sha256": meta_sha256(content)}
+            (staging / BANK_META).write_text(json.dumps(_json_safe(content), indent=2) + "\n", encoding="utf-8")
+        except Exception as error:  # safetensors raises its own type for a full disk
+            raise InputError(f"{folder}: the bank could not be written to {folder.parent} ({_reason(error)}); free "
+                             "space there or choose another -o") from error
         # mkdtemp makes 0700 and safetensors writes 0600; a bank is meant to be shared, like the other outputs.
         os.chmod(staging, 0o777 & ~_umask())
         for name in (BANK_ARRAYS, BANK_META):
             os.chmod(staging / name, 0o666 & ~_umask())
         previous = None
         if folder.exists():
+            check_bank_target(folder)  # again: something may have been put there while the bank was built
             previous = folder.with_name(f".{folder.name}.old-{os.getpid()}")
             os.rename(folder, previous)
         os.rename(staging, folder)
@@ -666,6 +686,22 @@ def write_bank(tensors: dict[str, torch.Tensor], meta: Callable[[str], dict], fo
         if staging.exists():
             shutil.rmtree(staging)
     return folder
+
+
+def check_bank_target(folder: str | Path) -> None:
+    """Refuse to write a bank where something of the user's is: a file, or a folder that is neither empty nor a bank.
+
+    Only a bank is ever replaced (atomically, by :func:`write_bank`); anything else stays untouched.
+    """
+    folder = Path(folder)
+    if folder.is_file() or (folder.exists() and not folder.is_dir()):
+        raise InputError(f"{folder}: is a file, not a bank folder; choose a new folder for -o (nothing was changed)")
+    if folder.is_dir() and not is_bank_folder(folder):
+        held = sorted(p.name for p in folder.iterdir())
+        if held:
+            shown = ", ".join(held[:3]) + (f" and {len(held) - 3} more" if len(held) > 3 else "")
+            raise InputError(f"{folder}: exists and is not a bank (it holds {shown}); a bank replaces only an earlier "
+                             "bank, so choose a new folder for -o (nothing was changed)")
 
 
 def file_sha256(path: Path, block: int = 64 << 20) -> str:
@@ -692,13 +728,20 @@ def file_sha256(path: Path, block: int = 64 << 20) -> str:
 SAFETENSORS_DTYPES = {"F16": np.float16, "F32": np.float32, "I32": np.int32, "I64": np.int64, "BF16": None}
 
 
-def read_bank(folder: str | Path, *, verify: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
-    """Open a bank folder: arrays memory-mapped (read-only, nothing read until used) and the metadata.
+def is_bank_folder(folder: str | Path) -> bool:
+    """Whether ``folder`` holds a bank (its two files) and nothing else, so that replacing it loses nothing."""
+    folder = Path(folder)
+    return folder.is_dir() and {p.name for p in folder.iterdir()} == {BANK_ARRAYS, BANK_META}
 
-    Args:
-        folder: the bank folder.
-        verify: check the arrays file against the SHA-256 recorded in ``bank.json``.
-    """
+
+def meta_sha256(meta: dict) -> str:
+    """SHA-256 of a bank's ``bank.json`` content without its own ``meta_sha256`` entry (keys sorted)."""
+    content = {k: v for k, v in _json_safe(meta).items() if k != "meta_sha256"}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
+def read_bank_meta(folder: str | Path, *, verify: bool = True) -> dict:
+    """A bank folder's ``bank.json``, checked to be complete and, with ``verify``, unmodified since it was written."""
     folder = Path(folder)
     arrays, meta_path = folder / BANK_ARRAYS, folder / BANK_META
     missing = [p.name for p in (arrays, meta_path) if not p.is_file()]
@@ -709,12 +752,31 @@ def read_bank(folder: str | Path, *, verify: bool = True) -> tuple[dict[str, tor
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise InputError(f"{meta_path}: damaged bank metadata ({_reason(error)}); rebuild the bank") from error
+    if not isinstance(meta, dict):
+        raise InputError(f"{meta_path}: not a bank description (it holds a JSON {type(meta).__name__}, not an "
+                         "object); rebuild the bank")
+    if verify and "meta_sha256" in meta and meta["meta_sha256"] != meta_sha256(meta):
+        raise InputError(f"{meta_path}: its content differs from the checksum written with it (modified since the "
+                         "bank was built); rebuild the bank")
+    return meta
+
+
+def read_bank(folder: str | Path, *, verify: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
+    """Open a bank folder: arrays memory-mapped (read-only, nothing read until used) and the metadata.
+
+    Args:
+        folder: the bank folder.
+        verify: check ``bank.json`` against its own checksum and the arrays file against the SHA-256 recorded in it.
+    """
+    folder = Path(folder)
+    meta = read_bank_meta(folder, verify=verify)
+    arrays = folder / BANK_ARRAYS
     if verify and meta.get("arrays_sha256") != file_sha256(arrays):
         raise InputError(f"{arrays}: its checksum differs from the one recorded in {BANK_META} (truncated or "
                          "modified); rebuild the bank")
     try:
         tensors = _map_safetensors(arrays)
-    except (ValueError, KeyError, struct.error, UnicodeDecodeError) as error:
+    except (ValueError, KeyError, TypeError, struct.error, UnicodeDecodeError) as error:
         raise InputError(f"{arrays}: damaged bank arrays ({_reason(error)}); rebuild the bank") from error
     return tensors, meta
 

@@ -7,6 +7,7 @@ evaluation and bank building read their inputs through :func:`read`.
 
 from __future__ import annotations
 
+import errno
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -64,6 +65,26 @@ def expand_inputs(paths: list[Path]) -> list[Path]:
         else:
             expanded.append(path)
     return expanded
+
+
+OUTPUT_SUFFIXES = ("_anomaly", "_uncertainty", "_findings", "_overview")
+"""Name endings of the maps and pictures himatch-med writes: such files are never taken as references."""
+
+
+def split_outputs(paths: list[Path]) -> tuple[list[Path], list[Path]]:
+    """``(others, outputs)``: the paths that are not maps himatch-med wrote, and those that are."""
+    outputs = [p for p in paths if p.is_file() and io.stem(p).endswith(OUTPUT_SUFFIXES)]
+    return [p for p in paths if p not in outputs], outputs
+
+
+def check_outside_references(folder: Path, references: list[Path]) -> None:
+    """Refuse an output folder inside a folder of references: its maps would become references of the next bank."""
+    folder = folder.resolve()
+    for parent in sorted({(p if p.is_dir() else p.parent).resolve() for p in references}):
+        if folder == parent or parent in folder.parents:
+            raise InputError(f"{folder}: the output folder is inside the references folder {parent}; its heatmaps "
+                             "would be taken as normal references by the next bank built from it; choose an -o "
+                             "outside it")
 
 
 def check_output_folder(folder: Path, inputs: list[Path]) -> None:
@@ -132,8 +153,10 @@ def analyse(job: Job, detector: Detector, folder: Path, *, progress: bool = True
     bar = tqdm(total=int(prepared.scored.sum()), unit="slice", desc=io.stem(scan.path), leave=False,
                disable=not progress)
     started = time.perf_counter()
-    detection = detector.detect(prepared, progress=bar.update, timer=timer)
-    bar.close()
+    try:
+        detection = detector.detect(prepared, progress=bar.update, timer=timer)
+    finally:
+        bar.close()  # before any message: an error must not print on the bar's line
     timings["detect"] = time.perf_counter() - started
     started = time.perf_counter()
     paths = output_paths(scan.path, folder)
@@ -169,4 +192,13 @@ def describe_error(path: Path, error: Exception) -> str:
     """A one-line message for a failed input, naming the file."""
     if isinstance(error, InputError):
         return str(error)
+    if isinstance(error, OSError) and error.errno in WRITE_ERRNOS:
+        # The cause is where the outputs go (a full or read-only disk), not the input.
+        where = Path(error.filename).parent if error.filename else "the output folder"
+        return f"{path}: its outputs could not be written to {where} ({error.strerror}); free space there or choose " \
+               "another -o"
     return f"{path}: {type(error).__name__}: {error}"
+
+
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
+"""Errors of the disk an output goes to."""

@@ -36,22 +36,28 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace, settings: Settings) -> int:
-    from himatch_med import jobs
+    from himatch_med import io, jobs
     from himatch_med.detect import Detector, load_extractor
 
     inputs = jobs.expand_inputs(args.inputs)
     if args.mask is not None and len(inputs) != 1:
         raise ValueError("--mask applies to a single input; pass one input or drop --mask")
+    if args.references:
+        jobs.check_outside_references(args.output, args.references)
     jobs.check_output_folder(args.output, inputs)
     extractor = load_extractor(settings, args.device)
     detector = Detector(extractor, cli.bank_from(args, settings, extractor), settings)
     options = cli.read_options(args)
     failures = 0
     for path in inputs:
+        earlier = [p for p in jobs.output_paths(path, args.output).values() if p.exists()]
         try:
             outputs = jobs.process(path, detector, args.output, options=options, mask=args.mask)
             for note in outputs["notes"]:
                 print(f"warning: {path}: {note}", file=sys.stderr)
+            if earlier:
+                print(f"note: {path}: replaced the earlier outputs {io.stem(path)}_* in {args.output}",
+                      file=sys.stderr)
             print(f"{path}: volume score {outputs['volume_score']:.2f} (percentile "
                   f"{_pct(outputs['volume_percentile'])}) -> {args.output / outputs['outputs']['anomaly']}")
         except Exception as error:  # one failing volume must not lose the others
@@ -59,7 +65,8 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
                 raise
             failures += 1
             print(f"error: {jobs.describe_error(path, error)}", file=sys.stderr)
-    return 1 if failures else 0
+    # 1: some inputs failed and the others are written; 2: nothing could be done.
+    return 2 if failures == len(inputs) else 1 if failures else 0
 
 
 def _pct(value: float) -> str:

@@ -140,12 +140,12 @@ def read_cohort(sources: list[Path]) -> list[Study]:
 
 
 def _read_csv(path: Path) -> list[Study]:
-    rows = _csv_rows(path)
-    if not rows or "path" not in rows[0]:
+    columns, rows = _csv_rows(path)
+    if "path" not in columns:
         raise InputError(f"{path}: a cohort CSV needs a 'path' column (and optionally 'id'); its columns are "
-                         f"{', '.join(rows[0]) if rows else 'none'}")
+                         f"{', '.join(columns) or 'none'}")
     studies = []
-    for line, row in enumerate(rows, start=2):
+    for line, row in rows:
         text = (row.get("path") or "").strip()
         if not text:
             raise InputError(f"{path}, line {line}: the path is empty")
@@ -156,25 +156,24 @@ def _read_csv(path: Path) -> list[Study]:
     return studies
 
 
-def _csv_rows(path: Path) -> list[dict[str, str]]:
+def _csv_rows(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
+    """The columns of a CSV file and its rows, each with the number of the line it ends on (blank lines counted)."""
     try:
         text = io.read_text(path, encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as error:
         raise InputError(f"{path}: cannot be read as a CSV ({error})") from error
     reader = csv.DictReader(text_io.StringIO(text))
-    rows = list(reader)
-    if reader.fieldnames and not rows:
-        return [dict.fromkeys(f.strip() for f in reader.fieldnames)]
-    return [{(k or "").strip(): v for k, v in row.items()} for row in rows]
+    rows = [(reader.line_num, {(k or "").strip(): v for k, v in row.items()}) for row in reader]
+    return [f.strip() for f in reader.fieldnames or []], rows
 
 
 def read_labels(path: Path) -> dict[str, int]:
     """Labels from a CSV with columns ``id`` and ``label`` (1 = abnormal, 0 = normal)."""
-    rows = _csv_rows(path)
-    if not rows or not {"id", "label"} <= set(rows[0]):
+    columns, rows = _csv_rows(path)
+    if not {"id", "label"} <= set(columns):
         raise InputError(f"{path}: a labels CSV needs the columns 'id' and 'label' (1 = abnormal, 0 = normal)")
     labels = {}
-    for line, row in enumerate(rows, start=2):
+    for line, row in rows:
         if row["id"] is None:
             continue
         value = (row["label"] or "").strip()

@@ -297,7 +297,7 @@ def test_recalibration_equals_a_bank_built_with_those_settings(brain_set, tmp_pa
     stand_in = StandIn()
     base = cached_bank(list(dataset.references), None, IMAGE_SETTINGS, stand_in, tmp_path)
     other = replace(IMAGE_SETTINGS, fusion="max", references_k=2, cls_weight=1.0)
-    samples = calibration_samples(base, other, stand_in)
+    samples = calibration_samples(base, other, stand_in, references=list(dataset.references))
     assert len(samples) == len(base)
     recalibrated = calibrate_bank(base, samples, other, stand_in.patch_size, torch.device("cpu"))
     direct = cached_bank(list(dataset.references), None, other, stand_in, tmp_path)

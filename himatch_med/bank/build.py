@@ -145,6 +145,16 @@ class BankBuilder:
                     info=replace(info, sources=tuple(self.sources)))
 
 
+def bank_settings(settings: Settings, extractor: Extractor) -> dict:
+    """What a bank must share with a query: model and its weights' fingerprint, preset, image size, stages used.
+
+    The fingerprint (:func:`himatch_med.backbone.weights_fingerprint`) is absent for an extractor without weights.
+    """
+    fingerprint = getattr(extractor, "fingerprint", None)
+    return {**settings.bank_fields(), "model": extractor.model_id, "stages": list(extractor.stages),
+            **({"model_fingerprint": fingerprint} if fingerprint else {})}
+
+
 def build_bank(extractor: Extractor, references: Iterable[tuple[str, Prepared]], settings: Settings,
                progress: Progress | None = None) -> Bank:
     """Build and calibrate a bank from prepared normal volumes (each a 2D image or a 3D volume).
@@ -164,7 +174,7 @@ def build_bank(extractor: Extractor, references: Iterable[tuple[str, Prepared]],
                         prepared.positions[part], group, [{"source": source, "slice": i} for i in part.tolist()])
             if progress:
                 progress(len(part))
-    info = BankInfo(settings={**settings.bank_fields(), "stages": list(extractor.stages)},
+    info = BankInfo(settings=bank_settings(settings, extractor),
                     calibrated_with=settings.calibration_fields(), patch_size=extractor.patch_size)
     return calibrate_bank(builder.bank(info), builder.samples, settings, extractor.patch_size, device)
 

@@ -98,6 +98,9 @@ class Bank:
         missing = [name for name in ARRAYS if name not in tensors]
         if missing:
             raise InputError(f"{source}: the bank lacks arrays {', '.join(missing)}; rebuild the bank")
+        problem = array_problem(tensors)
+        if problem:
+            raise InputError(f"{source}: its arrays are inconsistent ({problem}); rebuild the bank")
         return cls(**{name: tensors[name] for name in ARRAYS}, info=info)
 
     @property
@@ -150,8 +153,16 @@ class Bank:
     def check(self, expected: dict, *, source: str) -> None:
         """Raise :class:`InputError` unless the bank was built with the ``expected`` settings (model, stages, ...)."""
         recorded = self.info.settings
+        fingerprints = recorded.get("model_fingerprint"), expected.get("model_fingerprint")
+        if all(fingerprints) and fingerprints[0] != fingerprints[1]:
+            raise InputError(f"{source} was built with other weights than {expected.get('model')!r} holds now (the "
+                             f"weights' fingerprints differ: bank {fingerprints[0][:12]}, this model "
+                             f"{fingerprints[1][:12]}); pass --model with the weights the bank was built with, or "
+                             "build a new bank with these")
+        # Weights are known by their fingerprint: another spelling of their path is the same model.
+        skip = {"model", "model_fingerprint"} if all(fingerprints) else {"model_fingerprint"}
         wrong = [f"{key}: bank has {recorded.get(key)!r}, this run asks for {value!r}"
-                 for key, value in expected.items() if _plain(recorded.get(key)) != _plain(value)]
+                 for key, value in expected.items() if key not in skip and _plain(recorded.get(key)) != _plain(value)]
         if wrong:
             raise InputError(f"{source} was built with other settings than this run: " + "; ".join(wrong)
                              + ". Run with the bank's settings, or build a new bank with these.")
@@ -167,6 +178,33 @@ class Bank:
         return {name: (recorded[name], getattr(settings, name)) for name in names
                 if name in recorded and hasattr(settings, name)
                 and _plain(recorded[name]) != _plain(getattr(settings, name))}
+
+
+def array_problem(tensors: dict[str, torch.Tensor], *, chunk: int = 1024) -> str:
+    """What is wrong with a bank's arrays ("" when nothing): shapes that do not fit together, values not finite.
+
+    Checked on every open, so that a damaged or crafted bank is refused at once, not deep inside a query.
+    """
+    cls, layout, centroids = tensors["cls"], tensors["layout"], tensors["centroids"]
+    if cls.ndim != 2 or layout.ndim != 3 or centroids.ndim != 4:
+        return f"cls {tuple(cls.shape)}, layout {tuple(layout.shape)}, centroids {tuple(centroids.shape)}"
+    count, width = cls.shape
+    stages, per_slice = centroids.shape[1:3]
+    expected = {"layout": (count, layout.shape[1], width), "centroids": (count, stages, per_slice, width),
+                "sizes": (count, stages, per_slice), "positions": (count,), "groups": (count,),
+                "calibration_mean": (stages,), "calibration_std": (stages,)}
+    for name, shape in expected.items():
+        if tuple(tensors[name].shape) != shape:
+            return f"{name} has shape {tuple(tensors[name].shape)}, {shape} expected with cls {tuple(cls.shape)}"
+    for name in ("cls", "layout", "positions", "calibration_mean", "calibration_std", "calibration_slice_scores",
+                 "calibration_volume_scores"):
+        if not bool(torch.isfinite(tensors[name]).all()):
+            return f"{name} holds values that are not finite"
+    if not bool((tensors["calibration_std"] > 0).all()):
+        return "calibration_std is not positive"
+    if not all(bool(torch.isfinite(part).all()) for part in centroids.split(chunk)):
+        return "centroids holds values that are not finite"
+    return ""
 
 
 def _plain(value):

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from himatch_med import __version__, io, jobs
-from himatch_med.bank.build import Sample, build_bank, calibrate_bank
+from himatch_med.bank.build import Sample, bank_settings, build_bank, calibrate_bank
 from himatch_med.bank.data import STORAGE_DTYPE, Bank
 from himatch_med.config import ReadOptions, Settings
 from himatch_med.detect import batches, device_of_extractor
@@ -27,11 +27,6 @@ from himatch_med.features import Extractor
 
 LABEL_SUFFIXES = ("", "_seg", "_label", "_mask")
 """A reference ``case.nii.gz`` takes the label ``case<suffix>.nii.gz`` of ``--reference-labels``."""
-
-
-def bank_settings(settings: Settings, extractor: Extractor) -> dict:
-    """What a bank must share with a query: model, preset, image size, and the stages actually used."""
-    return {**settings.bank_fields(), "model": extractor.model_id, "stages": list(extractor.stages)}
 
 
 def open_bank(folder: Path, settings: Settings, extractor: Extractor) -> Bank:
@@ -78,11 +73,16 @@ def build_bank_folder(references: list[Path], labels: Path | None, settings: Set
     """Build a bank from reference files and write it to ``folder``; skipped references are warned about."""
     from tqdm.auto import tqdm
 
+    references, left_out = jobs.split_outputs(references)
     if not references:
-        raise InputError("no reference files given")
-    if folder.resolve() in {p.resolve() for p in references}:
+        raise InputError("no reference files given" + (f" (left out {len(left_out)} himatch-med outputs)"
+                                                       if left_out else ""))
+    folder = folder.resolve()
+    if folder in {p.resolve() for p in references}:
         raise InputError(f"{folder}: the bank would overwrite a reference; choose another -o")
-    warnings: list[str] = []
+    io.check_bank_target(folder)  # before the work, not only when writing
+    jobs.check_outside_references(folder, references)
+    warnings: list[str] = [f"left out {path}: a himatch-med output, not a reference" for path in left_out]
     jobs.check_output_folder(folder.parent, [])
     bar = tqdm(total=None, unit="slice", desc="building bank", leave=False)
     started = time.perf_counter()
@@ -108,6 +108,12 @@ def cached_bank(references: list[Path], labels: Path | None, settings: Settings,
     files = jobs.expand_inputs(references)
     key = _cache_key(files, labels, settings, extractor)
     cache = cache or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "himatch-med" / "banks"
+    try:
+        io.check_writable(cache)
+    except OSError as error:
+        raise InputError(f"{cache}: the bank cache cannot be written ({error.strerror or error}); choose another "
+                         "with --bank-cache, or build a bank once with `python -m himatch_med.bank build` "
+                         "and pass it with --bank") from error
     folder = cache / key
     if not (folder / io.BANK_META).exists():
         build_bank_folder(files, labels, settings, extractor, folder, options=options)
@@ -122,9 +128,12 @@ def _cache_key(files: list[Path], labels: Path | None, settings: Settings, extra
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def recalibrated(bank: Bank, rows: list[Settings], extractor: Extractor, *, options: ReadOptions | None = None,
-                 progress: bool = False) -> tuple[list[Bank], list[int]]:
+def recalibrated(bank: Bank, rows: list[Settings], extractor: Extractor, *, references: list[Path],
+                 options: ReadOptions | None = None, progress: bool = False) -> tuple[list[Bank], list[int]]:
     """The bank for each row, recalibrated for the rows whose calibrated settings differ from its own.
+
+    Only the files among ``references`` (the ones the user gave) are read again: a path is never opened because a
+    bank's metadata names it.
 
     Returns:
         One bank per row, and the positions of the rows that were recalibrated.
@@ -133,7 +142,8 @@ def recalibrated(bank: Bank, rows: list[Settings], extractor: Extractor, *, opti
     differ = [i for i, row in enumerate(rows) if bank.calibration_changes(row, keys)]
     if not differ:
         return [bank] * len(rows), []
-    samples = calibration_samples(bank, rows[0], extractor, options=options, progress=progress)
+    samples = calibration_samples(bank, rows[0], extractor, references=references, options=options,
+                                  progress=progress)
     device = device_of_extractor(extractor)
     banks = []
     for i, row in enumerate(rows):
@@ -147,8 +157,8 @@ def recalibrated(bank: Bank, rows: list[Settings], extractor: Extractor, *, opti
     return banks, differ
 
 
-def calibration_samples(bank: Bank, settings: Settings, extractor: Extractor, *, options: ReadOptions | None = None,
-                        progress: bool = False) -> list[Sample]:
+def calibration_samples(bank: Bank, settings: Settings, extractor: Extractor, *, references: list[Path],
+                        options: ReadOptions | None = None, progress: bool = False) -> list[Sample]:
     """Features of a seeded sample of the bank's references, for :func:`himatch_med.bank.build.calibrate_bank`.
 
     At most ``settings.calibration_slices`` bank rows are drawn; only their slices go through the backbone again.
@@ -163,6 +173,12 @@ def calibration_samples(bank: Bank, settings: Settings, extractor: Extractor, *,
     wanted: dict[str, dict[int, int]] = {}
     for row in drawn.tolist():
         wanted.setdefault(sources[row]["source"], {})[int(sources[row]["slice"])] = row
+    given = {str(Path(p).resolve()) for p in jobs.expand_inputs(references)}
+    unknown = sorted(source for source in wanted if str(Path(source).resolve()) not in given)
+    if unknown:
+        raise InputError(f"the bank lists references that were not given ({unknown[0]}"
+                         f"{f' and {len(unknown) - 1} more' if len(unknown) > 1 else ''}); recalibration reads only "
+                         "the reference files passed with --references; pass them, or remove the cached bank")
     device = device_of_extractor(extractor)
     samples = []
     for source, slices in tqdm(wanted.items(), desc="recalibration sample", unit="file", leave=False,

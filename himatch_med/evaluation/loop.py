@@ -265,7 +265,8 @@ def evaluate(dataset: Dataset, rows: list[Settings], *, device: str = "auto", ca
         extractor = load(members_rows[0], device)
         bank = cached_bank(list(dataset.references), dataset.reference_labels, members_rows[0], extractor, cache,
                            options=options)
-        banks, redone = recalibrated(bank, members_rows, extractor, options=options, progress=progress)
+        banks, redone = recalibrated(bank, members_rows, extractor, references=list(dataset.references),
+                                     options=options, progress=progress)
         detectors = [Detector(extractor, row_bank, row) for row_bank, row in zip(banks, members_rows, strict=True)]
         group = {"rows": [i + 1 for i in members], "stages": list(extractor.stages), "references": len(bank),
                  "recalibrated_rows": [members[i] + 1 for i in redone],
