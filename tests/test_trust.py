@@ -8,10 +8,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import stat
 
 import nibabel as nib
-import numpy as np
 import pytest
 import torch
 from conftest import FAST, LPS, as_stored, brain_volume, save_nifti
@@ -168,7 +166,6 @@ def test_an_edited_bank_json_is_refused(tiny_bank, tmp_path):
 
 
 def test_a_crafted_bank_with_bad_arrays_is_refused_on_open(tiny_bank, tmp_path):
-    from safetensors.torch import save_file
 
     from himatch_med.bank.data import Bank
     from himatch_med.errors import InputError
