@@ -121,12 +121,20 @@ def quiet_itk() -> None:
 def guarded(args: argparse.Namespace, job, *, with_settings: bool = True) -> int:
     """Run ``job(args, settings)`` (or ``job(args)``) so that every error ends in one line and an exit code.
 
-    Tracebacks are shown only with ``--debug``.
+    Tracebacks are shown only with ``--debug``. SIGTERM stops the job as Ctrl-C does (exit codes 143 and 130): the
+    outputs being written are removed, those finished are kept.
     """
+    import signal
+    import threading
     import warnings
 
-    from himatch_med.errors import InputError, WeightsUnavailableError
+    from himatch_med.errors import InputError, Terminated, WeightsUnavailableError
 
+    def terminate(number, frame):
+        raise Terminated
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, terminate) if main_thread else None
     try:
         with warnings.catch_warnings():
             if not args.debug:
@@ -140,12 +148,17 @@ def guarded(args: argparse.Namespace, job, *, with_settings: bool = True) -> int
             raise
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted; finished outputs are kept, nothing half-written was left", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as interruption:
+        terminated = isinstance(interruption, Terminated)
+        print(f"{'terminated (SIGTERM)' if terminated else 'interrupted'}; finished outputs are kept, nothing "
+              "half-written was left", file=sys.stderr)
+        return 143 if terminated else 130
     except Exception as error:  # anything unforeseen still ends in one line, with the way to the details
         if args.debug:
             raise
         print(f"error: unexpected {type(error).__name__}: {error}; run again with --debug for the traceback",
               file=sys.stderr)
         return 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)

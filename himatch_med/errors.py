@@ -9,3 +9,7 @@ class InputError(ValueError):
 
 class WeightsUnavailableError(RuntimeError):
     """The backbone weights could not be loaded; the message says how to get them."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler ending the job, ``kill``): stops the run as Ctrl-C does, with exit code 143."""

@@ -1,21 +1,28 @@
 """The only module that reads or writes files: images (NIfTI, DICOM series, PNG/JPEG), banks, text, pictures.
 
 Every output is written to a temporary name in its destination folder and renamed when complete, so an interrupted
-run never leaves a half-written file under a final name. Inputs are only ever opened for reading.
+run never leaves a half-written file under a final name; the outputs of one input are written as a set
+(:func:`write_set`), which a reader finds complete or not at all. Inputs are only ever opened for reading, and
+:func:`source_identity` records what identifies their content.
 """
 
 from __future__ import annotations
 
+import fcntl
 import gzip
 import hashlib
 import json
 import logging
 import mmap
 import os
+import secrets
 import shutil
+import signal
+import socket
 import struct
 import tempfile
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -547,15 +554,162 @@ def dicom_affine(image) -> np.ndarray:
 def _atomic(path: Path, suffix: str):
     """Yield a temporary path beside ``path``; rename it to ``path`` only when the block finishes without error."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".part{suffix}", dir=path.parent)
-    os.close(handle)
+    temporary = None
     try:
+        with _signals_held():
+            handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".part{suffix}", dir=path.parent)
+            os.close(handle)
         yield Path(temporary)
-        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes 0600; outputs are meant to be shared
-        os.replace(temporary, path)
+        with _signals_held():
+            os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes 0600; outputs are meant to be shared
+            os.replace(temporary, path)
     finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+        with _signals_held():
+            if temporary is not None and os.path.exists(temporary):
+                os.remove(temporary)
+
+
+@contextmanager
+def _signals_held():
+    """Hold Ctrl-C and SIGTERM while the block runs, and deliver them when it ends.
+
+    Renames and removals that keep a set of files whole are then never cut short. Python runs signal handlers in
+    the main thread only, so other threads need no holding.
+    """
+    numbers = (signal.SIGINT, signal.SIGTERM)
+    previous = {number: signal.getsignal(number) for number in numbers}
+    if threading.current_thread() is not threading.main_thread() or None in previous.values():
+        yield
+        return
+    caught: list[int] = []
+    for number in numbers:
+        signal.signal(number, lambda number, frame: caught.append(number))
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        if caught:
+            signal.raise_signal(caught[0])  # now handled as it would have been when it came
+
+
+@contextmanager
+def write_set(paths: dict[str, Path], *, lock: Path, owner: str, replaces: tuple[Path, ...] = ()
+              ) -> Iterator[dict[str, Path]]:
+    """Write a set of files in one folder so that a reader finds all of them or none, one writer at a time.
+
+    Yields a temporary path beside each final one (hidden, ``.part``), for the block to write. When the block
+    finishes, the earlier last file and ``replaces`` are removed, and the temporaries are renamed into place in the
+    order of ``paths``: the last one, placed last, marks the set complete. If the block fails (an error, a full
+    disk, Ctrl-C or SIGTERM), its temporaries are removed and an earlier complete set stays as it was; if placing
+    fails, every file of the set is removed. The renames and removals are not cut short by Ctrl-C or SIGTERM.
+
+    Args:
+        paths: the final paths by kind, all in one folder; the last one marks the set complete.
+        lock: the lock file of the set in that folder, held (``flock``) while the set is written and removed after.
+            What a killed writer left (temporaries, files of a set without its last file) is removed by the next.
+        owner: how messages name what the set belongs to (the input).
+        replaces: other files made from the set (e.g. a page showing it): removed when the set is replaced.
+
+    Raises:
+        InputError: another process holds the lock.
+    """
+    finals = list(paths.values())
+    folder = lock.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    staged = {key: path.with_name(f".{path.name}.{secrets.token_hex(4)}.part{_suffixes(path)}")
+              for key, path in paths.items()}
+    handle = None
+    try:
+        with _signals_held():
+            handle = _lock(lock, owner)
+            _clear_leftovers(finals, replaces)
+        yield dict(staged)
+        missing = [key for key, path in staged.items() if not path.is_file()]
+        if missing:
+            raise RuntimeError(f"the set of {owner} was placed without its {', '.join(missing)}")
+        with _signals_held():
+            try:
+                for path in (finals[-1], *replaces):
+                    path.unlink(missing_ok=True)  # the earlier set is incomplete, and so not taken, from here on
+                for key, path in paths.items():
+                    os.replace(staged[key], path)
+            except BaseException:
+                for path in finals:
+                    path.unlink(missing_ok=True)
+                raise
+    finally:
+        with _signals_held():
+            for path in staged.values():
+                path.unlink(missing_ok=True)
+            if handle is not None:
+                _unlock(lock, handle)
+
+
+def clear_set(paths: dict[str, Path], *, lock: Path, owner: str, replaces: tuple[Path, ...] = ()) -> None:
+    """Remove what a killed writer of a set (:func:`write_set`) left, unless a live writer holds its lock now."""
+    if not lock.parent.is_dir():
+        return
+    with _signals_held():
+        try:
+            handle = _lock(lock, owner)
+        except InputError:
+            return
+        try:
+            _clear_leftovers(list(paths.values()), replaces)
+        finally:
+            _unlock(lock, handle)
+
+
+def _suffixes(path: Path) -> str:
+    return ".nii.gz" if path.name.lower().endswith(".nii.gz") else path.suffix
+
+
+def _lock(lock: Path, owner: str) -> int:
+    """Take the lock of a set (``flock``, refused at once when held) and write this process into it."""
+    while True:
+        handle = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(handle, 256).decode("utf-8", "replace").split()
+            os.close(handle)
+            who = "another run" if not holder else f"another run (process {holder[0]}" + (
+                f" on {holder[1]})" if len(holder) > 1 and holder[1] != socket.gethostname() else ")")
+            raise InputError(f"{owner}: {who} is writing its outputs into {lock.parent} now; wait for it to finish, "
+                             "or write into another output folder") from None
+        except BaseException:
+            os.close(handle)
+            raise
+        # The holder before may have removed the file between our open and our lock: then ours locks nothing.
+        try:
+            mine, named = os.fstat(handle), os.stat(lock)
+        except FileNotFoundError:
+            mine = named = None
+        if mine is not None and (mine.st_dev, mine.st_ino) == (named.st_dev, named.st_ino):
+            os.ftruncate(handle, 0)
+            os.write(handle, f"{os.getpid()} {socket.gethostname()}\n".encode())
+            return handle
+        os.close(handle)
+
+
+def _unlock(lock: Path, handle: int) -> None:
+    # Removed while still held: a process that opens it after this finds it gone, and makes its own.
+    try:
+        lock.unlink(missing_ok=True)
+    finally:
+        os.close(handle)
+
+
+def _clear_leftovers(finals: list[Path], replaces: tuple[Path, ...]) -> None:
+    """Remove what a killed writer of this set left: its temporaries, and the files of a set without its last one."""
+    prefixes = tuple(f"{dots}{path.name}." for path in finals for dots in (".", ".."))
+    for entry in finals[0].parent.iterdir():
+        if entry.name.startswith(prefixes) and ".part" in entry.name and entry.is_file():
+            entry.unlink(missing_ok=True)
+    if not finals[-1].exists():
+        for path in (*finals, *replaces):
+            path.unlink(missing_ok=True)
 
 
 def _umask() -> int:
@@ -723,6 +877,68 @@ def file_sha256(path: Path, block: int = 64 << 20) -> str:
             finally:
                 view.release()
     return hashlib.sha256(size.to_bytes(8, "little") + b"".join(digests)).hexdigest()
+
+
+def source_identity(path: str | Path) -> dict:
+    """What identifies an input's content, for a report to record and :func:`same_source` to compare.
+
+    ``path`` (resolved), ``size`` and ``mtime_ns`` (the newest of its files), ``sha256`` (of the file, of both files
+    of an Analyze/NIfTI pair, or for a DICOM folder of its sorted list of file names, sizes and times) and ``stat``
+    (a digest of its files' device, inode, size and modification and change times: while it is the same, the content
+    is known unchanged without reading it again).
+    """
+    path = Path(path)
+    files = _source_files(path)
+    stats = [file.stat() for file in files]
+    return {"path": str(path.resolve()), "size": sum(s.st_size for s in stats),
+            "mtime_ns": max((s.st_mtime_ns for s in stats), default=0), "sha256": _content_sha256(path, files, stats),
+            "stat": _stat_digest(files, stats)}
+
+
+def same_source(recorded, path: str | Path) -> bool:
+    """Whether ``path`` is the input that :func:`source_identity` once recorded as ``recorded``.
+
+    The same resolved path, and the same content: known without reading it while its files are untouched (the same
+    ``stat``), else compared by checksum (a copy that kept the times, a file touched but not changed).
+    """
+    path = Path(path)
+    if not isinstance(recorded, dict) or recorded.get("path") != str(path.resolve()):
+        return False
+    try:
+        files = _source_files(path)
+        stats = [file.stat() for file in files]
+        if recorded.get("stat") == _stat_digest(files, stats):
+            return True
+        return recorded.get("sha256") == _content_sha256(path, files, stats)
+    except OSError:
+        return False
+
+
+def _source_files(path: Path) -> list[Path]:
+    """The files an input is read from: the file, both files of a pair, or the files of a DICOM folder."""
+    if not path.exists():
+        raise InputError(f"{path}: no such file or folder")
+    if path.is_dir():
+        return sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+    if path.name.lower().endswith(PAIR_SUFFIXES):
+        pair = [path.with_suffix(suffix) for suffix in PAIR_SUFFIXES]
+        return [p for p in pair if p.is_file()]
+    return [path]
+
+
+def _content_sha256(path: Path, files: list[Path], stats: list[os.stat_result]) -> str:
+    if path.is_dir():  # a DICOM series: its file list is cheap to hash, and a re-export changes it
+        listing = "".join(f"{f.name}\t{s.st_size}\t{s.st_mtime_ns}\n" for f, s in zip(files, stats))
+        return hashlib.sha256(listing.encode("utf-8", "surrogateescape")).hexdigest()
+    if len(files) == 1:
+        return file_sha256(files[0])
+    return hashlib.sha256("".join(file_sha256(f) for f in files).encode()).hexdigest()
+
+
+def _stat_digest(files: list[Path], stats: list[os.stat_result]) -> str:
+    records = "".join(f"{f.name}\t{s.st_dev}\t{s.st_ino}\t{s.st_size}\t{s.st_mtime_ns}\t{s.st_ctime_ns}\n"
+                      for f, s in zip(files, stats))
+    return hashlib.sha256(records.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 SAFETENSORS_DTYPES = {"F16": np.float16, "F32": np.float32, "I32": np.int32, "I64": np.int64, "BF16": None}

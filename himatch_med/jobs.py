@@ -1,8 +1,12 @@
 """The job for one input, files on both ends: read and prepare it, detect, write its four outputs.
 
-:func:`read` goes from a file to a :class:`Job` (its :class:`~himatch_med.scan.Scan` and prepared slices);
-:func:`analyse` from a job and a :class:`~himatch_med.detect.Detector` to the files. The command line, screening,
-evaluation and bank building read their inputs through :func:`read`.
+:func:`read` goes from a file to a :class:`Job` (its :class:`~himatch_med.scan.Scan`, prepared slices and the
+identity of the file); :func:`analyse` from a job and a :class:`~himatch_med.detect.Detector` to the files. The
+command line, screening, evaluation and bank building read their inputs through :func:`read`.
+
+The four outputs of an input are one set (:func:`himatch_med.io.write_set`): a reader finds all of them or none. They
+are written under hidden temporary names while one process holds the input's lock in the output folder, and renamed
+into place when all are written, the report last; a failure, Ctrl-C or SIGTERM removes what this attempt wrote.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from himatch_med.scan import Scan, read_scan
 from himatch_med.timing import NO_TIMER, Timer
 
 OUTPUTS = ("anomaly", "uncertainty", "overview", "report")
-"""Files written per input; the report is written last, so its presence means the outputs are complete."""
+"""Files written per input, in the order they are placed: the report last, so its presence means they are complete."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -33,12 +37,14 @@ class Job:
     """One input read and prepared for detection.
 
     ``scan``: the input as read, with the way back to its file; ``prepared``: its slices; ``seconds``: the time
-    reading and preparing took.
+    reading and preparing took; ``source``: what identifies the file's content, taken before it was read
+    (:func:`himatch_med.io.source_identity`; None when that failed), which the report records.
     """
 
     scan: Scan
     prepared: Prepared
     seconds: float = 0.0
+    source: dict | None = None
 
 
 def output_paths(path: Path, folder: Path) -> dict[str, Path]:
@@ -49,6 +55,11 @@ def output_paths(path: Path, folder: Path) -> dict[str, Path]:
     name = io.stem(path)
     return {"anomaly": folder / f"{name}_anomaly.nii.gz", "uncertainty": folder / f"{name}_uncertainty.nii.gz",
             "overview": folder / f"{name}_overview.png", "report": folder / f"{name}_report.json"}
+
+
+def lock_path(path: Path, folder: Path) -> Path:
+    """The lock file a process holds while it writes the outputs of ``path`` into ``folder``: ``.<name>.lock``."""
+    return folder / f".{io.stem(path)}.lock"
 
 
 def expand_inputs(paths: list[Path]) -> list[Path]:
@@ -121,6 +132,11 @@ def read(path: Path, settings: Settings, options: ReadOptions | None = None, *, 
     """
     started = time.perf_counter()
     with timer("load"):
+        try:
+            # Before reading: a file replaced meanwhile is then recorded as what it was, and redone by a rerun.
+            source = io.source_identity(path)
+        except OSError:
+            source = None  # reading it says what is wrong with it
         scan = read_scan(path, axis=settings.axis, options=options)
     excluded = scan.aligned(labels, "--reference-labels") if labels is not None else None
     foreground = scan.aligned(mask, "--mask") if mask is not None else None
@@ -132,7 +148,7 @@ def read(path: Path, settings: Settings, options: ReadOptions | None = None, *, 
         how = "the --mask" if mask is not None else f"--foreground {settings.foreground}"
         raise InputError(f"{path}: no slice has at least {settings.min_foreground:.0%} foreground under {how}; "
                          "choose another --foreground (otsu, all) or --modality, or check the file")
-    return Job(scan, prepared, time.perf_counter() - started)
+    return Job(scan, prepared, time.perf_counter() - started, source)
 
 
 def process(path: Path, detector: Detector, folder: Path, *, options: ReadOptions | None = None,
@@ -141,51 +157,82 @@ def process(path: Path, detector: Detector, folder: Path, *, options: ReadOption
     return analyse(read(path, detector.settings, options, mask=mask), detector, folder, progress=progress)
 
 
-def analyse(job: Job, detector: Detector, folder: Path, *, progress: bool = True, timer: Timer = NO_TIMER) -> dict:
+def analyse(job: Job, detector: Detector, folder: Path, *, progress: bool = True, timer: Timer = NO_TIMER,
+            replaces: tuple[str, ...] = ()) -> dict:
     """Detect anomalies in an input read by :func:`read` and write its outputs; returns the report.
 
-    The report is written last: its presence means the other outputs are complete.
+    The outputs are written as one set while this process holds the input's lock in ``folder``: all of them
+    appear, the report last, or none (an earlier complete set then stays as it was).
+
+    Args:
+        job: the input read and prepared.
+        detector: the extractor, bank and settings.
+        folder: the output folder.
+        progress: show a progress bar over the slices.
+        timer: charged with the detector's steps and ``save`` (benchmarks).
+        replaces: names of other files in ``folder`` made from the outputs (a viewer page), removed when the
+            outputs are replaced so that none is left showing the earlier ones.
+
+    Raises:
+        InputError: another process is writing the outputs of this input into ``folder``.
     """
     from tqdm.auto import tqdm
 
     scan, prepared = job.scan, job.prepared
     timings = {"read_prepare": job.seconds}
-    bar = tqdm(total=int(prepared.scored.sum()), unit="slice", desc=io.stem(scan.path), leave=False,
-               disable=not progress)
-    started = time.perf_counter()
-    try:
-        detection = detector.detect(prepared, progress=bar.update, timer=timer)
-    finally:
-        bar.close()  # before any message: an error must not print on the bar's line
-    timings["detect"] = time.perf_counter() - started
-    started = time.perf_counter()
     paths = output_paths(scan.path, folder)
-    with timer("save"):
-        report = make_report(scan, prepared, detection, detector, paths)
-        # gzip releases the GIL: the two maps compress in parallel while the picture is drawn.
-        with ThreadPoolExecutor(max_workers=2) as pool:
-            writes = [pool.submit(scan.write_map, detection.canonical(name).numpy(), paths[name])
-                      for name in ("anomaly", "uncertainty")]
-            figure = overview_figure(prepared, detection, report, aspect=scan.pixel_aspect(prepared.axis))
-            io.write_figure(figure, paths["overview"])
-            for write in writes:
-                write.result()
-    timings["write"] = time.perf_counter() - started
-    report["timings_seconds"] = {k: round(v, 3) for k, v in timings.items()}
-    io.write_json(report, paths["report"])
+    with io.write_set(paths, lock=lock_path(scan.path, folder), owner=str(scan.path),
+                      replaces=tuple(folder / name for name in replaces)) as staged:
+        bar = tqdm(total=int(prepared.scored.sum()), unit="slice", desc=io.stem(scan.path), leave=False,
+                   disable=not progress)
+        started = time.perf_counter()
+        try:
+            detection = detector.detect(prepared, progress=bar.update, timer=timer)
+        finally:
+            bar.close()  # before any message: an error must not print on the bar's line
+        timings["detect"] = time.perf_counter() - started
+        started = time.perf_counter()
+        with timer("save"):
+            report = make_report(scan, prepared, detection, detector, paths)
+            # gzip releases the GIL: the two maps compress in parallel while the picture is drawn.
+            with ThreadPoolExecutor(max_workers=2) as pool:
+                writes = [pool.submit(scan.write_map, detection.canonical(name).numpy(), staged[name])
+                          for name in ("anomaly", "uncertainty")]
+                figure = overview_figure(prepared, detection, report, aspect=scan.pixel_aspect(prepared.axis))
+                io.write_figure(figure, staged["overview"])
+                for write in writes:
+                    write.result()
+        timings["write"] = time.perf_counter() - started
+        report["source"] = job.source
+        report["timings_seconds"] = {k: round(v, 3) for k, v in timings.items()}
+        io.write_json(report, staged["report"])
     return report
 
 
+def clear_leftovers(path: Path, folder: Path, *, replaces: tuple[str, ...] = ()) -> None:
+    """Remove what a process killed while writing the outputs of ``path`` left in ``folder``, unless one writes now.
+
+    That is its hidden temporaries and lock, and outputs without their report.
+    """
+    io.clear_set(output_paths(path, folder), lock=lock_path(path, folder), owner=str(path),
+                 replaces=tuple(folder / name for name in replaces))
+
+
 def is_complete(path: Path, folder: Path) -> bool:
-    """Whether every output of ``path`` is in ``folder`` (the report, written last, is checked to parse)."""
+    """Whether every output of ``path`` is in ``folder`` (the report, placed last, is checked to parse)."""
+    return complete_report(path, folder) is not None
+
+
+def complete_report(path: Path, folder: Path) -> dict | None:
+    """The report of ``path`` in ``folder``; None unless every output is there and the report parses as an object."""
     paths = output_paths(path, folder)
     if not all(p.is_file() for p in paths.values()):
-        return False
+        return None
     try:
-        io.read_json(paths["report"])
-    except (OSError, json.JSONDecodeError):
-        return False
-    return True
+        report = io.read_json(paths["report"])
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return report if isinstance(report, dict) else None
 
 
 def describe_error(path: Path, error: Exception) -> str:

@@ -6,6 +6,7 @@ import sys
 
 import nibabel as nib
 import numpy as np
+import pytest
 from conftest import FAST, brain_volume
 
 from himatch_med.run import main
@@ -133,3 +134,102 @@ def test_oct_b_scan_stack_is_cut_into_its_b_scans(tmp_path, tiny_dinov3):
     report = json.loads((out / "scan_report.json").read_text())
     assert len(report["slice_scores"]) == 5 and report["settings"]["foreground"] == "otsu"
     assert nib.load(out / "scan_anomaly.nii.gz").shape == (64, 48, 5)
+
+
+SLOWED = """
+import sys, time
+from pathlib import Path
+
+import conftest
+from himatch_med import detect, io, run
+
+flag, where = Path(sys.argv[1]), sys.argv[2]
+detect.load_extractor = lambda settings, device="auto": conftest.StandIn()
+
+
+def slowed(real):
+    def slow(*args, **kwargs):
+        flag.touch()
+        time.sleep(120)
+        return real(*args, **kwargs)
+    return slow
+
+
+if where == "detect":
+    detect.Detector.detect = slowed(detect.Detector.detect)
+else:
+    io.write_figure = slowed(io.write_figure)
+sys.exit(run.main(sys.argv[3:]))
+"""
+"""``python -m himatch_med.run`` with the stand-in, stopping for two minutes in detection or in writing the picture
+(when the two maps are being written beside it)."""
+
+STAND_IN = ["--model", "stand-in", "--image-size", "64", "--centroids", "16", "--calibration-slices", "64",
+            "--kmeans-iterations", "10", "--references-k", "4"]
+
+
+def _slowed_run(where, flag, query, references, out, cache):
+    import os
+    from pathlib import Path
+
+    tests = str(Path(__file__).parent)
+    env = {**_env(), "PYTHONPATH": os.pathsep.join(filter(None, [tests, os.environ.get("PYTHONPATH")]))}
+    return subprocess.Popen([sys.executable, "-c", SLOWED, str(flag), where, str(query), "--references",
+                             str(references), "--bank-cache", str(cache), "-o", str(out), *STAND_IN],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def _wait_for(flag, process, seconds=120):
+    import time
+
+    deadline = time.monotonic() + seconds
+    while not flag.exists():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "the run never reached the slowed step"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("where", ["detect", "picture"])
+@pytest.mark.parametrize("signal_name, code", [("SIGTERM", 143), ("SIGINT", 130)])
+def test_a_signal_mid_run_leaves_nothing_of_the_input_and_no_hidden_file(where, signal_name, code, cohort, tmp_path):
+    import signal
+
+    out, flag = tmp_path / "out", tmp_path / "slowed"
+    process = _slowed_run(where, flag, cohort / "query.nii.gz", cohort / "refs", out, tmp_path / "cache")
+    try:
+        _wait_for(flag, process)
+        process.send_signal(getattr(signal, signal_name))
+        _, err = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == code, err
+    assert "finished outputs are kept, nothing half-written was left" in err and "Traceback" not in err
+    assert sorted(p.name for p in out.iterdir()) == []  # no maps without their report, no .part, no lock
+    assert not [p for p in (tmp_path / "cache").rglob("*") if p.name.startswith(".")]
+
+
+def test_a_second_run_into_the_same_outputs_is_refused_while_the_first_writes(cohort, tmp_path, capsys, monkeypatch):
+    import signal
+
+    from conftest import StandIn
+
+    from himatch_med import detect
+
+    out, flag, cache = tmp_path / "out", tmp_path / "slowed", tmp_path / "cache"
+    query = cohort / "query.nii.gz"
+    first = _slowed_run("detect", flag, query, cohort / "refs", out, cache)
+    try:
+        _wait_for(flag, first)
+        monkeypatch.setattr(detect, "load_extractor", lambda settings, device="auto": StandIn())
+        code = main([str(query), "--references", str(cohort / "refs"), "--bank-cache", str(cache), "-o", str(out),
+                     *STAND_IN])
+        err = capsys.readouterr().err
+        assert code == 1
+        assert (f"error: {query}: another run (process {first.pid}) is writing its outputs into {out} now; wait for "
+                "it to finish") in err, err
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=120)
+    finally:
+        first.kill()
+    assert first.returncode == 143
+    assert sorted(p.name for p in out.iterdir()) == []
