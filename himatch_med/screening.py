@@ -3,7 +3,8 @@
 The caller loads the :class:`~himatch_med.detect.Detector` (model and bank) once. Studies stream through a torch
 ``DataLoader`` whose workers read and prepare the next volumes (:func:`himatch_med.jobs.read`) while the main process
 runs detection on the current one. A study that fails anywhere becomes a ``failed`` row with its error; the others
-go on. A rerun skips studies whose outputs are complete and were made with the same model, bank and settings.
+go on. A rerun skips studies whose outputs are complete and were made from the same input (path and content) with the
+same model, bank and settings.
 
 Layout of the output folder::
 
@@ -327,13 +328,14 @@ def check_study_folders(folder: Path, studies: list[Study]) -> None:
 def finished(study: Study, folder: Path, detector: Detector) -> Result | None:
     """The study's result read back from an earlier run; None when it must be (re)done.
 
-    A study must be redone when its outputs are incomplete (the report, written last, is missing or damaged) or were
-    made with another model, bank or settings.
+    A study must be redone when its outputs are incomplete (the report, placed last, is missing, damaged or not a
+    report), when its input is not the file the report was made from (another path, or other content:
+    :func:`himatch_med.io.same_source`), or when they were made with another model, bank or settings.
     """
     target = folder / study.folder
-    if not jobs.is_complete(study.path, target):
+    report = jobs.complete_report(study.path, target)
+    if report is None or not _well_formed(report) or not io.same_source(report["source"], study.path):
         return None
-    report = io.read_json(jobs.output_paths(study.path, target)["report"])
     if not _same_run(report, detector):
         return None
     note = viewer.add_page(target, report, title=study.id, replace=False)  # e.g. the extra installed since
@@ -342,25 +344,40 @@ def finished(study: Study, folder: Path, detector: Detector) -> Result | None:
     return result
 
 
+REPORT_FIELDS = {"source": dict, "model": str, "stages": list, "bank": dict, "settings": dict, "outputs": dict,
+                 "top_slices": list, "notes": list, "timings_seconds": dict}
+"""What a report read back from an earlier run must hold, and of which type, to be taken as done."""
+
+
+def _well_formed(report: dict) -> bool:
+    # An earlier report.json is data of unknown shape (damaged, edited, another version): anything that is not a
+    # report as this version writes it makes the study be redone, never the rerun fail.
+    if not all(isinstance(report.get(key), kind) for key, kind in REPORT_FIELDS.items()):
+        return False
+    numbers = [report.get("volume_score"), report.get("volume_percentile"), *report["timings_seconds"].values()]
+    return (all(value is None or (isinstance(value, int | float) and not isinstance(value, bool)) for value in numbers)
+            and all(isinstance(v, str) for v in report["outputs"].values()) and all(
+                isinstance(v, str) for v in report["notes"]))
+
+
 def _same_run(report: dict, detector: Detector) -> bool:
     # Speed-only settings change no result: a study made with other values of them is still up to date.
     speed = Settings.flagged("speed")
-    recorded = {k: v for k, v in report.get("settings", {}).items() if k not in speed}
+    recorded = {k: v for k, v in report["settings"].items() if k not in speed}
     extractor = detector.extractor
-    return (report.get("model") == extractor.model_id and report.get("stages") == list(extractor.stages)
-            and report.get("bank", {}).get("id") == detector.bank.id
+    return (report["model"] == extractor.model_id and report["stages"] == list(extractor.stages)
+            and report["bank"].get("id") == detector.bank.id
             and recorded == json.loads(json.dumps(detector.settings.results_fields())))
 
 
 def _from_report(study: Study, report: dict, folder: Path, status: str) -> Result:
-    outputs = {key: f"{study.folder}/{name}" for key, name in report.get("outputs", {}).items()}
+    outputs = {key: f"{study.folder}/{name}" for key, name in report["outputs"].items()}
     if (folder / study.folder / viewer.PAGE).is_file():
         outputs["view"] = f"{study.folder}/{viewer.PAGE}"
-    percentile = report.get("volume_percentile")
     return Result(study, status, volume_score=_number(report.get("volume_score")),
-                  volume_percentile=_number(percentile), top_slices=list(report.get("top_slices", [])),
-                  seconds=round(sum(report.get("timings_seconds", {}).values()), 3), outputs=outputs,
-                  notes=list(report.get("notes", [])))
+                  volume_percentile=_number(report.get("volume_percentile")), top_slices=list(report["top_slices"]),
+                  seconds=round(sum(report["timings_seconds"].values()), 3), outputs=outputs,
+                  notes=list(report["notes"]))
 
 
 def _number(value) -> float | None:
@@ -379,7 +396,7 @@ def analyse_study(study: Study, loaded: Loaded, detector: Detector, folder: Path
                       seconds=round(loaded.seconds, 3))
     started = time.perf_counter()
     try:
-        report = jobs.analyse(loaded.job, detector, folder / study.folder, progress=progress)
+        report = jobs.analyse(loaded.job, detector, folder / study.folder, progress=progress, replaces=viewer.FILES)
     except Exception as error:  # one failing study must not end the screening
         return Result(study, "failed", error=_one_line(jobs.describe_error(study.path, error)),
                       details=traceback.format_exc(), seconds=round(loaded.seconds + time.perf_counter() - started, 3))

@@ -3,6 +3,7 @@
 import csv
 import importlib.util
 import json
+import os
 import re
 from html.parser import HTMLParser
 from pathlib import Path
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 from conftest import FAST, LESION, LPS, OBLIQUE, PERMUTED, SETTINGS, SHAPE, as_stored, brain_volume, save_nifti
 
-from himatch_med import jobs, screening
+from himatch_med import jobs, screening, viewer
 from himatch_med.io import LPS_TO_RAS
 
 RADIUS = 3.0  # keeps each lesion under 0.5 % of the foreground (see test_detect)
@@ -228,6 +229,102 @@ def test_a_failing_analysis_is_recorded_and_the_rest_goes_on(studies_root, detec
     assert [(r.study.id, r.status) for r in result.results] == [("lesion_b", "ok"), ("normal_3", "failed")]
     assert result.results[1].error.endswith("MemoryError: out of memory on this one")
     assert "Traceback" in result.results[1].details
+
+
+def _uncompressed(array, path):
+    """An uncompressed NIfTI: another volume of the same shape has exactly the same size."""
+    save_nifti(as_stored(array, OBLIQUE), OBLIQUE, path)
+    return path
+
+
+def test_a_rerun_recomputes_a_study_whose_file_was_replaced_in_place(detector, tmp_path):
+    cohort = tmp_path / "cohort"
+    cohort.mkdir()
+    study = _uncompressed(brain_volume(60, SHAPE)[0], cohort / "scan.nii")
+    other = _uncompressed(brain_volume(61, SHAPE, lesion=LESION, radius=RADIUS)[0], tmp_path / "other.nii")
+    first = screening.screen(screening.read_cohort([cohort]), detector, tmp_path / "out", workers=0, progress=False)
+    # Replaced by other content of the same size, its time put back: only the content tells them apart.
+    stamp = study.stat().st_mtime_ns
+    study.write_bytes(other.read_bytes())
+    os.utime(study, ns=(stamp, stamp))
+    again = screening.screen(screening.read_cohort([cohort]), detector, tmp_path / "out", workers=0, progress=False)
+    fresh = screening.screen(screening.read_cohort([other]), detector, tmp_path / "fresh", workers=0,
+                             progress=False)
+    assert again.results[0].status == "ok"
+    assert again.results[0].volume_score == fresh.results[0].volume_score != first.results[0].volume_score
+    assert read_scores(tmp_path / "out")[0]["volume_score"] == read_scores(tmp_path / "fresh")[0]["volume_score"]
+
+
+def test_a_rerun_skips_an_input_rewritten_with_the_same_content(detector, tmp_path):
+    cohort = tmp_path / "cohort"
+    cohort.mkdir()
+    study = _uncompressed(brain_volume(60, SHAPE)[0], cohort / "scan.nii")
+    screening.screen(screening.read_cohort([cohort]), detector, tmp_path / "out", workers=0, progress=False)
+    data = study.read_bytes()
+    study.unlink()
+    study.write_bytes(data)  # e.g. the cohort copied back: a new file, a new time, the same bytes
+    again = screening.screen(screening.read_cohort([cohort]), detector, tmp_path / "out", workers=0, progress=False)
+    assert again.results[0].status == "skipped"
+
+
+def test_a_csv_id_now_pointing_to_another_file_of_the_same_name_is_recomputed(detector, tmp_path):
+    # BIDS-like: every subject's file has the same name.
+    for subject, seed in (("sub-01", 62), ("sub-02", 63)):
+        (tmp_path / subject / "anat").mkdir(parents=True)
+        lesion = LESION if subject == "sub-02" else None
+        save_nifti(as_stored(brain_volume(seed, SHAPE, lesion=lesion, radius=RADIUS)[0], OBLIQUE), OBLIQUE,
+                   tmp_path / subject / "anat" / "T1w.nii.gz")
+    table = tmp_path / "cohort.csv"
+    table.write_text("id,path\nP1,sub-01/anat/T1w.nii.gz\n")
+    first = screening.screen(screening.read_cohort([table]), detector, tmp_path / "out", workers=0, progress=False)
+    table.write_text("id,path\nP1,sub-02/anat/T1w.nii.gz\n")
+    again = screening.screen(screening.read_cohort([table]), detector, tmp_path / "out", workers=0, progress=False)
+    fresh = screening.screen(screening.read_cohort([tmp_path / "sub-02" / "anat" / "T1w.nii.gz"]), detector,
+                             tmp_path / "fresh", workers=0, progress=False)
+    assert again.results[0].status == "ok"
+    assert again.results[0].volume_score == fresh.results[0].volume_score != first.results[0].volume_score
+    report = json.loads((tmp_path / "out" / "P1" / "T1w_report.json").read_text())
+    assert report["input"] == str(tmp_path / "sub-02" / "anat" / "T1w.nii.gz")
+
+
+@pytest.mark.parametrize("damage", [[], "a string", {"volume_score": "high"}, {"bank": []}, {"settings": None},
+                                    {"top_slices": "k=3"}, {"outputs": ["anomaly"]}, {"timings_seconds": {"a": "1"}},
+                                    {"source": []}, {"notes": 5}])
+def test_a_damaged_earlier_report_is_redone_and_the_rest_of_the_rerun_goes_on(damage, detector, tmp_path):
+    cohort = tmp_path / "cohort"
+    cohort.mkdir()
+    for seed, name in ((64, "a"), (65, "b")):
+        save_nifti(as_stored(brain_volume(seed, SHAPE)[0], OBLIQUE), OBLIQUE, cohort / f"{name}.nii.gz")
+    out = tmp_path / "out"
+    screening.screen(screening.read_cohort([cohort]), detector, out, workers=0, progress=False)
+    path = out / "a" / "a_report.json"
+    report = json.loads(path.read_text())
+    path.write_text(json.dumps({**report, **damage} if isinstance(damage, dict) else damage))
+    again = screening.screen(screening.read_cohort([cohort]), detector, out, workers=0, progress=False)
+    assert {r.study.id: r.status for r in again.results} == {"a": "ok", "b": "skipped"}
+    assert json.loads(path.read_text())["volume_score"] == report["volume_score"]
+
+
+def test_an_interrupted_screening_leaves_each_study_complete_or_absent(studies_root, detector, tmp_path,
+                                                                       monkeypatch):
+    from himatch_med import io
+
+    real = io.write_figure
+    written = []
+
+    def interrupted(figure, path):
+        if written:
+            raise KeyboardInterrupt
+        written.append(path)
+        return real(figure, path)
+
+    monkeypatch.setattr(io, "write_figure", interrupted)
+    studies = [s for s in screening.read_cohort([studies_root / "cohort"]) if s.id in ("normal_1", "lesion_a")]
+    with pytest.raises(KeyboardInterrupt):
+        screening.screen(studies, detector, tmp_path, workers=0, progress=False)
+    complete = [p.name for p in jobs.output_paths(Path("lesion_a.nii.gz"), tmp_path).values()]
+    page = list(viewer.FILES) if viewer.available() else []
+    assert sorted(p.name for p in tmp_path.rglob("*")) == sorted(["lesion_a", *complete, *page, "normal_1"])
 
 
 def test_a_cohort_csv_with_ids_and_relative_paths(studies_root):
