@@ -33,7 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from himatch_med import io, jobs, screening
+from himatch_med import io, jobs, screening, viewer
 from himatch_med.config import ReadOptions, Settings
 from himatch_med.detect import Detector
 from himatch_med.errors import InputError
@@ -157,7 +157,7 @@ def _run(ray, studies: list[Study], todo: list[int], driver: Detector, folder: P
                              threads, retries) for _ in range(count)]
         _check_actors(ray, pool, driver.extractor)
         read = ray.remote(_read).options(num_cpus=1, max_retries=retries)
-        return _stream(ray, pool, read, studies, todo, driver.settings, options, workers,
+        return _stream(ray, pool, read, studies, todo, driver.settings, options, workers, folder,
                        screening.progress_bar(len(todo), earlier=earlier, enabled=progress,
                                               desc=f"screening on {count} {'GPU' if gpus else 'CPU'} "
                                                    f"actor{'s' if count > 1 else ''}"))
@@ -184,12 +184,35 @@ def _check_actors(ray, pool: list, model: RemoteExtractor) -> None:
 
 
 def _stream(ray, pool: list, read, studies: list[Study], todo: list[int], settings: Settings,
-            options: ReadOptions | None, workers: int, bar) -> dict[int, Result]:
-    """Read the studies in tasks, hand each prepared one to the least busy actor, and collect the results."""
+            options: ReadOptions | None, workers: int, folder: Path, bar) -> dict[int, Result]:
+    """Read the studies in tasks, hand each prepared one to the least busy actor, and collect the results.
+
+    Interrupted (Ctrl-C, SIGTERM), it stops the actors and clears what they leave of the studies they held.
+    """
+    analysing: dict = {}  # analysis task -> (position, actor)
+    try:
+        return _collect(ray, pool, read, studies, todo, settings, options, workers, bar, analysing)
+    except BaseException:
+        _stop(ray, pool, list(analysing), [studies[index] for index, _ in analysing.values()], folder)
+        raise
+
+
+def _stop(ray, pool: list, tasks: list, held: list[Study], folder: Path) -> None:
+    """End the actors now and clear what they leave of the studies ``held`` (hidden temporaries, locks)."""
+    for actor in pool:
+        ray.kill(actor, no_restart=True)
+    # A study's lock is free once its actor's process has gone, which its task reports.
+    if tasks:
+        ray.wait(tasks, num_returns=len(tasks), timeout=60, fetch_local=False)
+    for study in held:
+        jobs.clear_leftovers(study.path, folder / study.folder, replaces=viewer.FILES)
+
+
+def _collect(ray, pool: list, read, studies: list[Study], todo: list[int], settings: Settings,
+             options: ReadOptions | None, workers: int, bar, analysing: dict) -> dict[int, Result]:
     waiting = deque(todo)
     reading: dict = {}  # read task -> position
     ready: deque = deque()  # (position, read task): read, waiting for an actor
-    analysing: dict = {}  # analysis task -> (position, actor)
     load = [0] * len(pool)
     results: dict[int, Result] = {}
     failed = 0

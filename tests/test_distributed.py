@@ -7,6 +7,9 @@ import csv
 import importlib.util
 import json
 import os
+import signal
+import threading
+import time
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -115,6 +118,20 @@ class Crashing(StandIn):
         os._exit(1)
 
 
+class StuckInPicture(StandIn):
+    """The stand-in in an actor whose overview pictures never finish: the maps get written beside, then it waits."""
+
+    def __init__(self, flag, device="cpu"):
+        super().__init__(device=device)
+        from himatch_med import io
+
+        def stuck(figure, path):
+            Path(flag).touch()
+            time.sleep(600)
+
+        io.write_figure = stuck  # in the actor's process only
+
+
 class Poisoned(StandIn):
     """The stand-in, but images twice as wide as high (or higher than wide) end the actor's process, every time."""
 
@@ -203,6 +220,31 @@ def test_a_study_that_kills_its_worker_every_time_is_recorded_and_the_one_queued
     assert status["poison"].status == "failed" and result.count("ok") == 2
     assert status["poison"].error == f"{poison}: the Ray worker analysing it died on each of its 1 tries"
     assert_same_outputs(folder, local, ["normal_1", "lesion_b"])
+
+
+def test_an_interrupted_run_stops_its_actors_and_leaves_nothing_half_written(cluster, root, studies, ray_detector):
+    flag, folder = root / "stuck.flag", root / "ray_interrupted"
+    done = threading.Event()
+
+    def interrupt():
+        deadline = time.monotonic() + 120
+        while not flag.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(1)  # the maps are being written beside the picture
+        if not done.is_set():
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C in the driver
+
+    threading.Thread(target=interrupt, daemon=True).start()
+    chosen = [s for s in studies if s.id == "normal_1"]
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            distributed.screen(chosen, ray_detector, folder, factory=partial(StuckInPicture, str(flag)), actors=1,
+                               progress=False)
+    finally:
+        done.set()
+    assert flag.exists()
+    # The study's folder is left empty: no maps without their report, no temporaries, no lock, no run folder.
+    assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")) == ["normal_1"]
 
 
 def test_an_actor_that_cannot_start_stops_the_run_with_its_error(cluster, root, studies, ray_detector):
