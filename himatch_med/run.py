@@ -30,7 +30,10 @@ def run_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the main job; returns the exit code (0 all done, 1 some inputs failed, 2 nothing could run)."""
+    """Run the main job; returns the exit code.
+
+    0: all done; 1: some inputs failed; 2: nothing could run; 130 or 143: stopped by Ctrl-C or SIGTERM.
+    """
     args = run_parser().parse_args(argv)
     return cli.guarded(args, _run)
 

@@ -3,7 +3,8 @@
 COHORT is a folder of NIfTI files or DICOM series folders, a CSV with a ``path`` column (optional ``id``; relative
 paths are relative to the CSV), or several of them. Writes one folder per study, ``scores.csv`` ranked from most to
 least anomalous, and ``report.html``. Exit code 0: every study done; 1: some failed (recorded in ``scores.csv``);
-2: nothing could run.
+2: nothing could run; 130 or 143: stopped by Ctrl-C or SIGTERM (finished studies are kept; a rerun goes on from
+them).
 
 ``--engine ray`` spreads the studies over a Ray cluster (``--address``): one model actor per GPU, reading on the
 nodes' CPUs, the same outputs in a folder every node reaches (see the README, "Running on a cluster").
