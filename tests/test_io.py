@@ -88,6 +88,45 @@ def test_an_interrupted_write_leaves_no_file(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.nii.gz"]
 
 
+def _set(folder):
+    return {name: folder / f"x_{name}.txt" for name in ("one", "two", "report")}
+
+
+def test_a_set_is_placed_whole_and_its_lock_removed(tmp_path):
+    paths = _set(tmp_path)
+    with io.write_set(paths, lock=tmp_path / ".x.lock", owner="x") as staged:
+        for name, path in staged.items():
+            assert path.parent == tmp_path and path.name.startswith(f".x_{name}.txt.") and ".part" in path.name
+            io.write_text(name, path)
+        assert not any(p.exists() for p in paths.values())  # nothing under a final name before the end
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x_one.txt", "x_report.txt", "x_two.txt"]
+    with pytest.raises(RuntimeError, match="placed without its two"):
+        with io.write_set(paths, lock=tmp_path / ".x.lock", owner="x") as staged:
+            io.write_text("new", staged["one"])
+            io.write_text("new", staged["report"])
+    assert [paths[name].read_text() for name in ("one", "two", "report")] == ["one", "two", "report"]
+
+
+def test_ctrl_c_while_a_set_is_placed_is_delivered_once_it_is_whole(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    paths = _set(tmp_path)
+    real = os.replace
+
+    def replace(source, target):
+        if str(target).endswith("x_one.txt"):
+            signal.raise_signal(signal.SIGINT)  # in the middle of placing: would leave one without the others
+        return real(source, target)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        with io.write_set(paths, lock=tmp_path / ".x.lock", owner="x") as staged:
+            for name, path in staged.items():
+                io.write_text(name, path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x_one.txt", "x_report.txt", "x_two.txt"]
+
+
 def _bank(stages=2):
     n, d = 5, 8
     return Bank(cls=torch.randn(n, d).half(), layout=torch.randn(n, 4, d).half(),
