@@ -622,12 +622,12 @@ def write_set(paths: dict[str, Path], *, lock: Path, owner: str, replaces: tuple
     handle = None
     try:
         with _signals_held():
-            handle = _lock(lock, owner)
-            _clear_leftovers(finals, replaces)
+            handle, stale = _lock(lock, owner)
+            _clear_leftovers(finals, replaces, scan=stale)
         yield dict(staged)
         missing = [key for key, path in staged.items() if not path.is_file()]
         if missing:
-            raise RuntimeError(f"the set of {owner} was placed without its {', '.join(missing)}")
+            raise RuntimeError(f"{owner}: its {', '.join(missing)} was not written, so none of its outputs is placed")
         with _signals_held():
             try:
                 for path in (finals[-1], *replaces):
@@ -652,11 +652,11 @@ def clear_set(paths: dict[str, Path], *, lock: Path, owner: str, replaces: tuple
         return
     with _signals_held():
         try:
-            handle = _lock(lock, owner)
+            handle, _ = _lock(lock, owner)
         except InputError:
             return
         try:
-            _clear_leftovers(list(paths.values()), replaces)
+            _clear_leftovers(list(paths.values()), replaces, scan=True)
         finally:
             _unlock(lock, handle)
 
@@ -665,10 +665,21 @@ def _suffixes(path: Path) -> str:
     return ".nii.gz" if path.name.lower().endswith(".nii.gz") else path.suffix
 
 
-def _lock(lock: Path, owner: str) -> int:
-    """Take the lock of a set (``flock``, refused at once when held) and write this process into it."""
+def _lock(lock: Path, owner: str) -> tuple[int, bool]:
+    """Take the lock of a set (``flock``, refused at once when held) and write this process into it.
+
+    Returns:
+        The open lock file, and whether it was there before: left by a writer that was killed (one that ends
+        removes it), which may have left more.
+    """
     while True:
-        handle = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            handle, stale = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666), False
+        except FileExistsError:
+            try:
+                handle, stale = os.open(lock, os.O_RDWR), True
+            except FileNotFoundError:  # removed by its holder in between
+                continue
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -689,7 +700,7 @@ def _lock(lock: Path, owner: str) -> int:
         if mine is not None and (mine.st_dev, mine.st_ino) == (named.st_dev, named.st_ino):
             os.ftruncate(handle, 0)
             os.write(handle, f"{os.getpid()} {socket.gethostname()}\n".encode())
-            return handle
+            return handle, stale
         os.close(handle)
 
 
@@ -701,12 +712,17 @@ def _unlock(lock: Path, handle: int) -> None:
         os.close(handle)
 
 
-def _clear_leftovers(finals: list[Path], replaces: tuple[Path, ...]) -> None:
-    """Remove what a killed writer of this set left: its temporaries, and the files of a set without its last one."""
-    prefixes = tuple(f"{dots}{path.name}." for path in finals for dots in (".", ".."))
-    for entry in finals[0].parent.iterdir():
-        if entry.name.startswith(prefixes) and ".part" in entry.name and entry.is_file():
-            entry.unlink(missing_ok=True)
+def _clear_leftovers(finals: list[Path], replaces: tuple[Path, ...], *, scan: bool) -> None:
+    """Remove what a killed writer of this set left: the files of a set without its last one, and its temporaries.
+
+    Temporaries are found by listing the folder (``scan``), which a folder of many outputs makes slow: that is done
+    only when a lock file shows that a writer was killed.
+    """
+    if scan:
+        prefixes = tuple(f"{dots}{path.name}." for path in finals for dots in (".", ".."))
+        for entry in finals[0].parent.iterdir():
+            if entry.name.startswith(prefixes) and ".part" in entry.name and entry.is_file():
+                entry.unlink(missing_ok=True)
     if not finals[-1].exists():
         for path in (*finals, *replaces):
             path.unlink(missing_ok=True)

@@ -100,7 +100,7 @@ def test_a_set_is_placed_whole_and_its_lock_removed(tmp_path):
             io.write_text(name, path)
         assert not any(p.exists() for p in paths.values())  # nothing under a final name before the end
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x_one.txt", "x_report.txt", "x_two.txt"]
-    with pytest.raises(RuntimeError, match="placed without its two"):
+    with pytest.raises(RuntimeError, match="x: its two was not written, so none of its outputs is placed"):
         with io.write_set(paths, lock=tmp_path / ".x.lock", owner="x") as staged:
             io.write_text("new", staged["one"])
             io.write_text("new", staged["report"])
