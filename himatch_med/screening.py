@@ -354,10 +354,13 @@ def _well_formed(report: dict) -> bool:
     # report as this version writes it makes the study be redone, never the rerun fail.
     if not all(isinstance(report.get(key), kind) for key, kind in REPORT_FIELDS.items()):
         return False
-    numbers = [report.get("volume_score"), report.get("volume_percentile"), *report["timings_seconds"].values()]
-    return (all(value is None or (isinstance(value, int | float) and not isinstance(value, bool)) for value in numbers)
-            and all(isinstance(v, str) for v in report["outputs"].values()) and all(
-                isinstance(v, str) for v in report["notes"]))
+    def number(value) -> bool:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+
+    return (all(value is None or number(value) for value in (report.get("volume_score"),
+                                                              report.get("volume_percentile")))
+            and all(number(v) for v in report["timings_seconds"].values())
+            and all(isinstance(v, str) for v in (*report["outputs"].values(), *report["notes"])))
 
 
 def _same_run(report: dict, detector: Detector) -> bool:
