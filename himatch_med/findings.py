@@ -38,12 +38,15 @@ def structure(connectivity: int) -> np.ndarray:
 
 
 def label_findings(anomaly: np.ndarray, threshold: float, *, voxel_volume: float, min_volume: float,
-                   foreground: np.ndarray | None = None, connectivity: int = 26) -> np.ndarray:
+                   foreground: np.ndarray | None = None, connectivity: int = 26, extent: float = 0.0) -> np.ndarray:
     """Label map of the regions of ``anomaly`` above ``threshold``: 0 nothing, 1..N from the most anomalous.
 
-    A region is a connected set of voxels above the threshold (inside ``foreground``); regions smaller than
-    ``min_volume`` are dropped. Regions are numbered by their peak, highest first (ties: the larger first, then the
-    first in the array's order), so label 1 is the most anomalous finding.
+    A region is a connected set of voxels above the threshold (inside ``foreground``). With ``extent`` > 0 a finding
+    keeps only the voxels of its region at or above ``extent`` times its peak: the map is smoothed, so a bright lesion's
+    region above a low threshold reaches well beyond it, while half its peak (``extent`` 0.5) lies at the edge of a
+    uniformly bright lesion (PET delineates lesions at a fixed share of their maximum for the same reason). Findings
+    smaller than ``min_volume`` are dropped. Findings are numbered by their peak, highest first (ties: the larger
+    first, then the first in the array's order), so label 1 is the most anomalous.
 
     Args:
         anomaly: the fused map ``(X, Y, Z)`` in z-units.
@@ -52,6 +55,7 @@ def label_findings(anomaly: np.ndarray, threshold: float, *, voxel_volume: float
         min_volume: the smallest finding kept, in mm³.
         foreground: voxels that may belong to a finding ``(X, Y, Z)``; all when ``None``.
         connectivity: 6, 18 or 26 neighbours.
+        extent: share of its peak a voxel needs to belong to a finding (0: every voxel of its region).
 
     Returns:
         The label map, of the smallest unsigned integer type that holds N.
@@ -60,6 +64,8 @@ def label_findings(anomaly: np.ndarray, threshold: float, *, voxel_volume: float
         raise ValueError(f"anomaly has shape {anomaly.shape}; a volume (X, Y, Z) is expected")
     if not np.isfinite(threshold):
         raise ValueError(f"threshold={threshold!r} must be a finite z-value")
+    if not 0 <= extent < 1:
+        raise ValueError(f"extent={extent!r} must lie in [0, 1)")
     if not voxel_volume > 0 or not min_volume >= 0:
         raise ValueError(f"voxel_volume={voxel_volume!r} must be positive and min_volume={min_volume!r} not negative")
     above = anomaly > threshold
@@ -71,8 +77,11 @@ def label_findings(anomaly: np.ndarray, threshold: float, *, voxel_volume: float
     if count == 0:
         return np.zeros(anomaly.shape, dtype=np.uint8)
     index = np.arange(1, count + 1)
-    sizes = np.bincount(regions.ravel(), minlength=count + 1)[1:]
     peaks = np.asarray(ndimage.maximum(anomaly, regions, index), dtype=np.float64)
+    if extent > 0:
+        floor = np.concatenate([[np.inf], extent * np.maximum(peaks, 0)])
+        regions = np.where(anomaly >= floor[regions], regions, 0)
+    sizes = np.bincount(regions.ravel(), minlength=count + 1)[1:]
     keep = sizes * voxel_volume >= min_volume * (1 - 1e-9)  # a region of exactly the minimum size is kept
     # lexsort sorts by the last key first; scipy numbers regions in array order, so the index breaks ties.
     order = index[keep][np.lexsort((index[keep], -sizes[keep], -peaks[keep]))]
@@ -283,3 +292,94 @@ def match_regions(findings: np.ndarray, truth: np.ndarray, *, connectivity: int 
     return {"regions": count, "hit": hit, "missed": count - hit, "findings": found,
             "false_positive_regions": int(sum(1 for n in range(1, found + 1) if n not in true_findings)),
             "dice": [round(d, 4) for d in dice]}
+
+
+def calibration_record(histogram: ValueHistogram, volume_peaks: list[float], fraction: float) -> dict:
+    """What a bank records for findings, from the normal references' calibration maps.
+
+    Args:
+        histogram: the fused map over the calibration slices' foreground (each queried without its own volume).
+        volume_peaks: the highest foreground value of each calibration volume.
+        fraction: the share of normal foreground voxels allowed above the finding threshold.
+
+    Returns:
+        ``false_positive_fraction``, ``threshold`` (z), ``normal_values`` (:meth:`NormalValues.to_dict`),
+        ``normal_volume_peaks`` and ``normal_volumes_with_voxels_above`` (the share of calibration volumes with a
+        voxel above the threshold).
+    """
+    if histogram.total == 0:
+        raise RuntimeError("calibration measured no foreground voxel")
+    threshold = histogram.quantile(1.0 - fraction)
+    peaks = [round(float(p), 4) for p in volume_peaks]
+    return {"false_positive_fraction": fraction, "threshold": round(threshold, 4),
+            "normal_values": histogram.table().to_dict(), "normal_volume_peaks": peaks,
+            "normal_volumes_with_voxels_above": round(sum(p > threshold for p in peaks) / max(len(peaks), 1), 4)}
+
+
+def threshold_of(record: dict | None, *, fraction: float, override: float | None = None
+                 ) -> tuple[float | None, str]:
+    """The finding threshold of a run and where it comes from.
+
+    Args:
+        record: the bank's :func:`calibration_record` (``None`` for a bank built before findings existed).
+        fraction: the run's ``finding_false_positive_fraction``.
+        override: the run's ``finding_threshold`` (z), which wins when given.
+
+    Returns:
+        The threshold (``None`` when there is none) and its source: ``setting``, ``bank`` (recorded at calibration),
+        ``bank table`` (another fraction than recorded, read from the recorded distribution) or ``none``.
+    """
+    if override is not None:
+        return float(override), "setting"
+    if not record:
+        return None, "none"
+    if abs(record["false_positive_fraction"] - fraction) <= 1e-12:
+        return float(record["threshold"]), "bank"
+    return NormalValues.from_dict(record["normal_values"]).threshold(fraction), "bank table"
+
+
+@dataclass(frozen=True)
+class Findings:
+    """The findings of one input on its file's voxel grid.
+
+    ``labels`` the label map ``(X, Y, Z)`` (0 = none), ``records`` one dict per finding (:func:`describe_findings`),
+    ``threshold`` the z-value used (``None``: none known, nothing was looked for), ``source`` where it came from
+    (:func:`threshold_of`), ``notes`` what a user should know.
+    """
+
+    labels: np.ndarray
+    records: list[dict]
+    threshold: float | None
+    source: str
+    notes: tuple[str, ...] = ()
+
+
+NO_THRESHOLD_NOTE = ("the bank was built before findings existed (it records no finding threshold), so no findings "
+                     "were looked for; rebuild the bank from the same references (`python -m himatch_med.bank build`) "
+                     "to calibrate one, or pass --finding-threshold Z (in z-units of the heatmap)")
+
+
+def find(anomaly: np.ndarray, region: np.ndarray, affine: np.ndarray, *, slice_axis: int, record: dict | None,
+         fraction: float, override: float | None, min_volume: float, connectivity: int,
+         extent: float = 0.0) -> Findings:
+    """The findings of one input: threshold, label map and records, all on the file's voxel grid.
+
+    Args:
+        anomaly: the fused map ``(X, Y, Z)`` on the file's grid.
+        region: the voxels that may hold a finding (the scored slices' foreground).
+        affine: the file's affine.
+        slice_axis: the file's voxel axis the volume was sliced along.
+        record: the bank's findings calibration (:func:`calibration_record`), ``None`` for an older bank.
+        fraction, override: the run's ``finding_false_positive_fraction`` and ``finding_threshold``.
+        min_volume: smallest finding in mm³.
+        connectivity: 6, 18 or 26.
+        extent: share of its peak a voxel of a finding needs (:func:`label_findings`).
+    """
+    threshold, source = threshold_of(record, fraction=fraction, override=override)
+    if threshold is None:
+        return Findings(np.zeros(anomaly.shape, np.uint8), [], None, source, (NO_THRESHOLD_NOTE,))
+    labels = label_findings(anomaly, threshold, voxel_volume=voxel_volume(affine), min_volume=min_volume,
+                            foreground=region, connectivity=connectivity, extent=extent)
+    normal = NormalValues.from_dict(record["normal_values"]) if record else None
+    return Findings(labels, describe_findings(labels, anomaly, affine, slice_axis=slice_axis, normal=normal),
+                    threshold, source)

@@ -113,3 +113,129 @@ def test_lesion_level_match_counts_hits_misses_false_positive_regions_and_dice()
     assert result["dice"] == [pytest.approx(2 * 48 / 128, abs=1e-4), 0.0]
     empty = match_regions(np.zeros_like(findings), np.zeros_like(truth))
     assert empty == {"regions": 0, "hit": 0, "missed": 0, "findings": 0, "false_positive_regions": 0, "dice": []}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The job: a planted lesion in an oblique, anisotropic volume, through the product's own path with the stand-in
+
+
+import json  # noqa: E402
+from dataclasses import replace  # noqa: E402
+
+import nibabel as nib  # noqa: E402
+from conftest import LPS, PERMUTED, as_stored, brain_volume, save_nifti  # noqa: E402
+from scipy import ndimage  # noqa: E402
+
+from himatch_med import engine  # noqa: E402
+from himatch_med.config import Settings  # noqa: E402
+
+SIZE = 96
+"""Backbone image size of these tests: the stand-in's 8-pixel patches are 40 / 96 * 8 = 3.3 slice pixels."""
+
+
+@pytest.fixture(scope="module")
+def planted(stand_in, tmp_path_factory):
+    root = tmp_path_factory.mktemp("planted")
+    (root / "refs").mkdir()
+    for i, affine in enumerate((OBLIQUE, PERMUTED, LPS)):
+        save_nifti(as_stored(brain_volume(i)[0], affine), affine, root / "refs" / f"normal{i}.nii.gz")
+    array, lesion = brain_volume(9, lesion=(14, 18, 7), radius=5)
+    save_nifti(as_stored(array, OBLIQUE), OBLIQUE, root / "query.nii.gz")
+    save_nifti(as_stored(brain_volume(11)[0], OBLIQUE), OBLIQUE, root / "normal.nii.gz")
+    settings = Settings(model=stand_in.model_id, image_size=SIZE).resolved()
+    bank = engine.cached_bank([root / "refs"], None, settings, stand_in, root / "cache")
+    report = engine.process(root / "query.nii.gz", stand_in, bank, settings, root / "out", progress=False)
+    return root, bank, settings, report, as_stored(lesion, OBLIQUE)
+
+
+def test_the_largest_finding_is_the_planted_lesion_in_size_and_scanner_position(planted):
+    root, _, _, report, lesion = planted
+    labels = nib.load(root / "out" / "query_findings.nii.gz")
+    assert labels.get_data_dtype().kind == "u" and labels.header.get_intent()[0] == "label"
+    largest = max(report["findings"], key=lambda f: f["voxels"])
+    region = np.asarray(labels.dataobj) == largest["label"]
+    assert (region & lesion).sum() >= 0.9 * lesion.sum()
+    # Resampling error: the map's in-plane resolution is one backbone patch (3.3 slice pixels here), so the edge of a
+    # finding is uncertain by that much: its volume lies within the lesion grown by a patch in-plane.
+    patch = int(np.ceil(8 * 40 / SIZE))
+    in_plane = np.zeros((3, 3, 3), bool)
+    in_plane[:, :, 1] = ndimage.generate_binary_structure(2, 1)  # OBLIQUE stores the axial axis along k
+    shell = int(ndimage.binary_dilation(lesion, in_plane, iterations=patch).sum() - lesion.sum())
+    voxel_ml = 1.5 * 2.0 * 3.0 / 1000
+    assert abs(largest["volume_ml"] - lesion.sum() * voxel_ml) <= shell * voxel_ml
+    centre = OBLIQUE[:3, :3] @ np.argwhere(lesion).mean(axis=0) + OBLIQUE[:3, 3]
+    np.testing.assert_allclose(largest["centroid"]["ras_mm"], centre, atol=2.0)
+    np.testing.assert_allclose(largest["centroid"]["lps_mm"], centre * (-1, -1, 1), atol=2.0)
+    assert largest["peak_percentile"] == 100.0 and largest["peak_z"] > report["finding_threshold"]["z"]
+    assert report["finding_threshold"]["source"] == "bank"
+    assert report["outputs"]["findings"] == "query_findings.nii.gz"
+
+
+def test_a_lesion_free_volume_has_no_finding_at_the_default_threshold(planted, stand_in, tmp_path):
+    root, bank, settings, _, _ = planted
+    report = engine.process(root / "normal.nii.gz", stand_in, bank, settings, tmp_path, progress=False)
+    assert report["findings"] == [] and report["finding_threshold"]["source"] == "bank"
+    assert not np.asarray(nib.load(tmp_path / "normal_findings.nii.gz").dataobj).any()
+
+
+def test_a_threshold_no_voxel_reaches_gives_empty_findings(planted, stand_in, tmp_path):
+    root, bank, settings, _, _ = planted
+    report = engine.process(root / "query.nii.gz", stand_in, bank, replace(settings, finding_threshold=1e6), tmp_path,
+                            progress=False)
+    assert report["findings"] == [] and report["finding_threshold"] == {**report["finding_threshold"], "z": 1e6,
+                                                                          "source": "setting"}
+    assert not np.asarray(nib.load(tmp_path / "query_findings.nii.gz").dataobj).any()
+    assert "0 background" in (tmp_path / "query_findings.ctbl").read_text()
+
+
+def test_a_bank_built_before_findings_says_how_to_get_them(planted, stand_in, tmp_path):
+    root, bank, settings, _, _ = planted
+    calibration = {k: v for k, v in bank.meta["calibration"].items() if k != "findings"}
+    old = replace(bank, meta={**bank.meta, "calibration": calibration})
+    report = engine.process(root / "query.nii.gz", stand_in, old, settings, tmp_path / "a", progress=False)
+    assert report["findings"] == [] and report["finding_threshold"]["source"] == "none"
+    assert any("rebuild the bank" in note and "--finding-threshold" in note for note in report["notes"])
+    given = engine.process(root / "query.nii.gz", stand_in, old, replace(settings, finding_threshold=3.0),
+                           tmp_path / "b", progress=False)
+    assert given["findings"] and given["findings"][0]["peak_percentile"] is None
+
+
+def test_maps_and_findings_lie_in_the_inputs_physical_space_as_itk_reads_them(planted):
+    import SimpleITK as sitk
+
+    root, _, _, report, _ = planted
+    source = sitk.ReadImage(str(root / "query.nii.gz"))
+    for name in ("anomaly", "uncertainty", "anomaly_overlay", "findings"):
+        output = sitk.ReadImage(str(root / "out" / report["outputs"][name]))
+        assert output.GetSize() == source.GetSize(), name
+        np.testing.assert_allclose(output.GetOrigin(), source.GetOrigin(), atol=1e-4)
+        np.testing.assert_allclose(output.GetSpacing(), source.GetSpacing(), atol=1e-5)
+        np.testing.assert_allclose(output.GetDirection(), source.GetDirection(), atol=1e-6)
+    finding = report["findings"][0]
+    peak = source.TransformIndexToPhysicalPoint([int(v) for v in finding["peak"]["voxel"]])
+    np.testing.assert_allclose(peak, finding["peak"]["lps_mm"], atol=0.01)
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(root / "out" / "query_findings.nii.gz")))
+    assert labels[tuple(finding["peak"]["voxel"][::-1])] == finding["label"]
+
+
+def test_the_heatmap_asks_viewers_for_its_range_and_leaves_the_background_at_zero(planted):
+    root, _, _, report, _ = planted
+    heat = nib.load(root / "out" / "query_anomaly.nii.gz")
+    values = heat.get_fdata()
+    threshold = report["finding_threshold"]["z"]
+    assert heat.header.get_intent()[0] == "z score"
+    assert float(heat.header["cal_min"]) == pytest.approx(threshold, abs=1e-4)
+    assert float(heat.header["cal_max"]) == pytest.approx(values.max(), abs=1e-4)
+    query = nib.load(root / "query.nii.gz").get_fdata()
+    assert (values[query == 0] == 0).all() and (values[query != 0] != 0).mean() > 0.99
+    overlay = nib.load(root / "out" / "query_anomaly_overlay.nii.gz").get_fdata()
+    assert np.isnan(overlay[values <= threshold]).all() and (overlay[values > threshold] == values[values > threshold]).all()
+
+
+def test_findings_are_the_same_bytes_on_a_rerun(planted, stand_in, tmp_path):
+    root, bank, settings, _, _ = planted
+    engine.process(root / "query.nii.gz", stand_in, bank, settings, tmp_path, progress=False)
+    for name in ("query_findings.nii.gz", "query_findings.txt", "query_findings.ctbl", "query_anomaly.nii.gz"):
+        assert (tmp_path / name).read_bytes() == (root / "out" / name).read_bytes(), name
+    assert json.loads((tmp_path / "query_report.json").read_text())["findings"] == \
+        json.loads((root / "out" / "query_report.json").read_text())["findings"]
