@@ -292,7 +292,7 @@ def finding_paths(anomaly: Path) -> dict[str, Path]:
             "findings_slicer": anomaly.with_name(f"{name}_findings.ctbl")}
 
 
-def write_findings(found, image, anomaly: np.ndarray, folder_paths: dict[str, Path], *, slices: np.ndarray | None,
+def write_findings(found, scan, anomaly: np.ndarray, folder_paths: dict[str, Path], *, slices: np.ndarray | None,
                    heat_slices: np.ndarray | None, label_slices: np.ndarray | None, created: datetime
                    ) -> tuple[dict[str, Path], list[str]]:
     """Write the findings of one input and the files made for its kind of input; returns them and notes.
@@ -303,8 +303,8 @@ def write_findings(found, image, anomaly: np.ndarray, folder_paths: dict[str, Pa
 
     Args:
         found: the :class:`himatch_med.findings.Findings` of the input.
-        image: the input as read (:class:`himatch_med.io.Image`).
-        anomaly: the heatmap as written, on the input's grid.
+        scan: the input as read (:class:`himatch_med.scan.Scan`).
+        anomaly: the heatmap as written, on the file's grid.
         folder_paths: the input's output paths (:func:`finding_paths` keys, and ``anomaly``).
         slices, heat_slices, label_slices: for a 2D image, its display-oriented slice, heatmap and findings
             ``(1, H, W)``.
@@ -313,14 +313,14 @@ def write_findings(found, image, anomaly: np.ndarray, folder_paths: dict[str, Pa
     from himatch_med import io
 
     records, notes = found.records, []
-    written = {"findings": io.write_map(found.labels, image, folder_paths["findings"],
+    written = {"findings": io.write_map(found.labels, scan.header, folder_paths["findings"],
                                         display=labels_display(len(records)), dtype=found.labels.dtype),
                "findings_itksnap": io.write_text(itksnap_labels(records), folder_paths["findings_itksnap"]),
                "findings_slicer": io.write_text(slicer_colour_table(records), folder_paths["findings_slicer"])}
     anomaly_path = folder_paths["anomaly"]
     stem = anomaly_path.name.removesuffix("_anomaly.nii.gz")
-    if image.kind == "dicom" and image.sources:
-        sources = io.read_dicom_headers(image.sources)
+    if scan.kind == "dicom" and scan.sources:
+        sources = io.read_dicom_headers(scan.sources)
         written["parametric_map"] = io.write_dicom(
             parametric_map(anomaly, sources, created=created, threshold=found.threshold),
             anomaly_path.with_name(f"{stem}_anomaly_pm.dcm"))
@@ -329,7 +329,7 @@ def write_findings(found, image, anomaly: np.ndarray, folder_paths: dict[str, Pa
                                             anomaly_path.with_name(f"{stem}_findings_seg.dcm"))
         else:
             notes.append("no DICOM SEG written: there is no finding (a SEG needs at least one segment)")
-    if image.kind == "image" and slices is not None:
+    if scan.kind == "image" and slices is not None:
         low = found.threshold if found.threshold is not None else 1.0
         high = max(float(heat_slices.max()), low + 1.0)
         written["anomaly_png"] = io.write_png(heat_picture(heat_slices[0], low=0.0, high=high),
@@ -340,10 +340,17 @@ def write_findings(found, image, anomaly: np.ndarray, folder_paths: dict[str, Pa
     return written, notes
 
 
-def report_block(found, *, fraction: float, min_volume: float, connectivity: int, extent: float) -> dict:
-    """The report's part on findings: the threshold used and where it came from, and the findings."""
+def report_block(found, settings) -> dict:
+    """The report's part on findings: the threshold used, where it came from and how findings are cut, the findings.
+
+    Args:
+        found: the :class:`himatch_med.findings.Findings` of the input.
+        settings: the run's settings (its ``finding_*`` ones are recorded).
+    """
     return {"finding_threshold": {"z": None if found.threshold is None else round(found.threshold, 4),
-                                  "source": found.source, "false_positive_fraction": fraction,
-                                  "min_volume_mm3": min_volume, "extent_of_peak": extent,
-                                  "connectivity": connectivity},
+                                  "source": found.source,
+                                  "false_positive_fraction": settings.finding_false_positive_fraction,
+                                  "min_volume_mm3": settings.finding_min_volume,
+                                  "extent_of_peak": settings.finding_extent,
+                                  "connectivity": settings.finding_connectivity},
             "findings": found.records}

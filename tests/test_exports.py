@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 from conftest import brain_volume, ct_volume, write_dicom
 
-from himatch_med import engine, exports
+from himatch_med import exports, jobs
+from himatch_med.bank.store import cached_bank
+from himatch_med.detect import Detector
 from himatch_med.config import Settings
 
 
@@ -23,14 +25,14 @@ def ct_series(stand_in, tmp_path_factory):
     hu[5:9, 16:26, 14:24] = 400.0  # slices, rows, columns
     write_dicom(root / "query", hu, series="1.2.826.0.1.3680043.8.498.30")
     settings = Settings(model=stand_in.model_id, modality="ct", image_size=96).resolved()
-    bank = engine.cached_bank(sorted((root / "refs").iterdir()), None, settings, stand_in, root / "cache")
+    bank = cached_bank(sorted((root / "refs").iterdir()), None, settings, stand_in, root / "cache")
     return root, bank, settings
 
 
 def _run(ct_series, stand_in, folder, monkeypatch):
     root, bank, settings = ct_series
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1767225600")
-    return engine.process(root / "query", stand_in, bank, settings, folder, progress=False)
+    return jobs.process(root / "query", Detector(stand_in, bank, settings), folder, progress=False)
 
 
 def test_dicom_seg_and_parametric_map_lie_on_the_source_series(ct_series, stand_in, tmp_path, monkeypatch):
@@ -105,8 +107,8 @@ def test_2d_results_lie_on_the_image_as_itk_reads_it(stand_in, tmp_path):
     plane = (brain_volume(7, (48, 40, 3), lesion=(12, 11, 1), radius=5)[0][:, :, 1] * 1.5).clip(0, 255)
     sitk.WriteImage(sitk.GetImageFromArray(plane.astype(np.uint8)), str(tmp_path / "query.png"))
     settings = Settings(model=stand_in.model_id, image_size=64).resolved()
-    bank = engine.cached_bank([tmp_path / "normal"], None, settings, stand_in, tmp_path / "cache")
-    report = engine.process(tmp_path / "query.png", stand_in, bank, settings, tmp_path / "out", progress=False)
+    bank = cached_bank([tmp_path / "normal"], None, settings, stand_in, tmp_path / "cache")
+    report = jobs.process(tmp_path / "query.png", Detector(stand_in, bank, settings), tmp_path / "out", progress=False)
     source = sitk.ReadImage(str(tmp_path / "query.png"))
     heat = sitk.ReadImage(str(tmp_path / "out" / "query_anomaly.nii.gz"))
     assert heat.GetSize()[:2] == source.GetSize()

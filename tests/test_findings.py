@@ -126,7 +126,9 @@ import nibabel as nib  # noqa: E402
 from conftest import LPS, PERMUTED, as_stored, brain_volume, save_nifti  # noqa: E402
 from scipy import ndimage  # noqa: E402
 
-from himatch_med import engine  # noqa: E402
+from himatch_med import jobs  # noqa: E402
+from himatch_med.bank.store import cached_bank  # noqa: E402
+from himatch_med.detect import Detector  # noqa: E402
 from himatch_med.config import Settings  # noqa: E402
 
 SIZE = 96
@@ -143,8 +145,8 @@ def planted(stand_in, tmp_path_factory):
     save_nifti(as_stored(array, OBLIQUE), OBLIQUE, root / "query.nii.gz")
     save_nifti(as_stored(brain_volume(11)[0], OBLIQUE), OBLIQUE, root / "normal.nii.gz")
     settings = Settings(model=stand_in.model_id, image_size=SIZE).resolved()
-    bank = engine.cached_bank([root / "refs"], None, settings, stand_in, root / "cache")
-    report = engine.process(root / "query.nii.gz", stand_in, bank, settings, root / "out", progress=False)
+    bank = cached_bank([root / "refs"], None, settings, stand_in, root / "cache")
+    report = jobs.process(root / "query.nii.gz", Detector(stand_in, bank, settings), root / "out", progress=False)
     return root, bank, settings, report, as_stored(lesion, OBLIQUE)
 
 
@@ -173,14 +175,14 @@ def test_the_largest_finding_is_the_planted_lesion_in_size_and_scanner_position(
 
 def test_a_lesion_free_volume_has_no_finding_at_the_default_threshold(planted, stand_in, tmp_path):
     root, bank, settings, _, _ = planted
-    report = engine.process(root / "normal.nii.gz", stand_in, bank, settings, tmp_path, progress=False)
+    report = jobs.process(root / "normal.nii.gz", Detector(stand_in, bank, settings), tmp_path, progress=False)
     assert report["findings"] == [] and report["finding_threshold"]["source"] == "bank"
     assert not np.asarray(nib.load(tmp_path / "normal_findings.nii.gz").dataobj).any()
 
 
 def test_a_threshold_no_voxel_reaches_gives_empty_findings(planted, stand_in, tmp_path):
     root, bank, settings, _, _ = planted
-    report = engine.process(root / "query.nii.gz", stand_in, bank, replace(settings, finding_threshold=1e6), tmp_path,
+    report = jobs.process(root / "query.nii.gz", Detector(stand_in, bank, replace(settings, finding_threshold=1e6)), tmp_path,
                             progress=False)
     assert report["findings"] == [] and report["finding_threshold"] == {**report["finding_threshold"], "z": 1e6,
                                                                           "source": "setting"}
@@ -190,12 +192,11 @@ def test_a_threshold_no_voxel_reaches_gives_empty_findings(planted, stand_in, tm
 
 def test_a_bank_built_before_findings_says_how_to_get_them(planted, stand_in, tmp_path):
     root, bank, settings, _, _ = planted
-    calibration = {k: v for k, v in bank.meta["calibration"].items() if k != "findings"}
-    old = replace(bank, meta={**bank.meta, "calibration": calibration})
-    report = engine.process(root / "query.nii.gz", stand_in, old, settings, tmp_path / "a", progress=False)
+    old = replace(bank, info=replace(bank.info, findings=None))
+    report = jobs.process(root / "query.nii.gz", Detector(stand_in, old, settings), tmp_path / "a", progress=False)
     assert report["findings"] == [] and report["finding_threshold"]["source"] == "none"
     assert any("rebuild the bank" in note and "--finding-threshold" in note for note in report["notes"])
-    given = engine.process(root / "query.nii.gz", stand_in, old, replace(settings, finding_threshold=3.0),
+    given = jobs.process(root / "query.nii.gz", Detector(stand_in, old, replace(settings, finding_threshold=3.0)),
                            tmp_path / "b", progress=False)
     assert given["findings"] and given["findings"][0]["peak_percentile"] is None
 
@@ -234,7 +235,7 @@ def test_the_heatmap_asks_viewers_for_its_range_and_leaves_the_background_at_zer
 
 def test_findings_are_the_same_bytes_on_a_rerun(planted, stand_in, tmp_path):
     root, bank, settings, _, _ = planted
-    engine.process(root / "query.nii.gz", stand_in, bank, settings, tmp_path, progress=False)
+    jobs.process(root / "query.nii.gz", Detector(stand_in, bank, settings), tmp_path, progress=False)
     for name in ("query_findings.nii.gz", "query_findings.txt", "query_findings.ctbl", "query_anomaly.nii.gz"):
         assert (tmp_path / name).read_bytes() == (root / "out" / name).read_bytes(), name
     assert json.loads((tmp_path / "query_report.json").read_text())["findings"] == \
