@@ -6,7 +6,6 @@ import json
 from dataclasses import FrozenInstanceError, replace
 
 import numpy as np
-
 import pytest
 import torch
 from conftest import OBLIQUE, PERMUTED, SETTINGS, SHAPE, as_stored, brain_volume, save_nifti
