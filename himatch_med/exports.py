@@ -321,14 +321,19 @@ def write_findings(found, scan, anomaly: np.ndarray, folder_paths: dict[str, Pat
     stem = anomaly_path.name.removesuffix("_anomaly.nii.gz")
     if scan.kind == "dicom" and scan.sources:
         sources = io.read_dicom_headers(scan.sources)
-        written["parametric_map"] = io.write_dicom(
-            parametric_map(anomaly, sources, created=created, threshold=found.threshold),
-            anomaly_path.with_name(f"{stem}_anomaly_pm.dcm"))
-        if records:
-            written["seg"] = io.write_dicom(segmentation(found.labels, records, sources, created=created),
-                                            anomaly_path.with_name(f"{stem}_findings_seg.dcm"))
-        else:
-            notes.append("no DICOM SEG written: there is no finding (a SEG needs at least one segment)")
+        # The NIfTI outputs stand on their own: a series highdicom cannot refer to costs only its DICOM outputs.
+        try:
+            written["parametric_map"] = io.write_dicom(
+                parametric_map(anomaly, sources, created=created, threshold=found.threshold),
+                anomaly_path.with_name(f"{stem}_anomaly_pm.dcm"))
+            if records:
+                written["seg"] = io.write_dicom(segmentation(found.labels, records, sources, created=created),
+                                                anomaly_path.with_name(f"{stem}_findings_seg.dcm"))
+            else:
+                notes.append("no DICOM SEG written: there is no finding (a SEG needs at least one segment)")
+        except (ValueError, AttributeError, TypeError) as error:
+            notes.append(f"no DICOM SEG or Parametric Map written: the source series' headers do not allow one "
+                         f"({error}); the NIfTI outputs are complete")
     if scan.kind == "image" and slices is not None:
         low = found.threshold if found.threshold is not None else 1.0
         high = max(float(heat_slices.max()), low + 1.0)
