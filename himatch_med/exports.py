@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from himatch_med import __version__
-from himatch_med.io import Display
 from himatch_med.figures import FINDING_COLOURS
+from himatch_med.io import Display
 
 MANUFACTURER = "himatch-med"
 SEG_SERIES_NUMBER = 9001

@@ -633,7 +633,7 @@ def write_dicom(dataset, path: str | Path) -> Path:
 
 
 def write_png(pixels: np.ndarray, path: str | Path) -> Path:
-    """Write an image ``(H, W)`` or ``(H, W, 3)`` of uint8 as PNG atomically (no time stamp: same pixels, same bytes)."""
+    """Write uint8 pixels ``(H, W)`` or ``(H, W, 3)`` as PNG atomically; no time stamp, so same pixels, same bytes."""
     from PIL import Image as Picture
 
     path = Path(path)

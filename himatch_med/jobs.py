@@ -1,4 +1,4 @@
-"""The job for one input, files on both ends: read and prepare it, detect, write its four outputs.
+"""The job for one input, files on both ends: read and prepare it, detect, write its outputs (maps, findings, report).
 
 :func:`read` goes from a file to a :class:`Job` (its :class:`~himatch_med.scan.Scan` and prepared slices);
 :func:`analyse` from a job and a :class:`~himatch_med.detect.Detector` to the files. The command line, screening,
@@ -143,7 +143,7 @@ def read(path: Path, settings: Settings, options: ReadOptions | None = None, *, 
 
 def process(path: Path, detector: Detector, folder: Path, *, options: ReadOptions | None = None,
             mask: Path | None = None, progress: bool = True) -> dict:
-    """Detect anomalies in one input and write its four outputs; returns the report."""
+    """Detect anomalies in one input and write its outputs; returns the report."""
     return analyse(read(path, detector.settings, options, mask=mask), detector, folder, progress=progress)
 
 

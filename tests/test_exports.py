@@ -11,8 +11,8 @@ from conftest import brain_volume, ct_volume, write_dicom
 
 from himatch_med import exports, jobs
 from himatch_med.bank.store import cached_bank
-from himatch_med.detect import Detector
 from himatch_med.config import Settings
+from himatch_med.detect import Detector
 
 
 @pytest.fixture(scope="module")

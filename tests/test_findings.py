@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import replace
+
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import OBLIQUE
+from conftest import LPS, OBLIQUE, PERMUTED, as_stored, brain_volume, save_nifti
+from scipy import ndimage
 
+from himatch_med import jobs
+from himatch_med.bank.store import cached_bank
+from himatch_med.config import Settings
+from himatch_med.detect import Detector
 from himatch_med.findings import (
     LEVELS,
     NormalValues,
@@ -117,19 +126,6 @@ def test_lesion_level_match_counts_hits_misses_false_positive_regions_and_dice()
 
 # --------------------------------------------------------------------------------------------------------------------
 # The job: a planted lesion in an oblique, anisotropic volume, through the product's own path with the stand-in
-
-
-import json  # noqa: E402
-from dataclasses import replace  # noqa: E402
-
-import nibabel as nib  # noqa: E402
-from conftest import LPS, PERMUTED, as_stored, brain_volume, save_nifti  # noqa: E402
-from scipy import ndimage  # noqa: E402
-
-from himatch_med import jobs  # noqa: E402
-from himatch_med.bank.store import cached_bank  # noqa: E402
-from himatch_med.detect import Detector  # noqa: E402
-from himatch_med.config import Settings  # noqa: E402
 
 SIZE = 96
 """Backbone image size of these tests: the stand-in's 8-pixel patches are 40 / 96 * 8 = 3.3 slice pixels."""

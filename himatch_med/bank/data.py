@@ -39,8 +39,8 @@ class BankInfo:
     (:meth:`himatch_med.config.Settings.calibration_fields`); ``patch_size``: the extractor's; ``sources``:
     ``{"source": file, "slice": index}`` per reference; ``recalibrated``: the calibration was redone for an
     evaluation row; ``findings``: the finding threshold and the normal values it comes from
-    (:func:`himatch_med.findings.calibration_record`; ``None`` in a bank built before findings existed). Set when stored: ``created_by``, ``warnings`` (skipped
-    references), ``build_seconds``, ``arrays_sha256``.
+    (:func:`himatch_med.findings.calibration_record`; ``None`` in a bank built before findings existed). Set when
+    stored: ``created_by``, ``warnings`` (skipped references), ``build_seconds``, ``arrays_sha256``.
     """
 
     settings: dict = field(default_factory=dict)
