@@ -113,7 +113,8 @@ class Settings:
     # Findings (issue 13): connected regions of the fused map above the finding threshold.
     finding_false_positive_fraction: float = _setting(
         1e-4, "the default finding threshold is the fused-map value that this share of the normal references' "
-        "foreground voxels exceeds (each reference queried without its own volume, at calibration)", findings=True)
+        "foreground voxels exceeds (each reference queried without its own volume, at calibration)", findings=True,
+        built=True)
     finding_threshold: float | None = _setting(None, "finding threshold in z-units; empty: the bank's, from "
                                                "--finding-false-positive-fraction", findings=True)
     finding_min_volume: float = _setting(20.0, "smallest finding kept, in cubic millimetres (from the voxel sizes in the header)",

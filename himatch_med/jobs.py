@@ -73,7 +73,8 @@ def expand_inputs(paths: list[Path]) -> list[Path]:
     return expanded
 
 
-OUTPUT_SUFFIXES = ("_anomaly", "_uncertainty", "_findings", "_overview")
+OUTPUT_SUFFIXES = ("_anomaly", "_uncertainty", "_findings", "_overview", "_anomaly_overlay", "_overlay",
+                   "_findings_seg", "_anomaly_pm")
 """Name endings of the maps and pictures himatch-med writes: such files are never taken as references."""
 
 

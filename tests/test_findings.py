@@ -236,3 +236,13 @@ def test_findings_are_the_same_bytes_on_a_rerun(planted, stand_in, tmp_path):
         assert (tmp_path / name).read_bytes() == (root / "out" / name).read_bytes(), name
     assert json.loads((tmp_path / "query_report.json").read_text())["findings"] == \
         json.loads((root / "out" / "query_report.json").read_text())["findings"]
+
+
+def test_a_run_on_a_stored_bank_takes_its_false_positive_fraction(planted):
+    from himatch_med.cli import bank_defaults
+
+    root, bank, _, _, _ = planted
+    (folder,) = [p for p in (root / "cache").iterdir() if p.is_dir()]
+    recorded = bank_defaults(folder)
+    assert recorded["finding_false_positive_fraction"] == bank.info.findings["false_positive_fraction"]
+    assert "findings" not in recorded and "finding_threshold" not in recorded
