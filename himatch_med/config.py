@@ -117,8 +117,8 @@ class Settings:
         built=True)
     finding_threshold: float | None = _setting(None, "finding threshold in z-units; empty: the bank's, from "
                                                "--finding-false-positive-fraction", findings=True)
-    finding_min_volume: float = _setting(20.0, "smallest finding kept, in cubic millimetres (from the voxel sizes in the header)",
-                                         findings=True)
+    finding_min_volume: float = _setting(20.0, "smallest finding kept, in cubic millimetres (from the voxel sizes in "
+                                         "the header)", findings=True)
     finding_extent: float = _setting(0.0, "a finding keeps only the voxels of its region at or above this share of "
                                      "its 3D peak (e.g. 0.5, half maximum); 0: the whole region above the threshold",
                                      findings=True)
