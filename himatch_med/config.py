@@ -6,11 +6,12 @@ the few values they need, never the whole object.
 Each setting's flags are the one place that says what it matters for (see :data:`FLAGS`): whether a bank records it
 and a query must repeat it (``bank``), whether the bank's calibration depends on it so that a query changing it gets
 approximate z-units (``calibrated``), whether it is recorded with the calibration because it fixed how the bank was
-built (``built``), or whether it only changes speed and memory (``speed``).
+built (``built``), whether it only changes speed and memory (``speed``), or only the findings (``findings``).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields, replace
 
 DEFAULT_MODEL = "facebook/dinov3-vitb16-pretrain-lvd1689m"
@@ -36,6 +37,7 @@ FULL_FIELD = 0.98
 AXES = ("axial", "coronal", "sagittal")
 FUSIONS = ("uncertainty", "mean", "max", "last")
 NAN_POLICIES = ("refuse", "zero")
+FINDING_CONNECTIVITIES = (6, 18, 26)
 
 # Per-modality defaults for the settings left at ``None``. Preprocessed MRI has a constant background, but not always
 # 0 (z-scored BraTS: -3.6; conformed or nnU-Net-style volumes alike): the value that fills the border is taken as the
@@ -54,14 +56,16 @@ FLAGS = {
                   "percentiles (a note in its report; an evaluation recalibrates)",
     "built": "fixed when the bank is built (a query cannot change what it did); recorded with the calibration",
     "speed": "changes speed and memory only, never a result",
+    "findings": "changes only the findings (the bank records what its default finding threshold is computed from), "
+                "never a bank or a map",
 }
 """What each flag of a setting means."""
 
 
 def _setting(default, help: str, choices=None, *, bank: bool = False, calibrated: bool = False,  # noqa: A002
-             built: bool = False, speed: bool = False):
+             built: bool = False, speed: bool = False, findings: bool = False):
     return field(default=default, metadata={"help": help, "choices": choices, "bank": bank, "calibrated": calibrated,
-                                            "built": built, "speed": speed})
+                                            "built": built, "speed": speed, "findings": findings})
 
 
 @dataclass(frozen=True)
@@ -106,6 +110,20 @@ class Settings:
     smoothing_sigma: float = _setting(4.0, "Gaussian smoothing of the maps, in backbone-image pixels", calibrated=True)
     top_fraction: float = _setting(0.01, "slice/volume score = mean of this top fraction of foreground values",
                                    calibrated=True)
+    # Findings (issue 13): connected regions of the fused map above the finding threshold.
+    finding_false_positive_fraction: float = _setting(
+        1e-4, "the default finding threshold is the fused-map value that this share of the normal references' "
+        "foreground voxels exceeds (each reference queried without its own volume, at calibration)", findings=True,
+        built=True)
+    finding_threshold: float | None = _setting(None, "finding threshold in z-units; empty: the bank's, from "
+                                               "--finding-false-positive-fraction", findings=True)
+    finding_min_volume: float = _setting(20.0, "smallest finding kept, in cubic millimetres (from the voxel sizes in "
+                                         "the header)", findings=True)
+    finding_extent: float = _setting(0.0, "a finding keeps only the voxels of its region at or above this share of "
+                                     "its 3D peak (e.g. 0.5, half maximum); 0: the whole region above the threshold",
+                                     findings=True)
+    finding_connectivity: int = _setting(26, "voxels that touch to form one finding: 6 (faces), 18 (edges) or 26 "
+                                         "(corners)", FINDING_CONNECTIVITIES, findings=True)
     seed: int = _setting(0, "seed of every random choice (k-means, calibration sample)", built=True)
     batch_size: int = _setting(16, "slices per backbone batch", speed=True)
     chunk_size: int = _setting(4096, "bank rows compared at once (bounds memory)", speed=True)
@@ -115,7 +133,7 @@ class Settings:
             choices = f.metadata.get("choices")
             value = getattr(self, f.name)
             if choices and value is not None and value not in choices:
-                raise ValueError(f"{f.name}={value!r} is not one of {', '.join(choices)}")
+                raise ValueError(f"{f.name}={value!r} is not one of {', '.join(map(str, choices))}")
         for name in ("image_size", "layout_cells", "centroids", "kmeans_iterations", "references_k", "batch_size",
                      "chunk_size", "calibration_slices"):
             if getattr(self, name) < 1:
@@ -123,6 +141,15 @@ class Settings:
         for name in ("min_foreground", "patch_foreground", "cls_weight", "top_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name}={getattr(self, name)} must lie in [0, 1]")
+        if not 0 < self.finding_false_positive_fraction < 1:
+            raise ValueError(f"finding_false_positive_fraction={self.finding_false_positive_fraction} must lie "
+                             "strictly between 0 and 1")
+        if not 0 <= self.finding_extent < 1:
+            raise ValueError(f"finding_extent={self.finding_extent} must lie in [0, 1)")
+        if self.finding_min_volume < 0:
+            raise ValueError(f"finding_min_volume={self.finding_min_volume} must not be negative")
+        if self.finding_threshold is not None and not math.isfinite(self.finding_threshold):
+            raise ValueError(f"finding_threshold={self.finding_threshold} must be a finite z-value")
         if self.temperature <= 0:
             raise ValueError(f"temperature={self.temperature} must be positive")
         if self.smoothing_sigma < 0:

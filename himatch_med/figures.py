@@ -6,6 +6,9 @@ import numpy as np
 
 OVERLAY_FLOOR = 1.0
 """z-value below which the heatmap is transparent: the bank's normal patches lie around 0 and below."""
+FINDING_COLOURS = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
+                   (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128))
+"""Label colours of the findings, repeated past ten: the same in pictures, label files and study pages."""
 MAX_ASPECT = 8.0
 """Largest pixel aspect (either way) drawn true to scale: beyond it a figure would be metres tall or wide."""
 MAX_PANEL_SHAPE = 3.0
@@ -34,7 +37,7 @@ def overlay(axes, image: np.ndarray, heat: np.ndarray, *, vmax: float, foregroun
 
 
 def overview(slices: np.ndarray, maps: np.ndarray, foreground: np.ndarray, titles: list[str], *, title: str,
-             contours: np.ndarray | None = None, aspect: float = 1.0):
+             contours: np.ndarray | None = None, aspect: float = 1.0, findings: np.ndarray | None = None):
     """A figure with one panel per chosen slice: the slice, its heatmap, and a colour bar in z-units.
 
     Args:
@@ -45,6 +48,7 @@ def overview(slices: np.ndarray, maps: np.ndarray, foreground: np.ndarray, title
         title: the figure's title.
         contours: optional ground-truth masks ``(n, H, W)`` drawn as outlines.
         aspect: pixel height over width in millimetres; drawn capped by :func:`shown_aspect`.
+        findings: optional label maps of the findings ``(n, H, W)``, outlined in their colours and numbered.
     """
     from matplotlib.figure import Figure
 
@@ -60,7 +64,20 @@ def overview(slices: np.ndarray, maps: np.ndarray, foreground: np.ndarray, title
         shown = overlay(axis, slices[panel], maps[panel], vmax=vmax, foreground=foreground[panel], aspect=aspect)
         if contours is not None and contours[panel].any():
             axis.contour(contours[panel], levels=[0.5], colors="cyan", linewidths=0.8)
+        if findings is not None:
+            outline_findings(axis, findings[panel])
         axis.set_title(titles[panel], fontsize=8)
     figure.colorbar(shown, ax=axes[0].tolist(), shrink=0.8, label="anomaly (z)")
     figure.suptitle(title, fontsize=9)
     return figure
+
+
+def outline_findings(axes, labels: np.ndarray) -> None:
+    """Outline each finding of a label slice ``(H, W)`` in its colour, its number beside it."""
+    for label in np.unique(labels[labels > 0]).tolist():
+        region = labels == label
+        rgb = tuple(c / 255 for c in FINDING_COLOURS[(label - 1) % len(FINDING_COLOURS)])
+        axes.contour(region, levels=[0.5], colors=[rgb], linewidths=1.0)
+        rows, columns = np.nonzero(region)
+        axes.text(columns.max() + 1.5, rows.min(), str(label), color=rgb, fontsize=7, fontweight="bold",
+                  va="top", ha="left")

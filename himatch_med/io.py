@@ -57,6 +57,8 @@ class Image:
     path: Path
     kind: str
     notes: tuple[str, ...] = ()
+    sources: tuple[Path, ...] = ()
+    """For a DICOM series: its files in the order of the array's third axis (what DICOM outputs refer to)."""
 
 
 def stem(path: str | Path) -> str:
@@ -333,12 +335,25 @@ def _read_2d(path: Path) -> Image:
         plane = sitk.GetArrayFromImage(image).astype(np.float32)
     if plane.ndim != 2:
         raise InputError(f"{path}: is not a single 2D image (shape {plane.shape})")
-    # The inverse of volume.to_slices on the axial axis: the slice cut from this volume is the image as displayed.
-    array = np.ascontiguousarray(np.flip(plane, (0, 1)).T[..., None])
+    # On the image's own grid as ITK reads it: voxel (i, j) is pixel (column i, row j) at ITK's LPS point (i, j), so
+    # outputs read back with ITK lie on the image. In RAS both axes are flipped, which makes the axial slice cut from
+    # the canonical volume the image as displayed (volume.to_slices).
+    array = np.ascontiguousarray(plane.T[..., None])
+    affine = plane_affine(image)
     header = nib.Nifti1Header()
-    header.set_qform(np.eye(4), code=0)
-    header.set_sform(np.eye(4), code=2)
-    return Image(array, np.eye(4), header, path, "image")
+    header.set_qform(affine, code=2)
+    header.set_sform(affine, code=2)
+    return Image(array, affine, header, path, "image")
+
+
+def plane_affine(image) -> np.ndarray:
+    """RAS voxel-to-world affine of a 2D SimpleITK image as a one-slice volume (the slice axis of 1 mm)."""
+    direction = np.eye(3)
+    direction[:2, :2] = np.array(image.GetDirection()).reshape(2, 2)
+    affine = np.eye(4)
+    affine[:3, :3] = direction * np.array([*image.GetSpacing(), 1.0])[None]
+    affine[:2, 3] = image.GetOrigin()
+    return LPS_TO_RAS @ affine
 
 
 NON_IMAGES = {"SEG": "a DICOM SEG segmentation", "RTSTRUCT": "an RT structure set, RTSTRUCT", "RTPLAN": "an RT plan",
@@ -453,7 +468,7 @@ def _read_dicom(folder: Path, series: str | None) -> Image:
     array = sitk.GetArrayFromImage(image).astype(np.float32).transpose(2, 1, 0)
     notes = ("not read, as they are not images: " + ", ".join(f"{f.path.name} ({f.what})" for f in others),) \
         if others else ()
-    return Image(np.ascontiguousarray(array), affine, header, folder, "dicom", notes)
+    return Image(np.ascontiguousarray(array), affine, header, folder, "dicom", notes, tuple(paths))
 
 
 def _series_summary(files: list[DicomFile]) -> str:
@@ -734,18 +749,68 @@ def _umask() -> int:
     return mask
 
 
-def write_map(array: np.ndarray, header: nib.Nifti1Header, path: str | Path) -> Path:
-    """Save a map ``(X, Y, Z)`` as float32 NIfTI with a copy of ``header`` (affine, qform, sform, descriptions)."""
+@dataclass(frozen=True)
+class Display:
+    """How a map asks viewers to show it: NIfTI ``cal_min``/``cal_max``, intent code and name (``descrip`` is kept)."""
+
+    cal_min: float
+    cal_max: float
+    intent: str = "none"
+    name: str = ""
+
+
+def write_map(array: np.ndarray, header: nib.Nifti1Header, path: str | Path, *, display: Display | None = None,
+              dtype=np.float32) -> Path:
+    """Save a map ``(X, Y, Z)`` as NIfTI with a copy of ``header`` (affine, qform, sform, descriptions).
+
+    Args:
+        array: the map, on the header's grid.
+        header: the input's header.
+        path: where it goes.
+        display: display range and intent written into the header (``None``: the input's kept).
+        dtype: the stored type (float32 for maps, an unsigned integer for label maps).
+    """
     path = Path(path)
     header = header.copy()
-    header.set_data_dtype(np.float32)
+    header.set_data_dtype(dtype)
     header.set_slope_inter(np.nan, np.nan)
     header.set_data_shape(array.shape)
-    image = nib.Nifti1Image(np.asarray(array, dtype=np.float32), None, header) \
+    if display is not None:
+        header["cal_min"], header["cal_max"] = display.cal_min, display.cal_max
+        header.set_intent(display.intent, name=display.name[:16])
+    data = np.asarray(array, dtype=dtype)
+    image = nib.Nifti1Image(data, None, header) \
         if isinstance(header, nib.Nifti1Header) and not isinstance(header, nib.Nifti2Header) \
-        else nib.Nifti2Image(np.asarray(array, dtype=np.float32), None, header)
+        else nib.Nifti2Image(data, None, header)
     with _atomic(path, ".nii.gz") as temporary:
         nib.save(image, temporary)
+    return path
+
+
+def read_dicom_headers(paths: tuple[Path, ...] | list[Path]) -> list:
+    """The pydicom headers (no pixel data) of a series' files, in the order given."""
+    import pydicom
+
+    return [pydicom.dcmread(path, stop_before_pixels=True) for path in paths]
+
+
+def write_dicom(dataset, path: str | Path) -> Path:
+    """Write a pydicom dataset as a DICOM file (with its file meta information) atomically."""
+    path = Path(path)
+    with _atomic(path, ".dcm") as temporary:
+        dataset.save_as(temporary, enforce_file_format=True)
+    return path
+
+
+def write_png(pixels: np.ndarray, path: str | Path) -> Path:
+    """Write uint8 pixels ``(H, W)`` or ``(H, W, 3)`` as PNG atomically; no time stamp, so same pixels, same bytes."""
+    from PIL import Image as Picture
+
+    path = Path(path)
+    if pixels.dtype != np.uint8:
+        raise RuntimeError(f"a PNG is written from uint8 pixels, not {pixels.dtype}")
+    with _atomic(path, ".png") as temporary:
+        Picture.fromarray(np.ascontiguousarray(pixels)).save(temporary, format="PNG")
     return path
 
 

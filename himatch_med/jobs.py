@@ -1,4 +1,4 @@
-"""The job for one input, files on both ends: read and prepare it, detect, write its four outputs.
+"""The job for one input, files on both ends: read and prepare it, detect, write its outputs (maps, findings, report).
 
 :func:`read` goes from a file to a :class:`Job` (its :class:`~himatch_med.scan.Scan`, prepared slices and the
 identity of the file); :func:`analyse` from a job and a :class:`~himatch_med.detect.Detector` to the files. The
@@ -18,15 +18,17 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from himatch_med import io
+from himatch_med import exports, findings, io
 from himatch_med.config import ReadOptions, Settings
 from himatch_med.detect import Detector, Prepared, prepare
 from himatch_med.errors import InputError
 from himatch_med.report import make_report, overview_figure
 from himatch_med.scan import Scan, read_scan
 from himatch_med.timing import NO_TIMER, Timer
+from himatch_med.volume import from_slices, to_canonical, to_slices
 
 OUTPUTS = ("anomaly", "uncertainty", "overview", "report")
 """Files written per input, in the order they are placed: the report last, so its presence means they are complete."""
@@ -50,11 +52,15 @@ class Job:
 def output_paths(path: Path, folder: Path) -> dict[str, Path]:
     """Where the outputs of one input go.
 
-    ``<name>_anomaly.nii.gz``, ``<name>_uncertainty.nii.gz``, ``<name>_overview.png`` and ``<name>_report.json``.
+    ``<name>_anomaly.nii.gz``, ``<name>_uncertainty.nii.gz``, ``<name>_overview.png``, the findings
+    (:func:`himatch_med.exports.finding_paths`) and ``<name>_report.json``. DICOM and 2D inputs also get the files
+    their report lists (:func:`himatch_med.exports.write_findings`).
     """
     name = io.stem(path)
-    return {"anomaly": folder / f"{name}_anomaly.nii.gz", "uncertainty": folder / f"{name}_uncertainty.nii.gz",
-            "overview": folder / f"{name}_overview.png", "report": folder / f"{name}_report.json"}
+    anomaly = folder / f"{name}_anomaly.nii.gz"
+    return {"anomaly": anomaly, "uncertainty": folder / f"{name}_uncertainty.nii.gz",
+            "overview": folder / f"{name}_overview.png", **exports.finding_paths(anomaly),
+            "report": folder / f"{name}_report.json"}
 
 
 def lock_path(path: Path, folder: Path) -> Path:
@@ -78,7 +84,8 @@ def expand_inputs(paths: list[Path]) -> list[Path]:
     return expanded
 
 
-OUTPUT_SUFFIXES = ("_anomaly", "_uncertainty", "_findings", "_overview")
+OUTPUT_SUFFIXES = ("_anomaly", "_uncertainty", "_findings", "_overview", "_anomaly_overlay", "_overlay",
+                   "_findings_seg", "_anomaly_pm")
 """Name endings of the maps and pictures himatch-med writes: such files are never taken as references."""
 
 
@@ -153,7 +160,7 @@ def read(path: Path, settings: Settings, options: ReadOptions | None = None, *, 
 
 def process(path: Path, detector: Detector, folder: Path, *, options: ReadOptions | None = None,
             mask: Path | None = None, progress: bool = True) -> dict:
-    """Detect anomalies in one input and write its four outputs; returns the report."""
+    """Detect anomalies in one input and write its outputs; returns the report."""
     return analyse(read(path, detector.settings, options, mask=mask), detector, folder, progress=progress)
 
 
@@ -194,11 +201,33 @@ def analyse(job: Job, detector: Detector, folder: Path, *, progress: bool = True
         started = time.perf_counter()
         with timer("save"):
             report = make_report(scan, prepared, detection, detector, paths)
-            # gzip releases the GIL: the two maps compress in parallel while the picture is drawn.
+            # Findings and viewer-ready maps (issue 13): the logic is in findings.py and exports.py.
+            region = from_slices(prepared.foreground & detection.scored[:, None, None], prepared.axis).numpy()
+            maps = {name: np.where(region, detection.canonical(name).numpy(), np.float32(0))
+                    for name in ("anomaly", "uncertainty")}
+            found = find_findings(scan.to_file(maps["anomaly"]), scan.to_file(region), scan, prepared, detector)
+            report.update(exports.report_block(found, detector.settings))
+            displays = {"anomaly": exports.anomaly_display(maps["anomaly"], found.threshold),
+                        "uncertainty": exports.uncertainty_display(maps["uncertainty"])}
+            label_slices = to_slices(torch.from_numpy(to_canonical(found.labels, scan.affine)[0]),
+                                     prepared.axis).numpy()
+            # gzip releases the GIL: the maps compress in parallel while the findings and the picture are written.
             with ThreadPoolExecutor(max_workers=2) as pool:
-                writes = [pool.submit(scan.write_map, detection.canonical(name).numpy(), staged[name])
+                writes = [pool.submit(scan.write_map, maps[name], staged[name], display=displays[name])
                           for name in ("anomaly", "uncertainty")]
-                figure = overview_figure(prepared, detection, report, aspect=scan.pixel_aspect(prepared.axis))
+                writes.append(pool.submit(scan.write_map, exports.overlay_map(maps["anomaly"], found.threshold),
+                                          staged["anomaly_overlay"], display=displays["anomaly"]))
+                # The set's findings files go to their temporaries; the files only some kinds of input get (DICOM
+                # SEG and Parametric Map, 2D PNGs) are named after the final heatmap and written whole each.
+                written, notes = exports.write_findings(
+                    found, scan, scan.to_file(maps["anomaly"]), {**staged, "anomaly": paths["anomaly"]},
+                    created=exports.creation_time(), slices=prepared.slices.numpy(),
+                    heat_slices=detection.anomaly.numpy(), label_slices=label_slices)
+                report["outputs"].update({key: paths[key].name if key in paths else path.name
+                                          for key, path in written.items()})
+                report["notes"] += list(found.notes) + notes
+                figure = overview_figure(prepared, detection, report, aspect=scan.pixel_aspect(prepared.axis),
+                                         findings=label_slices)
                 io.write_figure(figure, staged["overview"])
                 for write in writes:
                     write.result()
@@ -207,6 +236,24 @@ def analyse(job: Job, detector: Detector, folder: Path, *, progress: bool = True
         report["timings_seconds"] = {k: round(v, 3) for k, v in timings.items()}
         io.write_json(report, staged["report"])
     return report
+
+
+def find_findings(anomaly: np.ndarray, region: np.ndarray, scan: Scan, prepared: Prepared,
+                  detector: Detector) -> findings.Findings:
+    """The findings of one input on its file's grid, with the threshold of the run or of its bank.
+
+    Args:
+        anomaly: the heatmap on the file's grid.
+        region: the voxels that may hold a finding (the scored slices' foreground), on the file's grid.
+        scan: the input.
+        prepared: its slices (for the slice axis).
+        detector: the run's bank and settings.
+    """
+    settings = detector.settings
+    return findings.find(anomaly, region, scan.affine, slice_axis=scan.file_slice_index(0, prepared.axis)[0],
+                         record=detector.bank.info.findings, fraction=settings.finding_false_positive_fraction,
+                         override=settings.finding_threshold, min_volume=settings.finding_min_volume,
+                         connectivity=settings.finding_connectivity, extent=settings.finding_extent)
 
 
 def clear_leftovers(path: Path, folder: Path, *, replaces: tuple[str, ...] = ()) -> None:

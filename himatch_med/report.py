@@ -99,8 +99,12 @@ def versions() -> dict:
     return found
 
 
-def overview_figure(prepared: Prepared, detection: Detection, report: dict, *, aspect: float = 1.0):
-    """The overview picture: the most anomalous slices with their heatmaps (``aspect``: pixel height over width)."""
+def overview_figure(prepared: Prepared, detection: Detection, report: dict, *, aspect: float = 1.0,
+                    findings: np.ndarray | None = None):
+    """The overview picture: the most anomalous slices with their heatmaps (``aspect``: pixel height over width).
+
+    ``findings``: the findings' label map as slices ``(S, H, W)``, outlined on the chosen slices.
+    """
     from himatch_med.figures import overview
 
     chosen = [t["slice"] for t in report["top_slices"][:OVERVIEW_SLICES]] or [len(prepared.slices) // 2]
@@ -109,4 +113,5 @@ def overview_figure(prepared: Prepared, detection: Detection, report: dict, *, a
     name = Path(report["input"]).name
     return overview(prepared.slices[chosen].numpy(), detection.anomaly[chosen].numpy(),
                     prepared.foreground[chosen].numpy(), titles,
-                    title=f"{name}: volume score {report['volume_score']:.2f} z", aspect=aspect)
+                    title=f"{name}: volume score {report['volume_score']:.2f} z", aspect=aspect,
+                    findings=None if findings is None else findings[chosen])

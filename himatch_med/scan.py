@@ -39,6 +39,8 @@ class Scan:
     path: Path
     kind: str
     notes: tuple[str, ...] = ()
+    sources: tuple[Path, ...] = ()
+    """For a DICOM series: its files in the order of the file grid's third axis (what DICOM outputs refer to)."""
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -51,14 +53,19 @@ class Scan:
 
     def as_read(self) -> io.Image:
         """The image as read from the file: its array back in the file's own order, with the file's geometry."""
-        return io.Image(self.to_file(self.canonical), self.affine, self.header, self.path, self.kind, self.notes)
+        return io.Image(self.to_file(self.canonical), self.affine, self.header, self.path, self.kind, self.notes,
+                        self.sources)
 
-    def write_map(self, canonical: np.ndarray, path: str | Path) -> Path:
-        """Save a canonical map on the file's voxel grid as float32 NIfTI with the file's header."""
+    def write_map(self, canonical: np.ndarray, path: str | Path, *, display: io.Display | None = None,
+                  dtype=np.float32) -> Path:
+        """Save a canonical map on the file's voxel grid as NIfTI with the file's header (float32 unless ``dtype``).
+
+        ``display``: the range and intent viewers are asked to show it with (:class:`himatch_med.io.Display`).
+        """
         array = self.to_file(canonical)
         if array.shape != self.shape:
             raise RuntimeError(f"map shape {array.shape} differs from the input's {self.shape}")
-        return io.write_map(array, self.header, path)
+        return io.write_map(array, self.header, path, display=display, dtype=dtype)
 
     def aligned(self, path: Path, what: str, *, values: tuple[int, ...] | None = None) -> np.ndarray:
         """A mask or label file on this scan's grid as a canonical boolean volume (``> 0``, or one of ``values``).
@@ -109,7 +116,7 @@ def read_scan(path: str | Path, *, axis: str, options: ReadOptions | None = None
     check_geometry(image, axis, allow_shear=options.allow_shear)
     canonical, orientation = to_canonical(image.array, image.affine)
     check_plane(image, canonical.shape, axis)
-    return Scan(canonical, orientation, image.affine, image.header, image.path, image.kind, image.notes)
+    return Scan(canonical, orientation, image.affine, image.header, image.path, image.kind, image.notes, image.sources)
 
 
 def check_values(image: io.Image, *, nan_policy: str = "refuse") -> io.Image:

@@ -63,7 +63,8 @@ class Result:
 
     ``status`` is ``ok`` (computed in this run), ``skipped`` (complete from an earlier run) or ``failed``; ``outputs``
     maps ``anomaly``, ``uncertainty``, ``overview``, ``report`` and, when written, ``view`` to paths relative to the
-    screening folder.
+    screening folder; ``findings`` counts the study's findings, ``largest_finding_ml`` and ``largest_finding_peak_z``
+    describe its largest (``None`` for a report made before findings existed).
     """
 
     study: Study
@@ -77,6 +78,9 @@ class Result:
     outputs: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     label: int | None = None
+    findings: int | None = None
+    largest_finding_ml: float | None = None
+    largest_finding_peak_z: float | None = None
 
 
 @dataclass
@@ -377,10 +381,15 @@ def _from_report(study: Study, report: dict, folder: Path, status: str) -> Resul
     outputs = {key: f"{study.folder}/{name}" for key, name in report["outputs"].items()}
     if (folder / study.folder / viewer.PAGE).is_file():
         outputs["view"] = f"{study.folder}/{viewer.PAGE}"
+    percentile = report.get("volume_percentile")
+    found = [f for f in report.get("findings", []) if isinstance(f, dict)] if "findings" in report else None
+    largest = max(found, key=lambda f: _number(f.get("volume_ml")) or 0.0) if found else None
     return Result(study, status, volume_score=_number(report.get("volume_score")),
-                  volume_percentile=_number(report.get("volume_percentile")), top_slices=list(report["top_slices"]),
-                  seconds=round(sum(report["timings_seconds"].values()), 3), outputs=outputs,
-                  notes=list(report["notes"]))
+                  volume_percentile=_number(percentile), top_slices=list(report.get("top_slices", [])),
+                  seconds=round(sum(report.get("timings_seconds", {}).values()), 3), outputs=outputs,
+                  notes=list(report.get("notes", [])), findings=None if found is None else len(found),
+                  largest_finding_ml=None if largest is None else _number(largest.get("volume_ml")),
+                  largest_finding_peak_z=None if largest is None else _number(largest.get("peak_z")))
 
 
 def _number(value) -> float | None:
@@ -498,14 +507,17 @@ def write_scores(screening: Screening, path: Path) -> Path:
     buffer = text_io.StringIO()
     # Every cell quoted (OWASP): a carriage return or comma inside an id stays inside its cell.
     writer = csv.writer(buffer, lineterminator="\n", quoting=csv.QUOTE_ALL)
-    writer.writerow(["rank", "study", "volume_score", "volume_percentile", "top_slices", "status", "error",
-                     "seconds", *(["label"] if labelled else []), "input", "outputs", "notes"])
+    writer.writerow(["rank", "study", "volume_score", "volume_percentile", "findings", "largest_finding_ml",
+                     "largest_finding_peak_z", "top_slices", "status", "error", "seconds",
+                     *(["label"] if labelled else []), "input", "outputs", "notes"])
     for rank, result in enumerate(screening.results, start=1):
         # Text that comes from users or files is neutralised; the numbers written here are left as numbers.
         text = [spreadsheet_safe(value) for value in (
             result.study.id, _top(result), result.error, str(result.study.path), " | ".join(map(str, result.notes)))]
         writer.writerow([rank if result.status != "failed" else "", text[0],
-                         _format(result.volume_score, 4), _format(result.volume_percentile, 1), text[1],
+                         _format(result.volume_score, 4), _format(result.volume_percentile, 1),
+                         "" if result.findings is None else result.findings, _format(result.largest_finding_ml, 3),
+                         _format(result.largest_finding_peak_z, 2), text[1],
                          result.status, text[2], f"{result.seconds:.2f}",
                          *([("" if result.label is None else result.label)] if labelled else []),
                          text[3], f"{result.study.folder}/" if result.outputs else "", text[4]])
@@ -536,7 +548,8 @@ def report_html(screening: Screening, *, model: str, bank: Bank) -> str:
              f"slices) · himatch-med {e(__version__)} · {datetime.now():%Y-%m-%d %H:%M}</p>",
              "<p class='meta'>Score: the mean of the top 1 % of a volume's anomaly map, in z-units of the bank's "
              "normal variation (0 is typical normal tissue). Percentile: among the bank's normal volumes. "
-             "Top slices: the file's own voxel axis and index, with the slice score.</p>"]
+             "Top slices: the file's own voxel axis and index, with the slice score. Findings: regions above the "
+             "finding threshold (outlined in the pictures), with the largest one's volume and peak.</p>"]
     if scored and not any("view" in r.outputs for r in scored):
         parts.append(f"<p class='meta'>No 3D viewer pages: they need NiiVue, <code>{e(viewer.INSTALL)}</code>; then "
                      "run the screening again (finished studies are not recomputed, their pages are added).</p>")
@@ -560,6 +573,7 @@ def report_html(screening: Screening, *, model: str, bank: Bank) -> str:
         parts.append("</tbody></table>")
     parts.append(f"<h2>Ranking ({len(scored)} studies, most anomalous first)</h2>")
     parts.append("<table><thead><tr><th>rank</th><th>study</th><th>score (z)</th><th>percentile</th>"
+                 "<th>findings</th>"
                  + ("<th>label</th>" if labelled else "") + "<th>most anomalous slices</th><th>top slices</th>"
                  "<th>outputs</th></tr></thead><tbody>")
     for rank, result in enumerate(scored, start=1):
@@ -580,15 +594,26 @@ def _row(rank: int, result: Result, labelled: bool) -> str:
     top = "<br>".join(f"{e(str(t.get('file_axis')))}={e(str(t.get('file_index')))}: {e(_shown(t.get('score')))}"
                       for t in _entries(result.top_slices[:3]))
     outputs = " ".join(f"<a href='{links[key]}'>{name}</a>" for key, name in (
-        ("view", "3D viewer"), ("report", "report"), ("anomaly", "heatmap"), ("uncertainty", "uncertainty"))
+        ("view", "3D viewer"), ("report", "report"), ("anomaly", "heatmap"), ("findings", "findings"),
+        ("uncertainty", "uncertainty"))
         if key in links)
     folder = quote(f"{result.study.folder}/")
     status = "" if result.status == "ok" else "<div class='meta'>from an earlier run</div>"
     status += "".join(f"<div class='note'>{e(str(note))}</div>" for note in result.notes)
     return (f"<tr><td class='num'>{rank}</td><td><a href='{folder}'><b>{e(result.study.id)}</b></a>{status}</td>"
             f"<td class='num score {level}'>{_format(result.volume_score, 2)}</td>"
-            f"<td class='num'>{_format(percentile, 0)}</td>{label}<td>{thumbnail}</td><td class='top'>{top}</td>"
+            f"<td class='num'>{_format(percentile, 0)}</td><td class='top'>{_findings_cell(result)}</td>{label}"
+            f"<td>{thumbnail}</td><td class='top'>{top}</td>"
             f"<td class='links'>{outputs}<br><a href='{folder}'>folder</a></td></tr>")
+
+
+def _findings_cell(result: Result) -> str:
+    if result.findings is None:
+        return ""
+    if not result.findings or result.largest_finding_ml is None:
+        return str(result.findings)
+    return (f"<b>{result.findings}</b><br>largest {result.largest_finding_ml:.3g} mL<br>peak "
+            f"{_format(result.largest_finding_peak_z, 1)} z")
 
 
 _LABELS = {1: "abnormal", 0: "normal"}

@@ -34,7 +34,7 @@ import numpy as np
 
 from himatch_med import io
 from himatch_med.config import CT_WINDOWS
-from himatch_med.figures import OVERLAY_FLOOR
+from himatch_med.figures import FINDING_COLOURS, OVERLAY_FLOOR
 
 PAGE = "view.html"
 SCRIPT = "niivue.js"
@@ -49,9 +49,6 @@ ANOMALY_COLORMAP = "redyell"
 """Red to yellow: the convention of FSL and FSLeyes for thresholded statistical maps."""
 ANOMALY_OPACITY = 0.8
 FINDINGS_OPACITY = 0.5
-FINDING_COLOURS = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
-                   (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128))
-"""Label colours, repeated past ten findings."""
 
 # The bundle constructs NiiVue in its anywidget initialiser; the class's minified name is read from there.
 _CONSTRUCTED = re.compile(r'"Creating new Niivue instance"\);.{0,200}?=new ([A-Za-z_$][\w$]*)\(')

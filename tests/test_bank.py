@@ -66,7 +66,9 @@ def test_calibrating_makes_a_new_bank_and_leaves_the_old_one(stand_in, reference
     assert calibrated is not raw and len(calibrated.calibration_slice_scores) > 0
     assert len(raw.calibration_slice_scores) == 0 and torch.equal(raw.calibration_std, torch.ones(3))
     assert "sampled_slices" not in raw.calibration() and calibrated.calibration()["volumes"] == 2
-    assert calibrated.info == raw.info and calibrated.cls is raw.cls
+    # Calibration adds only the findings' threshold and the normal values it comes from (issue 13).
+    assert replace(calibrated.info, findings=None) == raw.info and calibrated.cls is raw.cls
+    assert raw.info.findings is None and calibrated.info.findings["threshold"] > 0
 
 
 @pytest.fixture(scope="module")

@@ -418,6 +418,26 @@ def test_volumes_reach_voxel_slice_and_volume_metrics(volume_set, tmp_path):
     assert "voxel AUROC" in (tmp_path / "out" / "metrics.md").read_text()
 
 
+def test_volumes_get_a_lesion_level_detection_table(volume_set, tmp_path):
+    dataset = evaluation.volume_dataset([volume_set / "images"], volume_set / "labels", [volume_set / "normals"])
+    result = evaluation.evaluate(dataset, [SETTINGS], cache=tmp_path / "cache", load=loader(), anomaly_labels=(2,),
+                                 progress=False)
+    lesions = result.tallies[0].metrics()["lesions"]
+    # Two planted lesions, one per anomalous volume; the two lesion-free volumes are the normal cases.
+    assert lesions["regions"] == 2 and lesions["hit"] == 2 and lesions["missed"] == 0
+    assert lesions["sensitivity"] == 1.0 and lesions["normal_cases"] == 2
+    assert lesions["false_positive_regions_per_normal_case"] == 0.0
+    assert 0.05 < lesions["dice"] <= 1.0
+    records = {r["name"]: r for r in result.tallies[0].records}
+    assert records["volume-0"]["lesions_hit"] == 1 and records["case2"]["findings"] == 0
+    written = evaluation.write_outputs(result, tmp_path / "out")
+    text = (tmp_path / "out" / "metrics.md").read_text()
+    assert "| # | regions | hit | missed | sensitivity % |" in text and "| 1 | 2 | 2 | 0 | 100.0 |" in text
+    assert json.loads(written["metrics"].read_text())["rows"][0]["metrics"]["lesions"]["hit"] == 2
+    with open(written["scores"]) as handle:
+        assert {r["name"]: r["lesions_hit"] for r in csv.DictReader(handle)}["volume-0"] == "1"
+
+
 def test_a_mask_is_read_on_the_scan_grid_and_selects_label_values(volume_set):
     scan = read_scan(volume_set / "images" / "volume-0.nii.gz", axis="axial")
     label = volume_set / "labels" / "segmentation-0.nii.gz"

@@ -17,10 +17,11 @@ def test_heatmap_lies_on_the_input_grid_with_its_header(cohort, tiny_bank, tiny_
     code = main([str(cohort / "query.nii.gz"), "--bank", str(tiny_bank), "--model", str(tiny_dinov3), "-o", str(out), *FAST])
     assert code == 0
     source = nib.load(cohort / "query.nii.gz")
-    for name in ("query_anomaly.nii.gz", "query_uncertainty.nii.gz"):
+    for name in ("query_anomaly.nii.gz", "query_uncertainty.nii.gz", "query_anomaly_overlay.nii.gz",
+                 "query_findings.nii.gz"):
         heat = nib.load(out / name)
         assert heat.shape == source.shape
-        assert heat.get_data_dtype() == np.float32
+        assert heat.get_data_dtype() == (np.uint8 if "findings" in name else np.float32)
         np.testing.assert_array_equal(heat.affine, source.affine)
         for coded in ("get_qform", "get_sform"):
             mine, theirs = getattr(heat.header, coded)(coded=True), getattr(source.header, coded)(coded=True)
@@ -28,7 +29,7 @@ def test_heatmap_lies_on_the_input_grid_with_its_header(cohort, tiny_bank, tiny_
             assert mine[1] == theirs[1]
         for field in ("quatern_b", "quatern_c", "quatern_d", "qoffset_x", "pixdim", "xyzt_units", "descrip"):
             assert np.array_equal(heat.header[field], source.header[field]), field
-        assert np.isfinite(heat.get_fdata()).all()
+        assert np.isfinite(heat.get_fdata()).all() or "overlay" in name  # the overlay is NaN below the threshold
     report = json.loads((out / "query_report.json").read_text())
     assert report["model"] == str(tiny_dinov3) and report["bank"]["references"] > 0
     assert len(report["slice_scores"]) == source.shape[2]  # OBLIQUE stores the axial axis along k

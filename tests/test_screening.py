@@ -130,6 +130,25 @@ def test_lesion_volumes_rank_first_and_failures_are_recorded(screened):
         assert jobs.is_complete(Path(row["input"]), folder / row["study"])
 
 
+def test_scores_and_report_give_each_studys_findings(screened):
+    folder, _ = screened
+    rows = read_scores(folder)
+    for row in rows[:7]:
+        report = json.loads((folder / row["study"] / f"{Path(row['input']).name.split('.')[0]}_report.json")
+                            .read_text()) if not Path(row["input"]).is_dir() else \
+            json.loads(next((folder / row["study"]).glob("*_report.json")).read_text())
+        assert row["findings"] == str(len(report["findings"])), row["study"]
+        if report["findings"]:
+            largest = max(report["findings"], key=lambda f: f["volume_ml"])
+            assert float(row["largest_finding_ml"]) == pytest.approx(largest["volume_ml"], abs=1e-3)
+            assert float(row["largest_finding_peak_z"]) == pytest.approx(largest["peak_z"], abs=0.01)
+        else:
+            assert row["largest_finding_ml"] == "" and row["largest_finding_peak_z"] == ""
+    assert all(int(r["findings"]) > 0 for r in rows[:2]), "the planted lesions are findings"
+    page = (folder / "report.html").read_text()
+    assert "<th>findings</th>" in page and "largest" in page and "_findings.nii.gz" in page
+
+
 def test_labels_give_an_auc_and_a_roc_curve(screened):
     folder, result = screened
     assert result.auc == pytest.approx(1.0)

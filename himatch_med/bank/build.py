@@ -7,6 +7,7 @@ volume (METHOD.md §3). Tensors only: reading the references and storing the ban
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
@@ -27,6 +28,7 @@ from himatch_med.detect import (
 )
 from himatch_med.errors import InputError
 from himatch_med.features import Extractor, Features
+from himatch_med.findings import ValueHistogram, calibration_record
 from himatch_med.matching import spherical_kmeans
 from himatch_med.scoring import top_mean
 from himatch_med.volume import maps_to_slices
@@ -204,6 +206,7 @@ def calibrate_bank(bank: Bank, samples: list[Sample], settings: Settings, patch_
     std = foreground_values.std(dim=1).clamp(min=1e-6).cpu().float()
     calibrated = replace(bank, calibration_mean=mean, calibration_std=std)
     slice_values, volume_values = [], {}
+    normal = ValueHistogram()  # findings: the normal voxels' distribution sets the finding threshold
     for (stage_maps, per_reference), sample in zip(raw, samples):
         anomaly, _ = fused_maps(stage_maps, per_reference, calibrated, settings)
         anomaly = fill_background(anomaly, sample.patch_foreground[None].to(anomaly.device)).cpu()
@@ -211,7 +214,11 @@ def calibrate_bank(bank: Bank, samples: list[Sample], settings: Settings, patch_
         slice_map = maps_to_slices(anomaly, (height, width), sigma=slice_sigma(settings, height, width, patch_size))[0]
         values = slice_map[sample.foreground]
         slice_values.append(float(top_mean(values, settings.top_fraction)))
+        normal.add(values)
         volume_values.setdefault(sample.group, []).append(values)
     volume_scores = [float(top_mean(torch.cat(v), settings.top_fraction)) for v in volume_values.values()]
+    peaks = [max((float(x.max()) for x in v if x.numel()), default=-math.inf) for v in volume_values.values()]
+    findings = calibration_record(normal, peaks, settings.finding_false_positive_fraction)
     return replace(calibrated, calibration_slice_scores=torch.tensor(slice_values, dtype=torch.float32),
-                   calibration_volume_scores=torch.tensor(volume_scores, dtype=torch.float32))
+                   calibration_volume_scores=torch.tensor(volume_scores, dtype=torch.float32),
+                   info=replace(calibrated.info, findings=findings))

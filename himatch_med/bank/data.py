@@ -38,8 +38,9 @@ class BankInfo:
     used); ``calibrated_with``: the settings of its calibration
     (:meth:`himatch_med.config.Settings.calibration_fields`); ``patch_size``: the extractor's; ``sources``:
     ``{"source": file, "slice": index}`` per reference; ``recalibrated``: the calibration was redone for an
-    evaluation row. Set when stored: ``created_by``, ``warnings`` (skipped
-    references), ``build_seconds``, ``arrays_sha256``.
+    evaluation row; ``findings``: the finding threshold and the normal values it comes from
+    (:func:`himatch_med.findings.calibration_record`; ``None`` in a bank built before findings existed). Set when
+    stored: ``created_by``, ``warnings`` (skipped references), ``build_seconds``, ``arrays_sha256``.
     """
 
     settings: dict = field(default_factory=dict)
@@ -47,6 +48,7 @@ class BankInfo:
     patch_size: int | None = None
     sources: tuple[dict, ...] = ()
     recalibrated: bool = False
+    findings: dict | None = None
     format_version: int = FORMAT_VERSION
     created_by: str | None = None
     warnings: tuple[str, ...] | None = None
@@ -68,7 +70,8 @@ class BankInfo:
         calibration = meta.get("calibration", {})
         warnings = meta.get("warnings")
         return cls(settings=dict(meta.get("settings", {})),
-                   calibrated_with={k: v for k, v in calibration.items() if k not in COUNTS},
+                   calibrated_with={k: v for k, v in calibration.items() if k not in (*COUNTS, "findings")},
+                   findings=calibration.get("findings"),
                    patch_size=meta.get("patch_size"), sources=tuple(meta.get("sources", ())),
                    recalibrated=bool(calibration.get("recalibrated_for_evaluation", False)), format_version=version,
                    created_by=meta.get("created_by"), warnings=None if warnings is None else tuple(warnings),
@@ -125,7 +128,8 @@ class Bank:
     def metadata(self, arrays_sha256: str | None = None) -> dict:
         """The content of ``bank.json``, the only place that writes it; ``arrays_sha256`` when it is being stored."""
         info = self.info
-        meta = {"settings": info.settings, "calibration": self.calibration(), "patch_size": info.patch_size,
+        calibration = {**self.calibration(), **({"findings": info.findings} if info.findings else {})}
+        meta = {"settings": info.settings, "calibration": calibration, "patch_size": info.patch_size,
                 "format_version": info.format_version, "sources": list(info.sources)}
         stored = {"created_by": info.created_by, "warnings": None if info.warnings is None else list(info.warnings),
                   "build_seconds": info.build_seconds, "arrays_sha256": arrays_sha256 or info.arrays_sha256}

@@ -124,7 +124,9 @@ def _cache_key(files: list[Path], labels: Path | None, settings: Settings, extra
     stamp = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
     if labels is not None and labels.is_dir():
         stamp += [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(labels.iterdir())]
-    text = json.dumps([stamp, settings.results_fields(), list(extractor.stages), extractor.model_id], default=str)
+    # Findings settings change no reference: the bank records what any finding threshold is computed from.
+    relevant = {k: v for k, v in settings.results_fields().items() if k not in Settings.flagged("findings")}
+    text = json.dumps([stamp, relevant, list(extractor.stages), extractor.model_id], default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

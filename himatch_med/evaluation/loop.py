@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from himatch_med import io, jobs
+from himatch_med import findings, io, jobs
 from himatch_med.bank.store import cached_bank, recalibrated
 from himatch_med.config import ReadOptions, Settings
 from himatch_med.detect import Detection, Detector, Prepared, load_extractor
@@ -24,7 +24,7 @@ from himatch_med.errors import InputError
 from himatch_med.evaluation.datasets import Case, Dataset
 from himatch_med.features import Extractor
 from himatch_med.metrics import PixelMetrics, average_precision, image_auroc
-from himatch_med.volume import to_slices
+from himatch_med.volume import from_slices, to_slices
 
 ABLATION_AXES = ("stages", "fusion", "references_k", "cls_weight")
 """Settings that take several values in one evaluation, outermost first (``stages`` varies the slowest)."""
@@ -129,9 +129,14 @@ class Tally:
         self.gallery = Gallery(pictures) if pictures > 0 else None
         self.stages: tuple[int, ...] = settings.stages
         self.seconds = 0.0
+        self.lesions: list[tuple[int, dict]] = []  # (label, lesion-level match) per case with a mask
 
-    def add(self, case: Case, prepared: Prepared, detection: Detection, truth: np.ndarray | None, label: int) -> None:
-        """Add one case's detection and ground truth (``truth`` canonical boolean, or ``None`` without a mask)."""
+    def add(self, case: Case, prepared: Prepared, detection: Detection, truth: np.ndarray | None, label: int,
+            lesions: dict | None = None) -> None:
+        """Add one case's detection and ground truth (``truth`` canonical boolean, or ``None`` without a mask).
+
+        ``lesions``: the case's findings matched with its mask (:func:`himatch_med.findings.match_regions`).
+        """
         maps = detection.anomaly.numpy()
         scores = detection.slice_scores.numpy()
         truths = to_slices(torch.from_numpy(truth), prepared.axis).numpy() if truth is not None else None
@@ -151,6 +156,10 @@ class Tally:
             self.slices.append((record["name"], scores.copy(), labels.astype(np.int64)))
             record["slices"] = len(scores)
             record["anomalous_slices"] = int(labels.sum())
+        if lesions is not None:
+            self.lesions.append((label, lesions))
+            record.update({"findings": lesions["findings"], "lesions": lesions["regions"],
+                           "lesions_hit": lesions["hit"], "false_positive_regions": lesions["false_positive_regions"]})
         self.records.append(record)
         if self.gallery is not None:
             self.gallery.offer(label, detection.volume_score, lambda: _panel(record, prepared, maps, truths, scores))
@@ -178,7 +187,44 @@ class Tally:
                                "voxel_aupro": voxels["aupro"], "voxel_best_dice": voxels["best_dice"]})
             result["masked_cases"] = self.masked
             result["pixels_outside_range"] = self.outside / max(self.counted, 1)
+        if self.lesions:
+            result["lesions"] = lesion_summary(self.lesions)
         return result
+
+
+def lesion_summary(cases: list[tuple[int, dict]]) -> dict:
+    """Lesion-level detection over cases ``(label, match)``: regions hit and missed, false-positive regions, Dice.
+
+    ``sensitivity`` is the share of ground-truth regions a finding overlaps; ``false_positive_regions_per_normal_case``
+    counts findings in the normal cases; ``dice`` is the mean per-region Dice (a missed region counts 0).
+    """
+    regions = sum(m["regions"] for _, m in cases)
+    hit = sum(m["hit"] for _, m in cases)
+    normal = [m for label, m in cases if label == 0]
+    dice = [d for _, m in cases for d in m["dice"]]
+    return {"regions": regions, "hit": hit, "missed": regions - hit,
+            "sensitivity": hit / regions if regions else float("nan"),
+            "false_positive_regions": sum(m["false_positive_regions"] for _, m in cases),
+            "false_positive_regions_per_case": sum(m["false_positive_regions"] for _, m in cases) / len(cases),
+            "normal_cases": len(normal),
+            "false_positive_regions_per_normal_case": sum(m["findings"] for m in normal) / len(normal) if normal
+            else float("nan"),
+            "dice": float(np.mean(dice)) if dice else float("nan")}
+
+
+def case_lesions(detection: Detection, prepared: Prepared, truth: np.ndarray | None, detector: Detector,
+                 voxel_volume: float) -> dict | None:
+    """A case's findings at its row's threshold, matched with its mask; ``None`` without a mask or a threshold."""
+    settings = detector.settings
+    threshold, _ = findings.threshold_of(detector.bank.info.findings, fraction=settings.finding_false_positive_fraction,
+                                         override=settings.finding_threshold)
+    if truth is None or threshold is None:
+        return None
+    region = from_slices(prepared.foreground & detection.scored[:, None, None], prepared.axis).numpy()
+    labels = findings.label_findings(detection.canonical("anomaly").numpy(), threshold, voxel_volume=voxel_volume,
+                                     min_volume=settings.finding_min_volume, foreground=region,
+                                     connectivity=settings.finding_connectivity, extent=settings.finding_extent)
+    return findings.match_regions(labels, truth, connectivity=settings.finding_connectivity)
 
 
 def _ranked(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
@@ -284,10 +330,11 @@ def evaluate(dataset: Dataset, rows: list[Settings], *, device: str = "auto", ca
                 failures.append({"path": str(case.path), "rows": group["rows"],
                                  "error": jobs.describe_error(case.path, error)})
                 continue
-            prepared, detections, seconds, truth, label, shared = outcome
+            prepared, detections, seconds, truth, label, shared, voxel_volume = outcome
             group["features_seconds"] += shared
-            for i, detection, spent in zip(members, detections, seconds, strict=True):
-                tallies[i].add(case, prepared, detection, truth, label)
+            for i, detection, spent, detector in zip(members, detections, seconds, detectors, strict=True):
+                tallies[i].add(case, prepared, detection, truth, label,
+                               lesions=case_lesions(detection, prepared, truth, detector, voxel_volume))
                 tallies[i].seconds += spent
         group["features_seconds"] = round(group["features_seconds"], 2)
         timings["groups"].append(group)
@@ -318,4 +365,4 @@ def _score_case(case: Case, detectors: list[Detector], has_masks: bool, options:
     if truth is None and has_masks and case.label == 0:
         truth = np.zeros(job.scan.canonical.shape, dtype=bool)
     label = case.label if case.label is not None else int(truth is not None and truth.any())
-    return prepared, detections, seconds, truth, label, shared
+    return prepared, detections, seconds, truth, label, shared, findings.voxel_volume(job.scan.affine)

@@ -105,6 +105,13 @@ def markdown(evaluation: Evaluation) -> str:
              f"{evaluation.pixel_range[1]:g}] z" if dataset.has_masks else "")
         + ". Seconds: detection time of the row (features shared by several rows not included).",
     ]
+    if any("lesions" in m for m in metrics):
+        lines += ["", lesion_table(evaluation, metrics), "",
+                  "Lesion-level detection at each row's finding threshold (the bank's, or --finding-threshold): a "
+                  "ground-truth region (3D connected component of the mask) is hit when a finding overlaps it; "
+                  "false-positive regions are findings that overlap none; per normal case: all findings of the normal "
+                  "cases; Dice: mean over ground-truth regions of the Dice with the findings that overlap it (0 when "
+                  "missed)."]
     outside = max((m.get("pixels_outside_range", 0.0) for m in metrics), default=0.0)
     if outside > 0.001:
         lines.append(f"\nWarning: {100 * outside:.2f} % of the map values lie outside the histogram range and count "
@@ -116,11 +123,30 @@ def markdown(evaluation: Evaluation) -> str:
     return "\n".join(lines) + "\n"
 
 
+def lesion_table(evaluation: Evaluation, metrics: list[dict]) -> str:
+    """The markdown table of lesion-level detection, one line per row."""
+    lines = ["| # | regions | hit | missed | sensitivity % | FP regions / case | FP regions / normal case | Dice % |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for number, values in enumerate(metrics, 1):
+        found = values.get("lesions")
+        if found is None:
+            continue
+        lines.append(f"| {number} | {found['regions']} | {found['hit']} | {found['missed']} | "
+                     f"{_percent(found['sensitivity'])} | {found['false_positive_regions_per_case']:.2f} | "
+                     f"{_number(found['false_positive_regions_per_normal_case'])} | {_percent(found['dice'])} |")
+    return "\n".join(lines)
+
+
+def _number(value: float) -> str:
+    return "n/a" if value != value else f"{value:.2f}"
+
+
 def scores_csv(evaluation: Evaluation) -> str:
     """Per-case scores of every row, and the failures, as CSV text."""
     buffer = StringIO()
     fields = ["row", "stages", "fusion", "references_k", "cls_weight", "class", "name", "label", "score",
-              "percentile", "anomalous_pixels", "slices", "anomalous_slices", "path", "error"]
+              "percentile", "anomalous_pixels", "slices", "anomalous_slices", "findings", "lesions", "lesions_hit",
+              "false_positive_regions", "path", "error"]
     writer = csv.DictWriter(buffer, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for number, tally in enumerate(evaluation.tallies, 1):
