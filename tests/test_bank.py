@@ -8,14 +8,17 @@ from dataclasses import FrozenInstanceError, replace
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import OBLIQUE, PERMUTED, SETTINGS, SHAPE, as_stored, brain_volume, save_nifti
 
 from himatch_med import io, jobs
 from himatch_med.bank.build import BankBuilder, calibrate_bank
 from himatch_med.bank.data import FORMAT_VERSION, Bank, BankInfo
 from himatch_med.bank.store import cached_bank, open_bank
-from himatch_med.detect import batches
+from himatch_med.config import Settings
+from himatch_med.detect import batches, stage_distances
 from himatch_med.errors import InputError
+from himatch_med.features import Features
 from himatch_med.run import run_parser
 
 LABELLED = (5, 6, 7)
@@ -118,3 +121,47 @@ def test_the_cache_ignores_speed_settings_only(annotated, stand_in, tmp_path):
     first = cached_bank(refs, None, SETTINGS, stand_in, tmp_path)
     again = cached_bank(refs, None, replace(SETTINGS, batch_size=3, chunk_size=7), stand_in, tmp_path)
     assert again.id == first.id and len(list(tmp_path.iterdir())) == 1
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# a bank made ready for queries
+
+
+def unit_rows(*shape, seed: int) -> torch.Tensor:
+    return F.normalize(torch.randn(*shape, generator=torch.Generator().manual_seed(seed)), dim=-1)
+
+
+def stored_bank(n: int = 40, stages: int = 2, dim: int = 16) -> Bank:
+    """A bank as read from disk: fp16 descriptors and centroids, read-only."""
+    return Bank(cls=unit_rows(n, dim, seed=1).half(), layout=unit_rows(n, 4, dim, seed=2).half(),
+                centroids=unit_rows(n, stages, 3, dim, seed=3).half(), sizes=torch.ones(n, stages, 3, dtype=torch.int32),
+                positions=torch.rand(n, generator=torch.Generator().manual_seed(4)), groups=torch.arange(n) // 10,
+                calibration_mean=torch.zeros(stages), calibration_std=torch.ones(stages),
+                calibration_slice_scores=torch.zeros(0), calibration_volume_scores=torch.zeros(0))
+
+
+def test_bank_for_queries_converts_its_descriptors_once():
+    bank = stored_bank()
+    ready = bank.to("cpu")
+    assert ready.cls.dtype == ready.layout.dtype == torch.float32
+    assert torch.equal(ready.cls, bank.cls.float()) and torch.equal(ready.layout, bank.layout.float())
+    # The rest stays as stored (memory-mapped on the host): nothing else is copied.
+    for name in ("centroids", "sizes", "positions", "groups", "calibration_mean"):
+        assert getattr(ready, name) is getattr(bank, name), name
+    assert bank.cls.dtype == torch.float16  # the stored bank is left alone
+
+
+def test_bank_over_the_descriptor_budget_stays_as_stored():
+    bank = stored_bank()
+    ready = bank.to("cpu", descriptor_budget=100)
+    assert ready.cls is bank.cls and ready.layout is bank.layout
+
+
+def test_queries_answer_alike_with_descriptors_converted_or_not():
+    bank = stored_bank()
+    settings = Settings(model="m", references_k=4, position_window=0.2, chunk_size=7).resolved()
+    features = Features(unit_rows(3, 16, seed=5), unit_rows(3, 4, 16, seed=6), tuple(unit_rows(3, 2, 2, 16, seed=s) for s in (7, 8)))
+    positions = torch.tensor([0.2, 0.5, 0.8])
+    stored = stage_distances(features, bank, settings, positions)
+    ready = stage_distances(features, bank.to("cpu"), settings, positions)
+    assert torch.equal(stored[0], ready[0]) and torch.equal(stored[1], ready[1])
