@@ -18,10 +18,10 @@ from himatch_med.config import Settings
 from himatch_med.detect import (
     Prepared,
     Progress,
-    batches,
     device_of_extractor,
     fill_background,
     fused_maps,
+    reference_batches,
     slice_sigma,
     stage_distances,
 )
@@ -29,6 +29,7 @@ from himatch_med.errors import InputError
 from himatch_med.features import Extractor, Features
 from himatch_med.matching import spherical_kmeans
 from himatch_med.scoring import top_mean
+from himatch_med.timing import NO_TIMER, Timer
 from himatch_med.volume import maps_to_slices
 
 
@@ -74,34 +75,36 @@ class BankBuilder:
         self.random = np.random.default_rng(seed)
 
     def add(self, cls: torch.Tensor, layout: torch.Tensor, grids: tuple[torch.Tensor, ...],
-            patch_foreground: torch.Tensor, foreground: torch.Tensor, positions: torch.Tensor, group: object,
-            sources: list[dict]) -> None:
-        """Add ``B`` reference slices of one volume.
+            patch_foreground: torch.Tensor, foreground: torch.Tensor, positions: torch.Tensor,
+            groups: list[object], sources: list[dict]) -> None:
+        """Add ``B`` reference slices, of one reference or of several consecutive ones (a batch of 2D images).
 
         Args:
             cls, layout, grids: their features (``(B, D)``, ``(B, g*g, D)``, ``L`` grids ``(B, h, w, D)``).
             patch_foreground: foreground patches ``(B, h, w)``; each slice needs at least one.
             foreground: foreground pixels ``(B, H, W)``.
             positions: relative slice positions ``(B,)``.
-            group: any key of the reference volume the slices come from (consecutive calls share it).
+            groups: one key per slice of the reference it comes from (a reference's slices come consecutively).
             sources: one record per slice (file, slice index) for the bank's metadata.
         """
-        if group != self.current_source or not self.volumes:
-            self._close_volume()
-            self.current_source = group
-            self.volumes += 1
-        index = self.volumes - 1  # dense: volumes without a usable slice take no number
-        valid = patch_foreground.flatten(1)
-        clustered = [spherical_kmeans(grid.flatten(1, 2), valid, self.k, iterations=self.iterations, seed=self.seed)
-                     for grid in grids]
+        # All stages of the batch in one call: they share the foreground and the seeded initial choice.
+        centroids, sizes = spherical_kmeans(torch.stack([grid.flatten(1, 2) for grid in grids]),
+                                            patch_foreground.flatten(1), self.k, iterations=self.iterations,
+                                            seed=self.seed)
         self.parts["cls"].append(cls.to("cpu", STORAGE_DTYPE))
         self.parts["layout"].append(layout.to("cpu", STORAGE_DTYPE))
-        self.parts["centroids"].append(torch.stack([c for c, _ in clustered], dim=1).to("cpu", STORAGE_DTYPE))
-        self.parts["sizes"].append(torch.stack([s for _, s in clustered], dim=1).to("cpu", torch.int32))
+        self.parts["centroids"].append(centroids.transpose(0, 1).to("cpu", STORAGE_DTYPE))
+        self.parts["sizes"].append(sizes.transpose(0, 1).to("cpu", torch.int32))
         self.parts["positions"].append(positions.to("cpu", torch.float32))
-        self.parts["groups"].append(torch.full((len(cls),), index, dtype=torch.int64))
         self.sources.extend(sources)
-        for row in range(len(cls)):
+        indices = []
+        for row, group in enumerate(groups):
+            if group != self.current_source or not self.volumes:
+                self._close_volume()
+                self.current_source = group
+                self.volumes += 1
+            index = self.volumes - 1  # dense: volumes without a usable slice take no number
+            indices.append(index)
             if self.offered % self.stride == 0:
                 self.current.append(Sample(cls[row].cpu(), layout[row].cpu(),
                                            tuple(grid[row].to("cpu", STORAGE_DTYPE) for grid in grids),
@@ -112,6 +115,7 @@ class BankBuilder:
             if len(self.current) > self.capacity:
                 # Too long for the budget: keep every other slice from here on, evenly spaced.
                 self.current, self.stride = self.current[::2], self.stride * 2
+        self.parts["groups"].append(torch.tensor(indices, dtype=torch.int64))
 
     def _close_volume(self) -> None:
         if self.current:
@@ -156,7 +160,7 @@ def bank_settings(settings: Settings, extractor: Extractor) -> dict:
 
 
 def build_bank(extractor: Extractor, references: Iterable[tuple[str, Prepared]], settings: Settings,
-               progress: Progress | None = None) -> Bank:
+               progress: Progress | None = None, timer: Timer = NO_TIMER) -> Bank:
     """Build and calibrate a bank from prepared normal volumes (each a 2D image or a 3D volume).
 
     Args:
@@ -164,19 +168,25 @@ def build_bank(extractor: Extractor, references: Iterable[tuple[str, Prepared]],
         references: ``(source name, prepared volume)`` pairs; their scored slices become references.
         settings: resolved settings.
         progress: called with the number of slices finished after each batch.
+        timer: charged with the time of each phase: preprocess, backbone, kmeans, calibration (benchmarks).
     """
     device = device_of_extractor(extractor)
     builder = BankBuilder(centroids=settings.centroids, iterations=settings.kmeans_iterations, seed=settings.seed,
                           calibration_slices=settings.calibration_slices)
-    for group, (source, prepared) in enumerate(references):
-        for part, features, patches in batches(extractor, prepared, settings, device):
-            builder.add(features.cls, features.layout, features.grids, patches, prepared.foreground[part],
-                        prepared.positions[part], group, [{"source": source, "slice": i} for i in part.tolist()])
-            if progress:
-                progress(len(part))
+    for features, patches, pieces in reference_batches(extractor, references, settings, device, timer):
+        with timer("kmeans"):
+            builder.add(features.cls, features.layout, features.grids, patches,
+                        torch.cat([prepared.foreground[part] for _, _, prepared, part in pieces]),
+                        torch.cat([prepared.positions[part] for _, _, prepared, part in pieces]),
+                        [number for number, _, _, part in pieces for _ in range(len(part))],
+                        [{"source": source, "slice": i} for _, source, _, part in pieces for i in part.tolist()])
+        if progress:
+            progress(len(patches))
     info = BankInfo(settings=bank_settings(settings, extractor),
                     calibrated_with=settings.calibration_fields(), patch_size=extractor.patch_size)
-    return calibrate_bank(builder.bank(info), builder.samples, settings, extractor.patch_size, device)
+    bank = builder.bank(info)
+    with timer("calibration"):
+        return calibrate_bank(bank, builder.samples, settings, extractor.patch_size, device)
 
 
 def calibrate_bank(bank: Bank, samples: list[Sample], settings: Settings, patch_size: int,
