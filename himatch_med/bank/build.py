@@ -7,7 +7,7 @@ volume (METHOD.md §3). Tensors only: reading the references and storing the ban
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -193,21 +193,25 @@ def calibrate_bank(bank: Bank, samples: list[Sample], settings: Settings, patch_
                    device: torch.device) -> Bank:
     """The bank calibrated by querying sampled references against it without their own volume.
 
-    A bank made from a single volume (or image) leaves out only the sampled slice itself.
+    The samples are queried ``batch_size`` at a time (consecutive samples of one grid shape). A bank made from a
+    single volume (or image) leaves out only the sampled slice itself.
     """
     single = bank.groups.unique().numel() == 1
     groups = torch.arange(len(bank)) if single else bank.groups
-    probe = replace(bank, groups=groups)
     if len(bank) < 2:
         raise InputError("a bank needs at least two reference slices to calibrate; add reference images")
-    sample_groups = torch.tensor([s.row if single else s.group for s in samples])
+    # Made ready for queries once (descriptors converted, on the device), not by every query.
+    probe = replace(bank, groups=groups).to(device)
     raw = []
-    for sample, group in zip(samples, sample_groups.tolist()):
-        features = Features(sample.cls[None].to(device), sample.layout[None].to(device),
-                            tuple(g[None].to(device, torch.float32) for g in sample.grids))
-        stage_maps, per_reference = stage_distances(features, probe, settings, torch.tensor([sample.position]),
-                                                    torch.tensor([group]))
-        raw.append((stage_maps, per_reference))
+    for part in _runs(samples, settings.batch_size):
+        features = Features(torch.stack([s.cls for s in part]).to(device),
+                            torch.stack([s.layout for s in part]).to(device),
+                            tuple(torch.stack([s.grids[stage] for s in part]).to(device, torch.float32)
+                                  for stage in range(len(part[0].grids))))
+        stage_maps, per_reference = stage_distances(
+            features, probe, settings, torch.tensor([s.position for s in part]),
+            torch.tensor([s.row if single else s.group for s in part]))
+        raw.extend((stage_maps[:, row:row + 1], per_reference[:, row:row + 1]) for row in range(len(part)))
     foreground_values = torch.cat([a[:, 0][:, s.patch_foreground.to(a.device)] for (a, _), s in zip(raw, samples)],
                                   dim=1)
     mean = foreground_values.mean(dim=1).cpu().float()
@@ -225,3 +229,15 @@ def calibrate_bank(bank: Bank, samples: list[Sample], settings: Settings, patch_
     volume_scores = [float(top_mean(torch.cat(v), settings.top_fraction)) for v in volume_values.values()]
     return replace(calibrated, calibration_slice_scores=torch.tensor(slice_values, dtype=torch.float32),
                    calibration_volume_scores=torch.tensor(volume_scores, dtype=torch.float32))
+
+
+def _runs(samples: list[Sample], size: int) -> Iterator[list[Sample]]:
+    """Consecutive samples in runs of at most ``size`` whose grids have one shape (so that they stack)."""
+    run: list[Sample] = []
+    for sample in samples:
+        if run and (len(run) == size or run[0].grids[0].shape != sample.grids[0].shape):
+            yield run
+            run = []
+        run.append(sample)
+    if run:
+        yield run
