@@ -55,15 +55,14 @@ def retrieve(
     grouped = query_groups is not None and bank_groups is not None
     device = query_cls.device
 
-    def far(rows: slice | torch.Tensor) -> torch.Tensor:
+    def far(rows: slice) -> torch.Tensor:
         # The tolerance keeps slices exactly one window away on both sides despite float32 rounding.
-        return (query_positions[:, None] - _take(bank_positions, rows).to(query_positions)).abs() > window + 1e-6
+        return (query_positions[:, None] - bank_positions[rows].to(query_positions)).abs() > window + 1e-6
 
-    def own(rows: slice | torch.Tensor) -> torch.Tensor:
-        return query_groups[:, None] == _take(bank_groups, rows).to(query_groups)
+    def own(rows: slice) -> torch.Tensor:
+        return query_groups[:, None] == bank_groups[rows].to(query_groups)
 
-    pieces: list[slice | torch.Tensor] = [slice(start, min(start + chunk, len(bank_cls)))
-                                          for start in range(0, len(bank_cls), chunk)]
+    pieces = [slice(start, min(start + chunk, len(bank_cls))) for start in range(0, len(bank_cls), chunk)]
     if positioned:
         inside, candidates = torch.zeros(len(query_cls), dtype=torch.long, device=device), []
         for rows in pieces:
@@ -72,20 +71,23 @@ def retrieve(
                 allowed &= ~own(rows)
             inside += allowed.sum(dim=1)
             candidates.append(torch.nonzero(allowed.any(dim=0)).flatten().cpu() + rows.start)
-        if bool((inside >= k).all()):
-            pieces = list(torch.cat(candidates).split(chunk))
+        rows = torch.cat(candidates)
+        runs = _runs(rows, chunk)
+        # Runs shorter than a few rows on average (a bank not in slice order) cost more as many small products.
+        if bool((inside >= k).all()) and len(runs) * 8 <= len(rows):
+            pieces = runs
     best_key = query_cls.new_full((len(query_cls), 0), -torch.inf)
     best_sim = best_key.clone()
     best_idx = torch.zeros((len(query_cls), 0), dtype=torch.long, device=device)
     for rows in pieces:
-        sim = similarity(query_cls, query_layout, _take(bank_cls, rows).to(query_cls),
-                         _take(bank_layout, rows).to(query_layout), cls_weight=cls_weight)
+        sim = similarity(query_cls, query_layout, bank_cls[rows].to(query_cls),
+                         bank_layout[rows].to(query_layout), cls_weight=cls_weight)
         key = sim
         if positioned:
             key = key - OUT_OF_WINDOW_PENALTY * far(rows)
         if grouped:
             key = key.masked_fill(own(rows), -torch.inf)
-        index = torch.arange(rows.start, rows.stop, device=device) if isinstance(rows, slice) else rows.to(device)
+        index = torch.arange(rows.start, rows.stop, device=device)
         merged_key = torch.cat([best_key, key], dim=1)
         best_key, order = merged_key.topk(min(k, merged_key.shape[1]), dim=1)
         best_idx = torch.gather(torch.cat([best_idx, index.expand(len(sim), -1)], dim=1), 1, order)
@@ -95,6 +97,16 @@ def retrieve(
     return best_idx, best_sim
 
 
-def _take(tensor: torch.Tensor, rows: slice | torch.Tensor) -> torch.Tensor:
-    """Rows of a bank array: a range, or chosen rows (indices moved to the array's device)."""
-    return tensor[rows] if isinstance(rows, slice) else tensor[rows.to(tensor.device)]
+def _runs(rows: torch.Tensor, chunk: int) -> list[slice]:
+    """Sorted row indices as runs of consecutive rows, at most ``chunk`` long.
+
+    A bank's rows go volume by volume in slice order, so the rows inside a window form one run per volume: scoring
+    views of them reads only those rows, where gathering them would copy them first.
+    """
+    if not len(rows):
+        return []
+    breaks = (torch.nonzero(rows[1:] != rows[:-1] + 1).flatten() + 1).tolist()
+    starts, stops = [0, *breaks], [*breaks, len(rows)]
+    return [slice(int(rows[a]) + offset, int(rows[a]) + min(offset + chunk, b - a))
+            for a, b in zip(starts, stops) for offset in range(0, b - a, chunk)]
+
