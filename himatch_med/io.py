@@ -675,19 +675,17 @@ def write_bank(tensors: dict[str, torch.Tensor], meta: Callable[[str], dict], fo
             :func:`read_bank` verifies.
         folder: the bank folder; an existing one is replaced.
     """
-    from safetensors.torch import save_file
-
     folder = Path(folder).resolve()  # `-o .` has no name of its own until resolved
     check_bank_target(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".part", dir=folder.parent))
     try:
         try:
-            save_file({k: v.contiguous() for k, v in tensors.items()}, staging / BANK_ARRAYS)
+            _write_safetensors(tensors, staging / BANK_ARRAYS)
             content = meta(file_sha256(staging / BANK_ARRAYS))
             content = {**content, "meta_sha256": meta_sha256(content)}
             (staging / BANK_META).write_text(json.dumps(_json_safe(content), indent=2) + "\n", encoding="utf-8")
-        except Exception as error:  # safetensors raises its own type for a full disk
+        except Exception as error:  # a full disk, whichever layer notices it
             raise InputError(f"{folder}: the bank could not be written to {folder.parent} ({_reason(error)}); free "
                              "space there or choose another -o") from error
         # mkdtemp makes 0700 and safetensors writes 0600; a bank is meant to be shared, like the other outputs.
@@ -722,6 +720,60 @@ def check_bank_target(folder: str | Path) -> None:
             shown = ", ".join(held[:3]) + (f" and {len(held) - 3} more" if len(held) > 3 else "")
             raise InputError(f"{folder}: exists and is not a bank (it holds {shown}); a bank replaces only an earlier "
                              "bank, so choose a new folder for -o (nothing was changed)")
+def _write_safetensors(tensors: dict[str, torch.Tensor], path: Path, block: int = 64 << 20) -> None:
+    """Write a safetensors file block by block, so that memory-mapped arrays of any size are never copied whole.
+
+    The layout safetensors itself reads: an 8-byte little-endian header length, the JSON header (padded with spaces
+    to 8 bytes), then each tensor's little-endian bytes in the header's order, without gaps.
+    """
+    header, offset = {}, 0
+    for name, tensor in tensors.items():
+        codes = [code for code, dtype in SAFETENSORS_DTYPES.items()
+                 if dtype is not None and torch.from_numpy(np.zeros(0, dtype)).dtype == tensor.dtype]
+        if not codes:
+            raise ValueError(f"bank array {name}: dtype {tensor.dtype} cannot be stored")
+        size = tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": codes[0], "shape": list(tensor.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-(8 + len(text)) % 8)
+    with open(path, "wb") as handle:
+        handle.write(struct.pack("<Q", len(text)) + text)
+        for tensor in tensors.values():
+            flat = tensor.detach().reshape(-1)
+            rows = max(1, block // max(1, tensor.element_size()))
+            for start in range(0, len(flat), rows):
+                handle.write(flat[start:start + rows].cpu().contiguous().numpy().tobytes())
+
+
+class Spill:
+    """Rows of one array appended to an anonymous temporary file and read back memory-mapped.
+
+    For arrays that grow with a bank being built, so that building holds none of them in memory. The file lies in
+    the temporary folder (``TMPDIR``) and is gone once nothing maps it.
+    """
+
+    def __init__(self) -> None:
+        self.handle = tempfile.TemporaryFile(prefix="himatch-bank-")
+        self.rows, self.shape, self.dtype = 0, None, None
+
+    def append(self, tensor: torch.Tensor) -> None:
+        """Append rows ``(B, ...)``; every call has the same row shape and dtype."""
+        if self.shape is None:
+            self.shape, self.dtype = tuple(tensor.shape[1:]), tensor.dtype
+        elif tuple(tensor.shape[1:]) != self.shape or tensor.dtype != self.dtype:
+            raise RuntimeError(f"spilled rows {tuple(tensor.shape[1:])} {tensor.dtype} differ from the first ones "
+                               f"{self.shape} {self.dtype}")
+        self.handle.write(tensor.detach().cpu().contiguous().numpy().tobytes())
+        self.rows += len(tensor)
+
+    def tensor(self) -> torch.Tensor:
+        """The rows so far, memory-mapped read-only ``(rows, ...)``."""
+        self.handle.flush()
+        dtype = torch.zeros(0, dtype=self.dtype).numpy().dtype
+        if not self.rows:
+            return torch.zeros((0, *self.shape), dtype=self.dtype)
+        return _readonly_tensor(np.memmap(self.handle, dtype=dtype, mode="r", shape=(self.rows, *self.shape)))
 
 
 def file_sha256(path: Path, block: int = 64 << 20) -> str:

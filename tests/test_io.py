@@ -132,12 +132,10 @@ def test_a_damaged_bank_is_refused(tmp_path):
 
 
 def test_a_bank_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
-    import safetensors.torch
-
     def explode(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", explode)
+    monkeypatch.setattr(io, "file_sha256", explode)  # after the arrays were written, before the metadata
     # The message names where the bank goes (a full disk is the output's, not an input's) and the fix.
     with pytest.raises(InputError, match=r"bank: the bank could not be written to .* \(disk full\); free space"):
         io.write_bank(_bank().tensors(), _bank().metadata, tmp_path / "bank")
@@ -414,3 +412,39 @@ def test_maps_are_valid_gzip_nifti_read_back_equal_with_the_same_bytes_every_tim
         assert code == expected_code
     # One standard gzip member holding exactly the NIfTI nibabel itself would write.
     assert gzip.decompress(first.read_bytes()) == nib.Nifti1Image(heat, None, back.header).to_bytes()
+
+
+def test_bank_arrays_are_a_safetensors_file_that_safetensors_reads(tmp_path):
+    from safetensors.torch import load_file
+
+    bank = _bank()
+    tensors = {**bank.tensors(), "calibration_volume_scores": torch.zeros(0)}
+    folder = io.write_bank(tensors, bank.metadata, tmp_path / "bank")
+    loaded = load_file(folder / io.BANK_ARRAYS)
+    assert loaded.keys() == tensors.keys()
+    for name, tensor in tensors.items():
+        assert loaded[name].dtype == tensor.dtype and torch.equal(loaded[name], tensor), name
+    again = io.write_bank(tensors, bank.metadata, tmp_path / "again")
+    assert (again / io.BANK_ARRAYS).read_bytes() == (folder / io.BANK_ARRAYS).read_bytes()
+
+
+def test_bank_arrays_are_written_in_blocks(tmp_path, monkeypatch):
+    """Arrays larger than a block go out block by block and come back equal."""
+    big = torch.arange(10_000, dtype=torch.int64).reshape(100, 100)
+    monkeypatch.setattr(io, "_write_safetensors",
+                        lambda tensors, path, _write=io._write_safetensors: _write(tensors, path, block=4096))
+    folder = io.write_bank({"big": big, "half": big.half()}, lambda digest: {"arrays_sha256": digest}, tmp_path / "bank")
+    tensors, _ = io.read_bank(folder)
+    assert torch.equal(tensors["big"], big) and torch.equal(tensors["half"], big.half())
+
+
+def test_spilled_rows_come_back_memory_mapped_and_equal():
+    spill = io.Spill()
+    parts = [torch.randn(3, 4, 5).half(), torch.randn(1, 4, 5).half(), torch.randn(6, 4, 5).half()]
+    for part in parts:
+        spill.append(part)
+    back = spill.tensor()
+    assert back.shape == (10, 4, 5) and back.dtype == torch.float16
+    assert torch.equal(back, torch.cat(parts))
+    with pytest.raises(RuntimeError, match="differ"):
+        spill.append(torch.zeros(1, 4, 6).half())
