@@ -59,6 +59,8 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=3, help="timed end-to-end runs of each; the fastest counts")
     parser.add_argument("--bank-slices", type=int, nargs="*", default=[100], metavar="N",
                         help="bank sizes to build by phase (default: 100; e.g. 100 2000 10000; none to skip)")
+    parser.add_argument("--bank-images", type=int, nargs="*", default=[], metavar="N",
+                        help="also build banks of N 2D images (one-slice references, like a 2D set) by phase")
     parser.add_argument("--large-bank-slices", type=int, default=0,
                         help="slices of the synthetic large bank (e.g. 10000; default 0: skipped)")
     parser.add_argument("--skip-end-to-end", action="store_true", help="only the bank parts")
@@ -77,8 +79,8 @@ def check(args: argparse.Namespace) -> None:
     for name in ("image_size", "slices", "in_plane", "repeats"):
         if getattr(args, name) < 1:
             sys.exit(f"error: --{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
-    if any(n < 2 for n in args.bank_slices):
-        sys.exit("error: --bank-slices: a bank needs at least 2 slices")
+    if any(n < 2 for n in args.bank_slices + args.bank_images):
+        sys.exit("error: --bank-slices, --bank-images: a bank needs at least 2 slices")
 
 
 def say(text: str) -> None:
@@ -262,8 +264,14 @@ def end_to_end(args, settings, device, work: Path) -> dict:
     return result
 
 
-def bank_building(args, settings, device, work: Path, slices: int, extractor) -> dict:
-    """Build a bank of ``slices`` synthetic reference slices (volumes of at most ``--slices``, at least 2), by phase."""
+def bank_building(args, settings, device, work: Path, slices: int, extractor, *, images: bool = False) -> dict:
+    """Build a bank of ``slices`` synthetic reference slices by phase.
+
+    The references are volumes of at most ``--slices`` slices (at least 2 volumes), or with ``images`` one-slice
+    volumes, as a 2D set is read.
+    """
+    import inspect
+
     import torch
     from tqdm.auto import tqdm
 
@@ -272,7 +280,7 @@ def bank_building(args, settings, device, work: Path, slices: int, extractor) ->
     from himatch_med.detect import prepare
     from himatch_med.timing import Timer
 
-    length = min(args.slices, -(-slices // 2))
+    length = 1 if images else min(args.slices, -(-slices // 2))
     counts = [min(length, slices - start) for start in range(0, slices, length)]
     timer = Timer(synchronizer(device))
     made = [0.0]
@@ -281,8 +289,11 @@ def bank_building(args, settings, device, work: Path, slices: int, extractor) ->
         for number, count in enumerate(counts):
             started = time.perf_counter()
             # Made in memory, not part of the cost; preparing them (intensities, foreground, slicing) is.
-            volume = torch.from_numpy(synthetic_brain((args.in_plane, args.in_plane, count), 100 + number,
-                                                      reach=1.3).astype("float32"))
+            if images:  # a middle slice of a volume of its own, so that the images differ like real ones
+                volume = synthetic_brain((args.in_plane, args.in_plane, 3), 100 + number)[..., 1:2]
+            else:
+                volume = synthetic_brain((args.in_plane, args.in_plane, count), 100 + number, reach=1.3)
+            volume = torch.from_numpy(volume.astype("float32"))
             made[0] += time.perf_counter() - started
             with timer("prepare"):
                 prepared = prepare(volume, settings)
@@ -291,23 +302,27 @@ def bank_building(args, settings, device, work: Path, slices: int, extractor) ->
     gc.collect()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    bar = tqdm(total=slices, unit="slice", desc=f"bank of {slices}", file=sys.stderr, leave=False)
+    kind = "images" if images else "slices"
+    bar = tqdm(total=slices, unit="slice", desc=f"bank of {slices} {kind}", file=sys.stderr, leave=False)
     with PeakMemory() as memory:
         started = time.perf_counter()
-        bank = build_bank(extractor, references(), settings, progress=bar.update, timer=timer)
+        # Older versions of the package (before/after comparisons) take no timer: their phases are not split.
+        timed = {"timer": timer} if "timer" in inspect.signature(build_bank).parameters else {}
+        bank = build_bank(extractor, references(), settings, progress=bar.update, **timed)
         with timer("writing"):
             io.write_bank(bank.tensors(), bank.metadata, work / f"bank{slices}")
         total = time.perf_counter() - started - made[0]
     bar.close()
     phases = {phase: round(timer.seconds.get(phase, 0.0), 3) for phase in BANK_PHASES}
     backbone = timer.seconds.get("backbone", 0.0)
-    result = {"slices": len(bank), "volumes": len(counts), "seconds": round(total, 3), "phases_seconds": phases,
+    result = {"kind": kind, "slices": len(bank), "references": len(counts), "seconds": round(total, 3),
+              "phases_seconds": phases,
               "other_seconds": round(total - sum(timer.seconds.values()), 3),
               "ratio_to_backbone": round(total / backbone, 3) if backbone else None,
               "slices_per_second": round(len(bank) / total, 2), **memory.figures(),
               "peak_gpu_mib": round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
               if device.type == "cuda" else None}
-    say(f"bank of {len(bank)} slices: {total:.2f} s, {result['ratio_to_backbone']} x the backbone; phases {phases}; "
+    say(f"bank of {len(bank)} {kind}: {total:.2f} s, {result['ratio_to_backbone']} x the backbone; phases {phases}; "
         f"peak memory +{result['peak_rss_growth_mib']} MiB")
     return result
 
@@ -408,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     device = device_of(args.device)
     batch = args.batch_size or (64 if device.type == "cuda" else 16)
     result = {"device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
-              else _cpu_name(), "threads": torch.get_num_threads(), "gzip": io.GZIP_LIBRARY,
+              else _cpu_name(), "threads": torch.get_num_threads(), "gzip": getattr(io, "GZIP_LIBRARY", "zlib"),
               "model": str(args.model) if args.model else f"random DINOv3 ViT-{args.backbone_size.upper()}/16",
               "image_size": args.image_size, "batch_size": batch, "date": time.strftime("%Y-%m-%d")}
     with tempfile.TemporaryDirectory(prefix="himatch-bench-") as folder:
@@ -419,11 +434,13 @@ def main(argv: list[str] | None = None) -> int:
         result["calibration_slices"] = settings.calibration_slices
         if not args.skip_end_to_end:
             result["end_to_end"] = end_to_end(args, settings, device, work)
-        if args.bank_slices:
+        if args.bank_slices or args.bank_images:
             extractor = load_extractor(settings, str(device))
             bank_building(args, settings, device, work, 2 * batch, extractor)  # warm-up, not reported
             result["bank_building"] = [bank_building(args, settings, device, work, n, extractor)
                                        for n in args.bank_slices]
+            result["bank_building"] += [bank_building(args, settings, device, work, n, extractor, images=True)
+                                        for n in args.bank_images]
         if args.large_bank_slices:
             result["large_bank"] = large_bank(args, device, work)
     result["peak_host_mib"] = round(peak_host_mib(), 1)
