@@ -2,7 +2,9 @@
 
 :func:`build_bank` streams prepared normal volumes through the extractor into a :class:`BankBuilder`, which keeps a
 seeded sample of whole volumes; :func:`calibrate_bank` queries that sample against the bank without each slice's own
-volume (METHOD.md §3). Tensors only: reading the references and storing the bank is :mod:`himatch_med.bank.store`'s.
+volume (METHOD.md §3). Tensors only, but for the per-slice arrays of a bank being built, spilled to temporary
+files through :class:`himatch_med.io.Spill`; reading the references and storing the bank is
+:mod:`himatch_med.bank.store`'s.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
+from himatch_med import io
 from himatch_med.bank.data import ARRAYS, STORAGE_DTYPE, Bank, BankInfo
 from himatch_med.config import Settings
 from himatch_med.detect import (
@@ -64,7 +67,9 @@ class BankBuilder:
     def __init__(self, *, centroids: int, iterations: int, seed: int, calibration_slices: int) -> None:
         self.k, self.iterations, self.seed = centroids, iterations, seed
         self.capacity = calibration_slices
-        self.parts: dict[str, list[torch.Tensor]] = {name: [] for name in ARRAYS[:6]}
+        # The per-slice arrays grow with the bank: spilled to temporary files as they come, so that building holds
+        # none of them in memory (the bank then reads them memory-mapped, like a stored bank).
+        self.parts: dict[str, io.Spill] = {name: io.Spill() for name in ARRAYS[:6]}
         self.sources: list[dict] = []
         self.kept: list[tuple[float, list[Sample]]] = []
         self.current: list[Sample] = []
@@ -138,10 +143,10 @@ class BankBuilder:
 
     def bank(self, info: BankInfo) -> Bank:
         """The references gathered so far, not yet calibrated (calibration arrays empty), with ``info``'s sources."""
-        if not self.parts["cls"]:
+        if not self.parts["cls"].rows:
             raise InputError("no usable reference slice: every reference slice lacks foreground or is labelled; "
                              "check the reference files, --foreground and --min-foreground")
-        arrays = {name: torch.cat(parts) for name, parts in self.parts.items()}
+        arrays = {name: spill.tensor() for name, spill in self.parts.items()}
         stages = arrays["centroids"].shape[1]
         empty = torch.zeros(0)
         return Bank(**arrays, calibration_mean=torch.zeros(stages), calibration_std=torch.ones(stages),
