@@ -681,7 +681,7 @@ def write_bank(tensors: dict[str, torch.Tensor], meta: Callable[[str], dict], fo
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".part", dir=folder.parent))
     try:
         try:
-            _write_safetensors(tensors, staging / BANK_ARRAYS)
+            write_safetensors(tensors, staging / BANK_ARRAYS)
             content = meta(file_sha256(staging / BANK_ARRAYS))
             content = {**content, "meta_sha256": meta_sha256(content)}
             (staging / BANK_META).write_text(json.dumps(_json_safe(content), indent=2) + "\n", encoding="utf-8")
@@ -720,7 +720,9 @@ def check_bank_target(folder: str | Path) -> None:
             shown = ", ".join(held[:3]) + (f" and {len(held) - 3} more" if len(held) > 3 else "")
             raise InputError(f"{folder}: exists and is not a bank (it holds {shown}); a bank replaces only an earlier "
                              "bank, so choose a new folder for -o (nothing was changed)")
-def _write_safetensors(tensors: dict[str, torch.Tensor], path: Path, block: int = 64 << 20) -> None:
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, block: int = 64 << 20) -> None:
     """Write a safetensors file block by block, so that memory-mapped arrays of any size are never copied whole.
 
     The layout safetensors itself reads: an 8-byte little-endian header length, the JSON header (padded with spaces

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from himatch_med.retrieval import retrieve, similarity
+from himatch_med.retrieval import OUT_OF_WINDOW_PENALTY, retrieve, similarity
 
 DIM, CELLS = 12, 4
 
