@@ -26,6 +26,12 @@ def existing(paths: list[Path]) -> None:
             raise InputError(f"{path}: no such file or folder")
 
 
+def folder(path: Path, hint: str) -> None:
+    """Raise :class:`InputError` when ``path`` is not a folder; ``hint`` says what to pass instead."""
+    if not Path(path).is_dir():
+        raise InputError(f"{path}: not a folder; {hint}")
+
+
 def writable(folder: Path, option: str = "-o") -> None:
     """Raise :class:`InputError` when ``folder`` (or, if it does not exist yet, its nearest parent) is not writable.
 

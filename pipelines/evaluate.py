@@ -78,8 +78,12 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     base = cli.settings_from(argparse.Namespace(**{**vars(args), **{axis: None for axis in SEVERAL}}))
     # Common mistakes first, before torch and MONAI are imported (seconds).
-    given = [args.root] if args.command == "bmad" else [*args.images, args.labels]
-    preflight.existing(given)
+    if args.command == "bmad":
+        preflight.folder(args.root, "pass the root of a BMAD set (holding train/ and test/) or a folder with one "
+                                    "sub-folder per class")
+    else:
+        preflight.existing(args.images)
+        preflight.folder(args.labels, "pass the folder of label volumes with --labels")
     preflight.writable(args.output)
     cli.check_early(args, base)
 

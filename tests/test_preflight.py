@@ -92,7 +92,7 @@ def test_common_mistakes_are_reported_before_torch_is_imported(tmp_path, command
                  (["build", str(there), "-o", unwritable + "/bank"], "cannot be written")],
         "screen": [([missing, "--bank", str(bank), "-o", str(tmp_path / "s")], "no such file"),
                    ([str(there), "--bank", str(bank), "-o", str(tmp_path / "s")], "image_size: bank has 32")],
-        "evaluate": [(["bmad", missing, "-o", str(tmp_path / "e")], "no such file"),
+        "evaluate": [(["bmad", missing, "-o", str(tmp_path / "e")], "not a folder"),
                      (["bmad", str(tmp_path), "-o", unwritable], "cannot be written")],
     }
     for argv, message in cases[command]:
