@@ -108,11 +108,13 @@ def load_backbone(model_id: str, *, stages: tuple[int, ...] = (), device: str | 
     Code that comes with weights is never run and never asked about: a folder or repository that carries its own
     Python code (a ``config.json`` ``auto_map``, ``.py`` files) is refused.
     """
+    from huggingface_hub.utils import enable_progress_bars
     from transformers import AutoModel
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+    hf_logging.disable_progress_bar()  # transformers' own bars (weights read from disk): noise on every run
+    enable_progress_bars()  # the Hub's: a first download (hundreds of MB) shows its progress
     logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
     if model_id.startswith((".", "/", "~")) and not Path(model_id).expanduser().is_dir():
         raise WeightsUnavailableError(f"--model {model_id}: no such folder; pass a folder saved with "

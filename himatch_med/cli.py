@@ -101,6 +101,21 @@ def add_reference_labels(parser: argparse.ArgumentParser) -> None:
                         help="folder of lesion labels named like the references: only lesion-free slices are used")
 
 
+def check_early(args: argparse.Namespace, settings: Settings) -> None:
+    """The checks of :mod:`himatch_med.preflight` for the options every command shares, before any heavy import.
+
+    The model folder, and the bank source of :func:`add_bank_source` when the command has one: ``--bank`` fits
+    these settings, ``--references`` and ``--reference-labels`` exist.
+    """
+    from himatch_med import preflight
+
+    preflight.model_folder(settings.model)
+    if getattr(args, "bank", None) is not None:
+        preflight.bank_fits(args.bank, settings)
+    preflight.existing([*(getattr(args, "references", None) or ()),
+                        *([args.reference_labels] if getattr(args, "reference_labels", None) else [])])
+
+
 def bank_from(args: argparse.Namespace, settings: Settings, extractor):
     """The bank the options of :func:`add_bank_source` name: ``--bank`` opened, or ``--references`` built and cached."""
     from himatch_med.bank.store import cached_bank, open_bank

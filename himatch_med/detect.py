@@ -126,6 +126,59 @@ def batches(extractor: Extractor, prepared: Prepared, settings: Settings, device
         yield part, features, patches
 
 
+def reference_batches(extractor: Extractor, references: Iterable[tuple[str, Prepared]], settings: Settings,
+                      device: torch.device, timer: Timer = NO_TIMER
+                      ) -> Iterator[tuple[Features, torch.Tensor, list[tuple[int, str, Prepared, torch.Tensor]]]]:
+    """Yield backbone batches of the scored slices of consecutive references: ``(features, patch foreground, pieces)``.
+
+    Slices of several references share a batch when their slices have the same size, so a set of 2D images goes
+    through the backbone ``batch_size`` images at a time like the slices of a volume. ``pieces`` says whose the rows
+    of the batch are, in order: ``(reference number, source, prepared, slice indices)``. Slices whose patch grid
+    holds no foreground patch are left out, as in :func:`batches`.
+    """
+    pending: list[tuple[int, str, Prepared, torch.Tensor]] = []
+
+    def flush():
+        height, width = pending[0][2].slices.shape[1:]
+        size = backbone_size(height, width, image_size=settings.image_size, patch_size=extractor.patch_size)
+        grid = (size[0] // extractor.patch_size, size[1] // extractor.patch_size)
+        pieces, patches, images = [], [], []
+        with timer("preprocess"):
+            for number, source, prepared, part in pending:
+                found = patch_foreground(prepared.foreground[part].to(device), grid, settings.patch_foreground)
+                keep = found.flatten(1).any(dim=1)
+                if bool(keep.any()):
+                    part = part[keep.cpu()]
+                    pieces.append((number, source, prepared, part))
+                    patches.append(found[keep])
+                    images.append(to_backbone_images(prepared.slices[part].to(device), size))
+        pending.clear()
+        if not pieces:
+            return None
+        with timer("backbone"):
+            cls, grids = extractor(torch.cat(images))
+            features = describe(cls, grids, settings.layout_cells)
+        return features, torch.cat(patches), pieces
+
+    count = 0
+    for number, (source, prepared) in enumerate(references):
+        if pending and pending[0][2].slices.shape[1:] != prepared.slices.shape[1:]:
+            if (batch := flush()) is not None:
+                yield batch
+            count = 0
+        indices = torch.nonzero(prepared.scored).flatten()
+        while len(indices):
+            taken, indices = indices[:settings.batch_size - count], indices[settings.batch_size - count:]
+            pending.append((number, source, prepared, taken))
+            count += len(taken)
+            if count == settings.batch_size:
+                if (batch := flush()) is not None:
+                    yield batch
+                count = 0
+    if pending and (batch := flush()) is not None:
+        yield batch
+
+
 def stage_distances(features: Features, bank: Bank, settings: Settings, positions: torch.Tensor,
                     groups: torch.Tensor | None = None, timer: Timer = NO_TIMER) -> tuple[torch.Tensor, torch.Tensor]:
     """Retrieve references for a batch and measure each stage against their centroids.

@@ -34,6 +34,13 @@ import torch
 
 from himatch_med.errors import InputError
 
+try:
+    from isal import igzip as _igzip
+except ImportError:  # optional: zlib does the same job, slower
+    _igzip = None
+GZIP_LIBRARY = "zlib" if _igzip is None else "isal"
+"""What compresses the maps here (benchmarks report it)."""
+
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 PAIR_SUFFIXES = (".hdr", ".img")
 """An Analyze 7.5 or NIfTI pair: header and data in two files; the ``.hdr`` stands for both."""
@@ -761,7 +768,9 @@ class Display:
 
 def write_map(array: np.ndarray, header: nib.Nifti1Header, path: str | Path, *, display: Display | None = None,
               dtype=np.float32) -> Path:
-    """Save a map ``(X, Y, Z)`` as NIfTI with a copy of ``header`` (affine, qform, sform, descriptions).
+    """Save a map ``(X, Y, Z)`` as gzipped NIfTI with a copy of ``header`` (affine, qform, sform, descriptions).
+
+    Always gzip-compressed (see :func:`gzip_bytes`); the same map gives the same bytes.
 
     Args:
         array: the map, on the header's grid.
@@ -771,19 +780,13 @@ def write_map(array: np.ndarray, header: nib.Nifti1Header, path: str | Path, *, 
         dtype: the stored type (float32 for maps, an unsigned integer for label maps).
     """
     path = Path(path)
-    header = header.copy()
-    header.set_data_dtype(dtype)
-    header.set_slope_inter(np.nan, np.nan)
-    header.set_data_shape(array.shape)
     if display is not None:
+        header = header.copy()
         header["cal_min"], header["cal_max"] = display.cal_min, display.cal_max
         header.set_intent(display.intent, name=display.name[:16])
-    data = np.asarray(array, dtype=dtype)
-    image = nib.Nifti1Image(data, None, header) \
-        if isinstance(header, nib.Nifti1Header) and not isinstance(header, nib.Nifti2Header) \
-        else nib.Nifti2Image(data, None, header)
+    data = gzip_bytes(_nifti_file(array, header, dtype))
     with _atomic(path, ".nii.gz") as temporary:
-        nib.save(image, temporary)
+        temporary.write_bytes(data)
     return path
 
 
@@ -819,13 +822,29 @@ def nifti_bytes(image: Image, *, dtype=np.float32) -> bytes:
 
     For pages that embed their volumes. The same image gives the same bytes (the gzip header carries no time).
     """
-    header = image.header.copy()
+    return gzip_bytes(_nifti_file(image.array, image.header, dtype))
+
+
+def _nifti_file(array: np.ndarray, header: nib.Nifti1Header, dtype) -> bytes:
+    """The bytes of a single-file NIfTI of ``array`` as ``dtype`` on a copy of ``header`` (NIfTI-2 stays NIfTI-2)."""
+    header = header.copy()
     header.set_data_dtype(dtype)
     header.set_slope_inter(np.nan, np.nan)
-    header.set_data_shape(image.array.shape)
+    header.set_data_shape(array.shape)
     kind = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
-    data = kind(np.asarray(image.array, dtype=dtype), None, header).to_bytes()
-    return gzip.compress(data, compresslevel=1, mtime=0)
+    return kind(np.asarray(array, dtype=dtype), None, header).to_bytes()
+
+
+def gzip_bytes(data: bytes) -> bytes:
+    """``data`` as one gzip member with no time or name in its header, so the same data gives the same bytes.
+
+    ISA-L's igzip (the ``isal`` package) when it is installed: about 8 times zlib's speed at its level 1, for the
+    same size (compressing the maps was the largest cost of a run after the backbone). Without it, zlib at level 1.
+    Either way a standard gzip stream that every NIfTI reader opens; the bytes differ between the two.
+    """
+    if _igzip is None:
+        return gzip.compress(data, compresslevel=1, mtime=0)
+    return _igzip.compress(data, compresslevel=2, mtime=0)
 
 
 def read_text(path: str | Path, *, encoding: str = "utf-8") -> str:
@@ -890,19 +909,17 @@ def write_bank(tensors: dict[str, torch.Tensor], meta: Callable[[str], dict], fo
             :func:`read_bank` verifies.
         folder: the bank folder; an existing one is replaced.
     """
-    from safetensors.torch import save_file
-
     folder = Path(folder).resolve()  # `-o .` has no name of its own until resolved
     check_bank_target(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".part", dir=folder.parent))
     try:
         try:
-            save_file({k: v.contiguous() for k, v in tensors.items()}, staging / BANK_ARRAYS)
+            write_safetensors(tensors, staging / BANK_ARRAYS)
             content = meta(file_sha256(staging / BANK_ARRAYS))
             content = {**content, "meta_sha256": meta_sha256(content)}
             (staging / BANK_META).write_text(json.dumps(_json_safe(content), indent=2) + "\n", encoding="utf-8")
-        except Exception as error:  # safetensors raises its own type for a full disk
+        except Exception as error:  # a full disk, whichever layer notices it
             raise InputError(f"{folder}: the bank could not be written to {folder.parent} ({_reason(error)}); free "
                              "space there or choose another -o") from error
         # mkdtemp makes 0700 and safetensors writes 0600; a bank is meant to be shared, like the other outputs.
@@ -937,6 +954,62 @@ def check_bank_target(folder: str | Path) -> None:
             shown = ", ".join(held[:3]) + (f" and {len(held) - 3} more" if len(held) > 3 else "")
             raise InputError(f"{folder}: exists and is not a bank (it holds {shown}); a bank replaces only an earlier "
                              "bank, so choose a new folder for -o (nothing was changed)")
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, block: int = 64 << 20) -> None:
+    """Write a safetensors file block by block, so that memory-mapped arrays of any size are never copied whole.
+
+    The layout safetensors itself reads: an 8-byte little-endian header length, the JSON header (padded with spaces
+    to 8 bytes), then each tensor's little-endian bytes in the header's order, without gaps.
+    """
+    header, offset = {}, 0
+    for name, tensor in tensors.items():
+        codes = [code for code, dtype in SAFETENSORS_DTYPES.items()
+                 if dtype is not None and torch.from_numpy(np.zeros(0, dtype)).dtype == tensor.dtype]
+        if not codes:
+            raise ValueError(f"bank array {name}: dtype {tensor.dtype} cannot be stored")
+        size = tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": codes[0], "shape": list(tensor.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-(8 + len(text)) % 8)
+    with open(path, "wb") as handle:
+        handle.write(struct.pack("<Q", len(text)) + text)
+        for tensor in tensors.values():
+            flat = tensor.detach().reshape(-1)
+            rows = max(1, block // max(1, tensor.element_size()))
+            for start in range(0, len(flat), rows):
+                handle.write(flat[start:start + rows].cpu().contiguous().numpy().tobytes())
+
+
+class Spill:
+    """Rows of one array appended to an anonymous temporary file and read back memory-mapped.
+
+    For arrays that grow with a bank being built, so that building holds none of them in memory. The file lies in
+    the temporary folder (``TMPDIR``) and is gone once nothing maps it.
+    """
+
+    def __init__(self) -> None:
+        self.handle = tempfile.TemporaryFile(prefix="himatch-bank-")
+        self.rows, self.shape, self.dtype = 0, None, None
+
+    def append(self, tensor: torch.Tensor) -> None:
+        """Append rows ``(B, ...)``; every call has the same row shape and dtype."""
+        if self.shape is None:
+            self.shape, self.dtype = tuple(tensor.shape[1:]), tensor.dtype
+        elif tuple(tensor.shape[1:]) != self.shape or tensor.dtype != self.dtype:
+            raise RuntimeError(f"spilled rows {tuple(tensor.shape[1:])} {tensor.dtype} differ from the first ones "
+                               f"{self.shape} {self.dtype}")
+        self.handle.write(tensor.detach().cpu().contiguous().numpy().tobytes())
+        self.rows += len(tensor)
+
+    def tensor(self) -> torch.Tensor:
+        """The rows so far, memory-mapped read-only ``(rows, ...)``."""
+        self.handle.flush()
+        dtype = torch.zeros(0, dtype=self.dtype).numpy().dtype
+        if not self.rows:
+            return torch.zeros((0, *self.shape), dtype=self.dtype)
+        return _readonly_tensor(np.memmap(self.handle, dtype=dtype, mode="r", shape=(self.rows, *self.shape)))
 
 
 def file_sha256(path: Path, block: int = 64 << 20) -> str:

@@ -12,48 +12,72 @@ def spherical_kmeans(
     """Cluster the valid unit vectors of each slice into at most ``k`` unit centroids, for a batch of slices at once.
 
     Initial centroids are the valid points ranked highest by a seeded random priority over patch positions, so a
-    slice's clustering does not depend on which batch it came in. A slice with ``k`` or fewer valid points keeps them
-    as its centroids. Unused centroid slots repeat the slice's largest centroid with size 0, which leaves every
-    nearest-centroid distance unchanged.
+    slice's clustering does not depend on which batch it came in (nor on the stage: the stages of a batch can be
+    clustered in one call). A slice with ``k`` or fewer valid points keeps them as its centroids. Unused centroid
+    slots repeat the slice's largest centroid with size 0, which leaves every nearest-centroid distance unchanged.
+
+    Lloyd iterations stop early once no assignment changes: from then on every iteration would repeat the last, so
+    the result is the one all ``iterations`` give.
 
     Args:
-        points: unit vectors ``(B, n, D)``.
-        valid: which points take part ``(B, n)``; every slice needs at least one.
+        points: unit vectors ``(..., n, D)``; every leading index is a slice (e.g. ``(L, B, n, D)``).
+        valid: which points take part ``(..., n)``, broadcast to the leading shape of ``points``; every slice needs
+            at least one.
         k: centroids per slice.
         iterations: Lloyd iterations.
         seed: seed of the initial choice.
 
     Returns:
-        Centroids ``(B, k, D)`` and cluster sizes ``(B, k)`` (0 for unused slots).
+        Centroids ``(..., k, D)`` and cluster sizes ``(..., k)`` (0 for unused slots).
     """
-    if not valid.any(dim=1).all():
+    leading, (count, dim) = points.shape[:-2], points.shape[-2:]
+    valid = valid.expand(*leading, count)
+    if not valid.any(dim=-1).all():
         raise ValueError("spherical_kmeans needs at least one valid point per slice")
-    batch, count, _ = points.shape
+    points, valid = points.reshape(-1, count, dim), valid.reshape(-1, count)
+    batch = len(points)
     # Invalid points take no part, not even as 0 * NaN in the cluster sums.
     points = torch.where(valid[..., None], points, torch.zeros_like(points))
     generator = torch.Generator().manual_seed(seed)
     priority = torch.rand(count, generator=generator).to(points.device).expand(batch, -1)
     priority = priority.masked_fill(~valid, -1.0)
     first, chosen = priority.topk(min(k, count), dim=1)
-    centroids = torch.gather(points, 1, chosen[..., None].expand(-1, -1, points.shape[-1]))
+    centroids = torch.gather(points, 1, chosen[..., None].expand(-1, -1, dim))
     live = first >= 0
     if live.shape[1] < k:
         pad = k - live.shape[1]
         centroids = torch.cat([centroids, centroids[:, :1].expand(-1, pad, -1)], dim=1)
         live = torch.cat([live, live.new_zeros(batch, pad)], dim=1)
-    weights = valid.to(points.dtype)
+    weights = valid.to(points.dtype).flatten()
+    flat_points = points.reshape(batch * count, dim)
+    # Slice b's clusters are rows b * k .. b * k + k - 1 of one flat table, so one index_add sums every cluster of
+    # every slice (no (n, k) one-hot matrix; sequential and so deterministic on the CPU).
+    offsets = (torch.arange(batch, device=points.device) * k)[:, None]
+    deterministic_sums = points.device.type == "cpu"
+    previous = None
     for _ in range(iterations + 1):
         similarity = (points @ centroids.transpose(1, 2)).masked_fill(~live[:, None], -torch.inf)
-        members = F.one_hot(similarity.argmax(dim=2), k).to(points.dtype) * weights[..., None]
-        sizes = members.sum(dim=1)
-        sums = members.transpose(1, 2) @ points
+        assignment = similarity.argmax(dim=2)
+        if previous is not None and torch.equal(assignment, previous):
+            break
+        previous = assignment
+        if deterministic_sums:
+            rows = (assignment + offsets).flatten()
+            sizes = points.new_zeros(batch * k).index_add_(0, rows, weights).view(batch, k)
+            sums = points.new_zeros(batch * k, dim).index_add_(0, rows, flat_points).view(batch, k, dim)
+        else:
+            # index_add_ adds with atomics on accelerators (bits vary run to run); a one-hot product is
+            # deterministic there and cheap at these sizes.
+            members = F.one_hot(assignment, k).to(points.dtype) * valid[..., None]
+            sizes, sums = members.sum(dim=1), members.transpose(1, 2) @ points
         filled = sizes > 0
         centroids = torch.where(filled[..., None], F.normalize(sums, dim=-1), centroids)
         live = live & filled
     largest = sizes.argmax(dim=1)
-    spare = torch.gather(centroids, 1, largest[:, None, None].expand(-1, 1, centroids.shape[-1]))
+    spare = torch.gather(centroids, 1, largest[:, None, None].expand(-1, 1, dim))
     centroids = torch.where(live[..., None], centroids, spare)
-    return centroids, torch.where(live, sizes, torch.zeros_like(sizes))
+    sizes = torch.where(live, sizes, torch.zeros_like(sizes))
+    return centroids.reshape(*leading, k, dim), sizes.reshape(*leading, k)
 
 
 def nearest_distance(queries: torch.Tensor, memory: torch.Tensor, chunk: int = 8192) -> torch.Tensor:

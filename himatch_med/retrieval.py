@@ -35,6 +35,11 @@ def retrieve(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices ``(Q, K)`` and similarities of the K most similar bank rows, best first, scanning the bank in chunks.
 
+    With a position window, only the rows inside some query's window are scored when every query has K allowed rows
+    inside its own: the others could only fill up to K, so the result is the one scoring the whole bank gives. The
+    bank may be stored in another dtype or on another device (memory-mapped fp16); only the rows scored are
+    converted, one chunk at a time.
+
     Args:
         query_cls, query_layout, bank_cls, bank_layout, cls_weight: as in :func:`similarity`.
         k: references per query (at most the number of allowed rows).
@@ -46,27 +51,62 @@ def retrieve(
     """
     if k > len(bank_cls):
         raise ValueError(f"k={k} references asked for but the bank holds {len(bank_cls)}; lower references_k")
+    positioned = window > 0 and query_positions is not None and bank_positions is not None
+    grouped = query_groups is not None and bank_groups is not None
+    device = query_cls.device
+
+    def far(rows: slice) -> torch.Tensor:
+        # The tolerance keeps slices exactly one window away on both sides despite float32 rounding.
+        return (query_positions[:, None] - bank_positions[rows].to(query_positions)).abs() > window + 1e-6
+
+    def own(rows: slice) -> torch.Tensor:
+        return query_groups[:, None] == bank_groups[rows].to(query_groups)
+
+    pieces = [slice(start, min(start + chunk, len(bank_cls))) for start in range(0, len(bank_cls), chunk)]
+    if positioned:
+        inside, candidates = torch.zeros(len(query_cls), dtype=torch.long, device=device), []
+        for rows in pieces:
+            allowed = ~far(rows)
+            if grouped:
+                allowed &= ~own(rows)
+            inside += allowed.sum(dim=1)
+            candidates.append(torch.nonzero(allowed.any(dim=0)).flatten().cpu() + rows.start)
+        rows = torch.cat(candidates)
+        runs = _runs(rows, chunk)
+        # Runs shorter than a few rows on average (a bank not in slice order) cost more as many small products.
+        if bool((inside >= k).all()) and len(runs) * 8 <= len(rows):
+            pieces = runs
     best_key = query_cls.new_full((len(query_cls), 0), -torch.inf)
     best_sim = best_key.clone()
-    best_idx = torch.zeros((len(query_cls), 0), dtype=torch.long, device=query_cls.device)
-    for start in range(0, len(bank_cls), chunk):
-        stop = min(start + chunk, len(bank_cls))
-        sim = similarity(query_cls, query_layout, bank_cls[start:stop].to(query_cls),
-                         bank_layout[start:stop].to(query_layout), cls_weight=cls_weight)
+    best_idx = torch.zeros((len(query_cls), 0), dtype=torch.long, device=device)
+    for rows in pieces:
+        sim = similarity(query_cls, query_layout, bank_cls[rows].to(query_cls),
+                         bank_layout[rows].to(query_layout), cls_weight=cls_weight)
         key = sim
-        if window > 0 and query_positions is not None and bank_positions is not None:
-            # The tolerance keeps slices exactly one window away on both sides despite float32 rounding.
-            far = (query_positions[:, None] - bank_positions[None, start:stop].to(query_positions)).abs() \
-                > window + 1e-6
-            key = key - OUT_OF_WINDOW_PENALTY * far
-        if query_groups is not None and bank_groups is not None:
-            own = query_groups[:, None] == bank_groups[None, start:stop].to(query_groups)
-            key = key.masked_fill(own, -torch.inf)
-        index = torch.arange(start, stop, device=sim.device).expand(len(sim), -1)
+        if positioned:
+            key = key - OUT_OF_WINDOW_PENALTY * far(rows)
+        if grouped:
+            key = key.masked_fill(own(rows), -torch.inf)
+        index = torch.arange(rows.start, rows.stop, device=device)
         merged_key = torch.cat([best_key, key], dim=1)
         best_key, order = merged_key.topk(min(k, merged_key.shape[1]), dim=1)
-        best_idx = torch.gather(torch.cat([best_idx, index], dim=1), 1, order)
+        best_idx = torch.gather(torch.cat([best_idx, index.expand(len(sim), -1)], dim=1), 1, order)
         best_sim = torch.gather(torch.cat([best_sim, sim], dim=1), 1, order)
     if torch.isinf(best_key).any():
         raise ValueError(f"fewer than k={k} references are allowed for some query; lower references_k")
     return best_idx, best_sim
+
+
+def _runs(rows: torch.Tensor, chunk: int) -> list[slice]:
+    """Sorted row indices as runs of consecutive rows, at most ``chunk`` long.
+
+    A bank's rows go volume by volume in slice order, so the rows inside a window form one run per volume: scoring
+    views of them reads only those rows, where gathering them would copy them first.
+    """
+    if not len(rows):
+        return []
+    breaks = (torch.nonzero(rows[1:] != rows[:-1] + 1).flatten() + 1).tolist()
+    starts, stops = [0, *breaks], [*breaks, len(rows)]
+    return [slice(int(rows[a]) + offset, int(rows[a]) + min(offset + chunk, b - a))
+            for a, b in zip(starts, stops) for offset in range(0, b - a, chunk)]
+

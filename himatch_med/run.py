@@ -39,6 +39,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace, settings: Settings) -> int:
+    from himatch_med import preflight
+
+    # Common mistakes first, before torch and MONAI are imported (seconds).
+    preflight.existing([*args.inputs, *([args.mask] if args.mask is not None else [])])
+    if args.mask is not None and len(args.inputs) != 1:
+        raise ValueError("--mask applies to a single input; pass one input or drop --mask")
+    preflight.writable(args.output)
+    cli.check_early(args, settings)
+
     from himatch_med import io, jobs
     from himatch_med.detect import Detector, load_extractor
 

@@ -74,9 +74,21 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from himatch_med import evaluation, jobs
+    from himatch_med import preflight
 
     base = cli.settings_from(argparse.Namespace(**{**vars(args), **{axis: None for axis in SEVERAL}}))
+    # Common mistakes first, before torch and MONAI are imported (seconds).
+    if args.command == "bmad":
+        preflight.folder(args.root, "pass the root of a BMAD set (holding train/ and test/) or a folder with one "
+                                    "sub-folder per class")
+    else:
+        preflight.existing(args.images)
+        preflight.folder(args.labels, "pass the folder of label volumes with --labels")
+    preflight.writable(args.output)
+    cli.check_early(args, base)
+
+    from himatch_med import evaluation, jobs
+
     rows = evaluation.ablation_rows(base, **{axis: getattr(args, axis) for axis in SEVERAL})
     jobs.check_output_folder(args.output, [])
     if args.command == "bmad":

@@ -63,6 +63,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _screen(args: argparse.Namespace, settings: Settings) -> int:
+    from himatch_med import preflight
+
+    # Common mistakes first, before torch and MONAI are imported (seconds).
+    _check_engine_options(args)
+    preflight.existing([*args.cohort, *([args.labels] if args.labels is not None else [])])
+    preflight.writable(args.output)
+    cli.check_early(args, settings)
+
     from dataclasses import replace
 
     from himatch_med import screening

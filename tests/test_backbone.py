@@ -117,3 +117,13 @@ def test_every_transformers_load_pins_trust_remote_code_off(tiny_dinov3, monkeyp
     monkeypatch.setattr(AutoModel, "from_pretrained", classmethod(spy))
     load_backbone(str(tiny_dinov3))
     assert calls and all(call.get("trust_remote_code") is False for call in calls)
+
+
+def test_a_first_download_shows_its_progress(tiny_dinov3):
+    """The Hub's progress bars stay on (a first download is hundreds of MB); transformers' own are off."""
+    from huggingface_hub.utils import are_progress_bars_disabled
+    from transformers.utils import logging as hf_logging
+
+    load_backbone(str(tiny_dinov3))
+    assert not are_progress_bars_disabled()
+    assert not hf_logging.is_progress_bar_enabled()

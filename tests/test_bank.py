@@ -8,15 +8,19 @@ from dataclasses import FrozenInstanceError, replace
 import numpy as np
 import pytest
 import torch
-from conftest import OBLIQUE, PERMUTED, SETTINGS, SHAPE, as_stored, brain_volume, save_nifti
+import torch.nn.functional as F
+from conftest import LPS, OBLIQUE, PERMUTED, SETTINGS, SHAPE, as_stored, brain_volume, save_nifti
 
 from himatch_med import io, jobs
-from himatch_med.bank.build import BankBuilder, calibrate_bank
+from himatch_med.bank.build import BankBuilder, build_bank, calibrate_bank
 from himatch_med.bank.data import FORMAT_VERSION, Bank, BankInfo
 from himatch_med.bank.store import cached_bank, open_bank
-from himatch_med.detect import batches
+from himatch_med.config import Settings
+from himatch_med.detect import batches, prepare, stage_distances
 from himatch_med.errors import InputError
+from himatch_med.features import Features
 from himatch_med.run import run_parser
+from himatch_med.volume import to_canonical
 
 LABELLED = (5, 6, 7)
 """Axial slices (canonical order) of the annotated reference that hold a lesion label."""
@@ -60,7 +64,8 @@ def test_calibrating_makes_a_new_bank_and_leaves_the_old_one(stand_in, reference
         prepared = jobs.read(path, SETTINGS).prepared
         for part, features, patches in batches(stand_in, prepared, SETTINGS, torch.device("cpu")):
             builder.add(features.cls, features.layout, features.grids, patches, prepared.foreground[part],
-                        prepared.positions[part], group, [{"source": str(path), "slice": i} for i in part.tolist()])
+                        prepared.positions[part], [group] * len(part),
+                        [{"source": str(path), "slice": i} for i in part.tolist()])
     raw = builder.bank(BankInfo(settings={"model": "stand-in"}))
     calibrated = calibrate_bank(raw, builder.samples, SETTINGS, stand_in.patch_size, torch.device("cpu"))
     assert calibrated is not raw and len(calibrated.calibration_slice_scores) > 0
@@ -120,3 +125,101 @@ def test_the_cache_ignores_speed_settings_only(annotated, stand_in, tmp_path):
     first = cached_bank(refs, None, SETTINGS, stand_in, tmp_path)
     again = cached_bank(refs, None, replace(SETTINGS, batch_size=3, chunk_size=7), stand_in, tmp_path)
     assert again.id == first.id and len(list(tmp_path.iterdir())) == 1
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# a bank made ready for queries
+
+
+def unit_rows(*shape, seed: int) -> torch.Tensor:
+    return F.normalize(torch.randn(*shape, generator=torch.Generator().manual_seed(seed)), dim=-1)
+
+
+def stored_bank(n: int = 40, stages: int = 2, dim: int = 16) -> Bank:
+    """A bank as read from disk: fp16 descriptors and centroids, read-only."""
+    return Bank(cls=unit_rows(n, dim, seed=1).half(), layout=unit_rows(n, 4, dim, seed=2).half(),
+                centroids=unit_rows(n, stages, 3, dim, seed=3).half(), sizes=torch.ones(n, stages, 3, dtype=torch.int32),
+                positions=torch.rand(n, generator=torch.Generator().manual_seed(4)), groups=torch.arange(n) // 10,
+                calibration_mean=torch.zeros(stages), calibration_std=torch.ones(stages),
+                calibration_slice_scores=torch.zeros(0), calibration_volume_scores=torch.zeros(0))
+
+
+def test_bank_for_queries_converts_its_descriptors_once():
+    bank = stored_bank()
+    ready = bank.to("cpu")
+    assert ready.cls.dtype == ready.layout.dtype == torch.float32
+    assert torch.equal(ready.cls, bank.cls.float()) and torch.equal(ready.layout, bank.layout.float())
+    # The rest stays as stored (memory-mapped on the host): nothing else is copied.
+    for name in ("centroids", "sizes", "positions", "groups", "calibration_mean"):
+        assert getattr(ready, name) is getattr(bank, name), name
+    assert bank.cls.dtype == torch.float16  # the stored bank is left alone
+
+
+def test_bank_over_the_descriptor_budget_stays_as_stored():
+    bank = stored_bank()
+    ready = bank.to("cpu", descriptor_budget=100)
+    assert ready.cls is bank.cls and ready.layout is bank.layout
+
+
+def test_queries_answer_alike_with_descriptors_converted_or_not():
+    bank = stored_bank()
+    settings = Settings(model="m", references_k=4, position_window=0.2, chunk_size=7).resolved()
+    features = Features(unit_rows(3, 16, seed=5), unit_rows(3, 4, 16, seed=6), tuple(unit_rows(3, 2, 2, 16, seed=s) for s in (7, 8)))
+    positions = torch.tensor([0.2, 0.5, 0.8])
+    stored = stage_distances(features, bank, settings, positions)
+    ready = stage_distances(features, bank.to("cpu"), settings, positions)
+    assert torch.equal(stored[0], ready[0]) and torch.equal(stored[1], ready[1])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# building in full backbone batches, calibrating in batches
+
+
+class CountingExtractor:
+    """The stand-in, counting its backbone calls and the images in each."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, []
+        self.model_id, self.patch_size, self.stages, self.device = (inner.model_id, inner.patch_size, inner.stages,
+                                                                    inner.device)
+
+    def __call__(self, images):
+        self.calls.append(len(images))
+        return self.inner(images)
+
+
+def images_2d(count: int):
+    """``count`` 2D normal images (one-slice volumes) of one size, as a 2D set is read."""
+    return [(f"image{i}", prepare(torch.from_numpy(brain_volume(40 + i, (56, 60, 3))[0][..., 1:2].copy()), SETTINGS))
+            for i in range(count)]
+
+
+def assert_banks_close(a, b):
+    assert torch.equal(a.groups, b.groups) and a.info.sources == b.info.sources
+    for name in ("cls", "layout", "centroids"):
+        torch.testing.assert_close(a.tensors()[name].float(), b.tensors()[name].float(), rtol=0, atol=1e-3)
+    torch.testing.assert_close(a.sizes, b.sizes, rtol=0, atol=0)
+    for name in ("calibration_mean", "calibration_std", "calibration_slice_scores", "calibration_volume_scores"):
+        torch.testing.assert_close(a.tensors()[name], b.tensors()[name], rtol=1e-5, atol=1e-5)
+
+
+def test_a_2d_set_goes_through_the_backbone_in_batches(stand_in):
+    counting = CountingExtractor(stand_in)
+    batched = build_bank(counting, images_2d(10), replace(SETTINGS, batch_size=4))
+    assert counting.calls == [4, 4, 2]
+    assert len(batched) == 10 and batched.groups.tolist() == list(range(10))
+    one_by_one = build_bank(stand_in, images_2d(10), replace(SETTINGS, batch_size=1))
+    assert_banks_close(batched, one_by_one)
+
+
+def test_volumes_share_batches_and_calibrate_in_batches_like_one_slice_at_a_time(stand_in):
+    volumes = [(f"normal{i}", prepare(torch.from_numpy(to_canonical(as_stored(brain_volume(i, SHAPE)[0], affine),
+                                                                    affine)[0]), SETTINGS))
+               for i, affine in enumerate((OBLIQUE, LPS, PERMUTED))]
+    counting = CountingExtractor(stand_in)
+    batched = build_bank(counting, volumes, replace(SETTINGS, batch_size=8))
+    scored = sum(int(p.scored.sum()) for _, p in volumes)
+    assert sum(counting.calls) == len(batched) == scored
+    assert len(counting.calls) == -(-scored // 8)  # the remainder of a volume fills up with the next one's slices
+    one_by_one = build_bank(stand_in, volumes, replace(SETTINGS, batch_size=1))
+    assert_banks_close(batched, one_by_one)

@@ -27,3 +27,18 @@ def test_stand_in_detection_on_cuda_matches_cpu():
         results[device] = Detector(extractor, bank, settings).detect(prepared(9, (20, 24, 7)))
     torch.testing.assert_close(results["cuda"].anomaly, results["cpu"].anomaly, atol=1e-3, rtol=1e-3)
     assert abs(results["cuda"].volume_score - results["cpu"].volume_score) < 1e-3
+
+
+def test_kmeans_on_cuda_matches_cpu_and_repeats_itself():
+    """On CUDA the cluster sums are a one-hot product (deterministic there): the CPU's answer, the same every time."""
+    from test_matching import realistic_points
+
+    from himatch_med.matching import spherical_kmeans
+
+    points, valid = realistic_points(8, 196, 64, seed=3)
+    stages = torch.stack([points, points.flip(1)])
+    cpu = spherical_kmeans(stages, valid, 32, iterations=20, seed=0)
+    cuda = [spherical_kmeans(stages.cuda(), valid.cuda(), 32, iterations=20, seed=0) for _ in range(2)]
+    assert torch.equal(cuda[0][0], cuda[1][0]) and torch.equal(cuda[0][1], cuda[1][1])
+    torch.testing.assert_close(cuda[0][1].cpu(), cpu[1], rtol=0, atol=0)
+    torch.testing.assert_close(cuda[0][0].cpu(), cpu[0], rtol=0, atol=1e-5)

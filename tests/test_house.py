@@ -18,9 +18,10 @@ METHOD_MAY_IMPORT = ("config", "errors", "features")
 """The only modules of the package a method module may import."""
 MONAI_ALLOWED = ("volume", "transforms")
 TRANSFORMERS_ALLOWED = ("backbone",)
-OPENS_FILES = ("io", "backbone")
+OPENS_FILES = ("io", "backbone", "preflight")
 """The modules that open files themselves: ``io``, and ``backbone``, which reads the model folder it loads (its
-``config.json`` checked for custom code; transformers reads the weights). ``scan`` and ``bank.store`` store things
+``config.json`` checked for custom code; transformers reads the weights), and ``preflight``, which reads a bank's
+``bank.json`` before the heavy imports (``io`` imports torch). ``scan`` and ``bank.store`` store things
 through ``io``."""
 FILE_CALLS = {
     "open", "read_text", "write_text", "read_bytes", "write_bytes", "savefig", "ReadImage", "WriteImage",

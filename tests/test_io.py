@@ -79,10 +79,12 @@ def test_unreadable_files_are_named(tmp_path):
 def test_an_interrupted_write_leaves_no_file(tmp_path, monkeypatch):
     like = io.read_image(save_nifti(np.zeros((4, 5, 6), np.float32), OBLIQUE, tmp_path / "in.nii.gz"))
 
-    def explode(*args, **kwargs):
+    def explode(self, data):
+        with open(self, "wb") as handle:
+            handle.write(data[: len(data) // 2])
         raise OSError("disk full")
 
-    monkeypatch.setattr(nib, "save", explode)
+    monkeypatch.setattr(io.Path, "write_bytes", explode)
     with pytest.raises(OSError, match="disk full"):
         io.write_map(np.ones((4, 5, 6), np.float32), like.header, tmp_path / "out_anomaly.nii.gz")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.nii.gz"]
@@ -169,12 +171,10 @@ def test_a_damaged_bank_is_refused(tmp_path):
 
 
 def test_a_bank_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
-    import safetensors.torch
-
     def explode(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", explode)
+    monkeypatch.setattr(io, "file_sha256", explode)  # after the arrays were written, before the metadata
     # The message names where the bank goes (a full disk is the output's, not an input's) and the fix.
     with pytest.raises(InputError, match=r"bank: the bank could not be written to .* \(disk full\); free space"):
         io.write_bank(_bank().tensors(), _bank().metadata, tmp_path / "bank")
@@ -429,3 +429,61 @@ def test_nifti_bytes_keep_the_header_and_are_the_same_every_time(tmp_path):
     whole = nib.Nifti1Image.from_bytes(gzip.decompress(io.nifti_bytes(rounded, dtype=np.int16)))
     assert whole.get_data_dtype() == np.int16
     np.testing.assert_array_equal(whole.get_fdata(), np.rint(array))
+
+
+@pytest.mark.parametrize("compressor", ["isal", "zlib"])
+def test_maps_are_valid_gzip_nifti_read_back_equal_with_the_same_bytes_every_time(tmp_path, monkeypatch, compressor):
+    if compressor == "isal":
+        pytest.importorskip("isal")
+    else:
+        monkeypatch.setattr(io, "_igzip", None)
+    like = io.read_image(save_nifti(brain_volume(4)[0], OBLIQUE, tmp_path / "in.nii.gz", sform_code=4, qform_code=1))
+    heat = np.random.default_rng(0).normal(size=like.array.shape).astype(np.float32)
+    first = io.write_map(heat, like.header, tmp_path / "a" / "map.nii.gz")
+    second = io.write_map(heat, like.header, tmp_path / "b" / "map.nii.gz")
+    assert first.read_bytes() == second.read_bytes()  # no time or temporary name in the gzip header
+    back = nib.load(first)
+    np.testing.assert_array_equal(np.asarray(back.dataobj), heat)
+    assert back.get_data_dtype() == np.float32
+    for coded in ("get_sform", "get_qform"):
+        (matrix, code), (expected, expected_code) = (getattr(h, coded)(coded=True) for h in (back.header, like.header))
+        np.testing.assert_allclose(matrix, expected, atol=1e-6)
+        assert code == expected_code
+    # One standard gzip member holding exactly the NIfTI nibabel itself would write.
+    assert gzip.decompress(first.read_bytes()) == nib.Nifti1Image(heat, None, back.header).to_bytes()
+
+
+def test_bank_arrays_are_a_safetensors_file_that_safetensors_reads(tmp_path):
+    from safetensors.torch import load_file
+
+    bank = _bank()
+    tensors = {**bank.tensors(), "calibration_volume_scores": torch.zeros(0)}
+    folder = io.write_bank(tensors, bank.metadata, tmp_path / "bank")
+    loaded = load_file(folder / io.BANK_ARRAYS)
+    assert loaded.keys() == tensors.keys()
+    for name, tensor in tensors.items():
+        assert loaded[name].dtype == tensor.dtype and torch.equal(loaded[name], tensor), name
+    again = io.write_bank(tensors, bank.metadata, tmp_path / "again")
+    assert (again / io.BANK_ARRAYS).read_bytes() == (folder / io.BANK_ARRAYS).read_bytes()
+
+
+def test_bank_arrays_are_written_in_blocks(tmp_path):
+    """Arrays larger than a block go out block by block and come back equal."""
+    from safetensors.torch import load_file
+
+    big = torch.arange(10_000, dtype=torch.int64).reshape(100, 100)
+    io.write_safetensors({"big": big, "half": big.half()}, tmp_path / "arrays.safetensors", block=4096)
+    loaded = load_file(tmp_path / "arrays.safetensors")
+    assert torch.equal(loaded["big"], big) and torch.equal(loaded["half"], big.half())
+
+
+def test_spilled_rows_come_back_memory_mapped_and_equal():
+    spill = io.Spill()
+    parts = [torch.randn(3, 4, 5).half(), torch.randn(1, 4, 5).half(), torch.randn(6, 4, 5).half()]
+    for part in parts:
+        spill.append(part)
+    back = spill.tensor()
+    assert back.shape == (10, 4, 5) and back.dtype == torch.float16
+    assert torch.equal(back, torch.cat(parts))
+    with pytest.raises(RuntimeError, match="differ"):
+        spill.append(torch.zeros(1, 4, 6).half())

@@ -283,3 +283,86 @@ def test_reference_distances_of_a_planted_centroid_is_zero_for_that_reference_on
     distances = reference_distances(grid, memory)[0, 0]
     assert float(distances[1]) == pytest.approx(0.0, abs=1e-6)
     assert float(distances[0]) > 1e-3 and float(distances[2]) > 1e-3
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# spherical_kmeans against the implementation it replaced (index_add sums, stages in one call, early stop)
+
+
+def one_hot_kmeans(points, valid, k, *, iterations, seed):
+    """The implementation before 0.3 (one-hot membership matrix, every iteration run), kept as the reference."""
+    if not valid.any(dim=1).all():
+        raise ValueError("spherical_kmeans needs at least one valid point per slice")
+    batch, count, _ = points.shape
+    # Invalid points take no part, not even as 0 * NaN in the cluster sums.
+    points = torch.where(valid[..., None], points, torch.zeros_like(points))
+    generator = torch.Generator().manual_seed(seed)
+    priority = torch.rand(count, generator=generator).to(points.device).expand(batch, -1)
+    priority = priority.masked_fill(~valid, -1.0)
+    first, chosen = priority.topk(min(k, count), dim=1)
+    centroids = torch.gather(points, 1, chosen[..., None].expand(-1, -1, points.shape[-1]))
+    live = first >= 0
+    if live.shape[1] < k:
+        pad = k - live.shape[1]
+        centroids = torch.cat([centroids, centroids[:, :1].expand(-1, pad, -1)], dim=1)
+        live = torch.cat([live, live.new_zeros(batch, pad)], dim=1)
+    weights = valid.to(points.dtype)
+    for _ in range(iterations + 1):
+        similarity = (points @ centroids.transpose(1, 2)).masked_fill(~live[:, None], -torch.inf)
+        members = F.one_hot(similarity.argmax(dim=2), k).to(points.dtype) * weights[..., None]
+        sizes = members.sum(dim=1)
+        sums = members.transpose(1, 2) @ points
+        filled = sizes > 0
+        centroids = torch.where(filled[..., None], F.normalize(sums, dim=-1), centroids)
+        live = live & filled
+    largest = sizes.argmax(dim=1)
+    spare = torch.gather(centroids, 1, largest[:, None, None].expand(-1, 1, centroids.shape[-1]))
+    centroids = torch.where(live[..., None], centroids, spare)
+    return centroids, torch.where(live, sizes, torch.zeros_like(sizes))
+
+
+
+def realistic_points(slices: int, patches: int, dim: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Patch-like features: a few anatomical directions with spread, and foreground masks of varied size."""
+    generator = torch.Generator().manual_seed(seed)
+    centres = F.normalize(torch.randn(slices, 12, dim, generator=generator), dim=-1)
+    labels = torch.randint(0, 12, (slices, patches), generator=generator)
+    points = F.normalize(torch.gather(centres, 1, labels[..., None].expand(-1, -1, dim))
+                         + 0.6 * torch.randn(slices, patches, dim, generator=generator) / dim**0.5, dim=-1)
+    valid = torch.rand(slices, patches, generator=generator) < torch.linspace(0.05, 1.0, slices)[:, None]
+    valid[:, 0] = True
+    return points, valid
+
+
+@pytest.mark.parametrize(("seed", "k", "iterations"), [(0, 32, 20), (1, 32, 20), (2, 8, 50), (3, 32, 0), (4, 64, 3)])
+def test_kmeans_equals_the_one_hot_implementation(seed, k, iterations):
+    """Same assignments, sizes exactly; centroids within float32 summation-order rounding (1e-6)."""
+    points, valid = realistic_points(6, 196, 48, seed)
+    valid[5] = False
+    valid[5, [3, 70, 150]] = True  # fewer valid points than k
+    centroids, sizes = spherical_kmeans(points, valid, k, iterations=iterations, seed=seed)
+    expected_centroids, expected_sizes = one_hot_kmeans(points, valid, k, iterations=iterations, seed=seed)
+    assert torch.equal(sizes, expected_sizes)
+    torch.testing.assert_close(centroids, expected_centroids, rtol=0, atol=1e-6)
+
+
+def test_kmeans_clusters_all_stages_in_one_call():
+    """Stages stacked in front of the batch give exactly what one call per stage gives."""
+    stages = [realistic_points(4, 64, 24, seed)[0] for seed in (5, 6, 7)]
+    valid = realistic_points(4, 64, 24, 8)[1]
+    together = spherical_kmeans(torch.stack(stages), valid, 16, iterations=20, seed=3)
+    assert together[0].shape == (3, 4, 16, 24) and together[1].shape == (3, 4, 16)
+    for stage, grid in enumerate(stages):
+        alone = spherical_kmeans(grid, valid, 16, iterations=20, seed=3)
+        assert torch.equal(together[0][stage], alone[0])
+        assert torch.equal(together[1][stage], alone[1])
+
+
+def test_kmeans_stops_early_only_at_a_fixed_point():
+    """Any iteration count past convergence gives the same bits as the full one-hot run of that many."""
+    points, valid = realistic_points(3, 120, 16, 9)
+    results = [spherical_kmeans(points, valid, 10, iterations=n, seed=1) for n in (30, 100)]
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    expected = one_hot_kmeans(points, valid, 10, iterations=100, seed=1)
+    assert torch.equal(results[1][1], expected[1])
+    torch.testing.assert_close(results[1][0], expected[0], rtol=0, atol=1e-6)

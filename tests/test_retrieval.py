@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from himatch_med.retrieval import retrieve, similarity
+from himatch_med.retrieval import OUT_OF_WINDOW_PENALTY, retrieve, similarity
 
 DIM, CELLS = 12, 4
 
@@ -228,3 +228,96 @@ def test_retrieve_does_not_mutate_inputs():
              query_positions=torch.tensor([0.1, 0.9]), bank_positions=torch.linspace(0, 1, 6), window=0.2)
     for tensor, copy in zip((q_cls, q_layout, b_cls, b_layout), copies, strict=True):
         assert torch.equal(tensor, copy)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# retrieve against the implementation it replaced (window applied before scoring, only scored rows converted)
+
+
+def scan_whole_bank(query_cls, query_layout, bank_cls, bank_layout, *, k, cls_weight, chunk, query_positions=None,
+                    bank_positions=None, window=0.0, query_groups=None, bank_groups=None):
+    """The implementation before 0.3 (every bank row scored, the window a penalty after), kept as the reference."""
+    if k > len(bank_cls):
+        raise ValueError(f"k={k} references asked for but the bank holds {len(bank_cls)}; lower references_k")
+    best_key = query_cls.new_full((len(query_cls), 0), -torch.inf)
+    best_sim = best_key.clone()
+    best_idx = torch.zeros((len(query_cls), 0), dtype=torch.long, device=query_cls.device)
+    for start in range(0, len(bank_cls), chunk):
+        stop = min(start + chunk, len(bank_cls))
+        sim = similarity(query_cls, query_layout, bank_cls[start:stop].to(query_cls),
+                         bank_layout[start:stop].to(query_layout), cls_weight=cls_weight)
+        key = sim
+        if window > 0 and query_positions is not None and bank_positions is not None:
+            # The tolerance keeps slices exactly one window away on both sides despite float32 rounding.
+            far = (query_positions[:, None] - bank_positions[None, start:stop].to(query_positions)).abs() \
+                > window + 1e-6
+            key = key - OUT_OF_WINDOW_PENALTY * far
+        if query_groups is not None and bank_groups is not None:
+            own = query_groups[:, None] == bank_groups[None, start:stop].to(query_groups)
+            key = key.masked_fill(own, -torch.inf)
+        index = torch.arange(start, stop, device=sim.device).expand(len(sim), -1)
+        merged_key = torch.cat([best_key, key], dim=1)
+        best_key, order = merged_key.topk(min(k, merged_key.shape[1]), dim=1)
+        best_idx = torch.gather(torch.cat([best_idx, index], dim=1), 1, order)
+        best_sim = torch.gather(torch.cat([best_sim, sim], dim=1), 1, order)
+    if torch.isinf(best_key).any():
+        raise ValueError(f"fewer than k={k} references are allowed for some query; lower references_k")
+    return best_idx, best_sim
+
+
+def positioned_bank(count: int, volumes: int, seed: int):
+    """A bank of several volumes, each with its slices' relative positions 0..1, stored as fp16 like a real one."""
+    b_cls, b_layout = bank(count, seed=seed)
+    per_volume = count // volumes
+    positions = torch.cat([torch.linspace(0, 1, per_volume)] * volumes + [torch.rand(count - per_volume * volumes)])
+    groups = torch.cat([torch.arange(volumes).repeat_interleave(per_volume),
+                        torch.full((count - per_volume * volumes,), volumes)])
+    return b_cls.half(), b_layout.half(), positions, groups
+
+
+@pytest.mark.parametrize(("window", "k", "chunk", "grouped"),
+                         [(0.1, 8, 64, False), (0.1, 8, 37, True), (0.05, 3, 1000, True), (0.3, 20, 50, True),
+                          (0.0, 8, 64, True), (0.005, 8, 64, True)])
+def test_retrieve_equals_scoring_the_whole_bank(window, k, chunk, grouped):
+    """Same references in the same order and the same similarities, whether or not the window narrows the scan.
+
+    The queries are a batch of consecutive slices (positions 0.3 to 0.45); with (0.005, k=8) some have fewer than K
+    rows inside their window, so the whole bank is scored.
+    """
+    b_cls, b_layout, positions, groups = positioned_bank(300, 4, seed=30)
+    q_cls, q_layout = bank(16, seed=31)
+    q_positions = torch.linspace(0.3, 0.45, 16)
+    q_groups = torch.tensor([0, 1, 2, 3] * 4)
+    options = dict(k=k, cls_weight=0.5, chunk=chunk, query_positions=q_positions, bank_positions=positions,
+                   window=window, query_groups=q_groups if grouped else None, bank_groups=groups if grouped else None)
+    index, sims = retrieve(q_cls, q_layout, b_cls, b_layout, **options)
+    expected_index, expected_sims = scan_whole_bank(q_cls, q_layout, b_cls, b_layout, **options)
+    assert torch.equal(index, expected_index)
+    torch.testing.assert_close(sims, expected_sims, rtol=0, atol=1e-6)
+
+
+def test_rows_outside_every_window_are_not_read():
+    """Rows no query could take are never scored: poisoning them with NaN changes nothing."""
+    b_cls, b_layout, positions, groups = positioned_bank(200, 2, seed=32)
+    q_cls, q_layout = bank(4, seed=33)
+    q_positions = torch.tensor([0.40, 0.45, 0.5, 0.52])
+    options = dict(k=5, cls_weight=0.5, chunk=16, query_positions=q_positions, bank_positions=positions, window=0.1)
+    expected = scan_whole_bank(q_cls, q_layout, b_cls, b_layout, **options)
+    outside = ((q_positions[:, None] - positions[None]).abs() > 0.1 + 1e-6).all(dim=0)
+    assert int(outside.sum()) > 100
+    poisoned_cls, poisoned_layout = b_cls.clone(), b_layout.clone()
+    poisoned_cls[outside], poisoned_layout[outside] = float("nan"), float("nan")
+    index, sims = retrieve(q_cls, q_layout, poisoned_cls, poisoned_layout, **options)
+    assert torch.equal(index, expected[0])
+    torch.testing.assert_close(sims, expected[1], rtol=0, atol=1e-6)
+
+
+def test_retrieve_from_an_fp16_bank_equals_its_float32_copy():
+    """Converting chunk by chunk or once beforehand gives the same answer (fp16 values are exact in float32)."""
+    b_cls, b_layout, positions, groups = positioned_bank(120, 3, seed=34)
+    q_cls, q_layout = bank(5, seed=35)
+    options = dict(k=6, cls_weight=0.4, chunk=25, query_positions=torch.rand(5), bank_positions=positions,
+                   window=0.15, query_groups=torch.tensor([0, 1, 2, 0, 1]), bank_groups=groups)
+    stored = retrieve(q_cls, q_layout, b_cls, b_layout, **options)
+    converted = retrieve(q_cls, q_layout, b_cls.float(), b_layout.float(), **options)
+    assert torch.equal(stored[0], converted[0]) and torch.equal(stored[1], converted[1])

@@ -31,6 +31,13 @@ def bank_main(argv: list[str] | None = None) -> int:
 
 
 def _build(args: argparse.Namespace, settings: Settings) -> int:
+    from himatch_med import preflight
+
+    # Common mistakes first, before torch and MONAI are imported (seconds).
+    preflight.existing(args.references)
+    preflight.writable(args.output.absolute().parent)
+    cli.check_early(args, settings)
+
     from himatch_med.bank.store import build_bank_folder
     from himatch_med.detect import load_extractor
     from himatch_med.jobs import expand_inputs

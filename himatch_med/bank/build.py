@@ -2,27 +2,30 @@
 
 :func:`build_bank` streams prepared normal volumes through the extractor into a :class:`BankBuilder`, which keeps a
 seeded sample of whole volumes; :func:`calibrate_bank` queries that sample against the bank without each slice's own
-volume (METHOD.md §3). Tensors only: reading the references and storing the bank is :mod:`himatch_med.bank.store`'s.
+volume (METHOD.md §3). Tensors only, but for the per-slice arrays of a bank being built, spilled to temporary
+files through :class:`himatch_med.io.Spill`; reading the references and storing the bank is
+:mod:`himatch_med.bank.store`'s.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
+from himatch_med import io
 from himatch_med.bank.data import ARRAYS, STORAGE_DTYPE, Bank, BankInfo
 from himatch_med.config import Settings
 from himatch_med.detect import (
     Prepared,
     Progress,
-    batches,
     device_of_extractor,
     fill_background,
     fused_maps,
+    reference_batches,
     slice_sigma,
     stage_distances,
 )
@@ -31,6 +34,7 @@ from himatch_med.features import Extractor, Features
 from himatch_med.findings import ValueHistogram, calibration_record
 from himatch_med.matching import spherical_kmeans
 from himatch_med.scoring import top_mean
+from himatch_med.timing import NO_TIMER, Timer
 from himatch_med.volume import maps_to_slices
 
 
@@ -65,7 +69,9 @@ class BankBuilder:
     def __init__(self, *, centroids: int, iterations: int, seed: int, calibration_slices: int) -> None:
         self.k, self.iterations, self.seed = centroids, iterations, seed
         self.capacity = calibration_slices
-        self.parts: dict[str, list[torch.Tensor]] = {name: [] for name in ARRAYS[:6]}
+        # The per-slice arrays grow with the bank: spilled to temporary files as they come, so that building holds
+        # none of them in memory (the bank then reads them memory-mapped, like a stored bank).
+        self.parts: dict[str, io.Spill] = {name: io.Spill() for name in ARRAYS[:6]}
         self.sources: list[dict] = []
         self.kept: list[tuple[float, list[Sample]]] = []
         self.current: list[Sample] = []
@@ -76,34 +82,36 @@ class BankBuilder:
         self.random = np.random.default_rng(seed)
 
     def add(self, cls: torch.Tensor, layout: torch.Tensor, grids: tuple[torch.Tensor, ...],
-            patch_foreground: torch.Tensor, foreground: torch.Tensor, positions: torch.Tensor, group: object,
-            sources: list[dict]) -> None:
-        """Add ``B`` reference slices of one volume.
+            patch_foreground: torch.Tensor, foreground: torch.Tensor, positions: torch.Tensor,
+            groups: list[object], sources: list[dict]) -> None:
+        """Add ``B`` reference slices, of one reference or of several consecutive ones (a batch of 2D images).
 
         Args:
             cls, layout, grids: their features (``(B, D)``, ``(B, g*g, D)``, ``L`` grids ``(B, h, w, D)``).
             patch_foreground: foreground patches ``(B, h, w)``; each slice needs at least one.
             foreground: foreground pixels ``(B, H, W)``.
             positions: relative slice positions ``(B,)``.
-            group: any key of the reference volume the slices come from (consecutive calls share it).
+            groups: one key per slice of the reference it comes from (a reference's slices come consecutively).
             sources: one record per slice (file, slice index) for the bank's metadata.
         """
-        if group != self.current_source or not self.volumes:
-            self._close_volume()
-            self.current_source = group
-            self.volumes += 1
-        index = self.volumes - 1  # dense: volumes without a usable slice take no number
-        valid = patch_foreground.flatten(1)
-        clustered = [spherical_kmeans(grid.flatten(1, 2), valid, self.k, iterations=self.iterations, seed=self.seed)
-                     for grid in grids]
+        # All stages of the batch in one call: they share the foreground and the seeded initial choice.
+        centroids, sizes = spherical_kmeans(torch.stack([grid.flatten(1, 2) for grid in grids]),
+                                            patch_foreground.flatten(1), self.k, iterations=self.iterations,
+                                            seed=self.seed)
         self.parts["cls"].append(cls.to("cpu", STORAGE_DTYPE))
         self.parts["layout"].append(layout.to("cpu", STORAGE_DTYPE))
-        self.parts["centroids"].append(torch.stack([c for c, _ in clustered], dim=1).to("cpu", STORAGE_DTYPE))
-        self.parts["sizes"].append(torch.stack([s for _, s in clustered], dim=1).to("cpu", torch.int32))
+        self.parts["centroids"].append(centroids.transpose(0, 1).to("cpu", STORAGE_DTYPE))
+        self.parts["sizes"].append(sizes.transpose(0, 1).to("cpu", torch.int32))
         self.parts["positions"].append(positions.to("cpu", torch.float32))
-        self.parts["groups"].append(torch.full((len(cls),), index, dtype=torch.int64))
         self.sources.extend(sources)
-        for row in range(len(cls)):
+        indices = []
+        for row, group in enumerate(groups):
+            if group != self.current_source or not self.volumes:
+                self._close_volume()
+                self.current_source = group
+                self.volumes += 1
+            index = self.volumes - 1  # dense: volumes without a usable slice take no number
+            indices.append(index)
             if self.offered % self.stride == 0:
                 self.current.append(Sample(cls[row].cpu(), layout[row].cpu(),
                                            tuple(grid[row].to("cpu", STORAGE_DTYPE) for grid in grids),
@@ -114,6 +122,7 @@ class BankBuilder:
             if len(self.current) > self.capacity:
                 # Too long for the budget: keep every other slice from here on, evenly spaced.
                 self.current, self.stride = self.current[::2], self.stride * 2
+        self.parts["groups"].append(torch.tensor(indices, dtype=torch.int64))
 
     def _close_volume(self) -> None:
         if self.current:
@@ -136,10 +145,10 @@ class BankBuilder:
 
     def bank(self, info: BankInfo) -> Bank:
         """The references gathered so far, not yet calibrated (calibration arrays empty), with ``info``'s sources."""
-        if not self.parts["cls"]:
+        if not self.parts["cls"].rows:
             raise InputError("no usable reference slice: every reference slice lacks foreground or is labelled; "
                              "check the reference files, --foreground and --min-foreground")
-        arrays = {name: torch.cat(parts) for name, parts in self.parts.items()}
+        arrays = {name: spill.tensor() for name, spill in self.parts.items()}
         stages = arrays["centroids"].shape[1]
         empty = torch.zeros(0)
         return Bank(**arrays, calibration_mean=torch.zeros(stages), calibration_std=torch.ones(stages),
@@ -158,7 +167,7 @@ def bank_settings(settings: Settings, extractor: Extractor) -> dict:
 
 
 def build_bank(extractor: Extractor, references: Iterable[tuple[str, Prepared]], settings: Settings,
-               progress: Progress | None = None) -> Bank:
+               progress: Progress | None = None, timer: Timer = NO_TIMER) -> Bank:
     """Build and calibrate a bank from prepared normal volumes (each a 2D image or a 3D volume).
 
     Args:
@@ -166,40 +175,50 @@ def build_bank(extractor: Extractor, references: Iterable[tuple[str, Prepared]],
         references: ``(source name, prepared volume)`` pairs; their scored slices become references.
         settings: resolved settings.
         progress: called with the number of slices finished after each batch.
+        timer: charged with the time of each phase: preprocess, backbone, kmeans, calibration (benchmarks).
     """
     device = device_of_extractor(extractor)
     builder = BankBuilder(centroids=settings.centroids, iterations=settings.kmeans_iterations, seed=settings.seed,
                           calibration_slices=settings.calibration_slices)
-    for group, (source, prepared) in enumerate(references):
-        for part, features, patches in batches(extractor, prepared, settings, device):
-            builder.add(features.cls, features.layout, features.grids, patches, prepared.foreground[part],
-                        prepared.positions[part], group, [{"source": source, "slice": i} for i in part.tolist()])
-            if progress:
-                progress(len(part))
+    for features, patches, pieces in reference_batches(extractor, references, settings, device, timer):
+        with timer("kmeans"):
+            builder.add(features.cls, features.layout, features.grids, patches,
+                        torch.cat([prepared.foreground[part] for _, _, prepared, part in pieces]),
+                        torch.cat([prepared.positions[part] for _, _, prepared, part in pieces]),
+                        [number for number, _, _, part in pieces for _ in range(len(part))],
+                        [{"source": source, "slice": i} for _, source, _, part in pieces for i in part.tolist()])
+        if progress:
+            progress(len(patches))
     info = BankInfo(settings=bank_settings(settings, extractor),
                     calibrated_with=settings.calibration_fields(), patch_size=extractor.patch_size)
-    return calibrate_bank(builder.bank(info), builder.samples, settings, extractor.patch_size, device)
+    bank = builder.bank(info)
+    with timer("calibration"):
+        return calibrate_bank(bank, builder.samples, settings, extractor.patch_size, device)
 
 
 def calibrate_bank(bank: Bank, samples: list[Sample], settings: Settings, patch_size: int,
                    device: torch.device) -> Bank:
     """The bank calibrated by querying sampled references against it without their own volume.
 
-    A bank made from a single volume (or image) leaves out only the sampled slice itself.
+    The samples are queried ``batch_size`` at a time (consecutive samples of one grid shape). A bank made from a
+    single volume (or image) leaves out only the sampled slice itself.
     """
     single = bank.groups.unique().numel() == 1
     groups = torch.arange(len(bank)) if single else bank.groups
-    probe = replace(bank, groups=groups)
     if len(bank) < 2:
         raise InputError("a bank needs at least two reference slices to calibrate; add reference images")
-    sample_groups = torch.tensor([s.row if single else s.group for s in samples])
+    # Made ready for queries once (descriptors converted, on the device), not by every query.
+    probe = replace(bank, groups=groups).to(device)
     raw = []
-    for sample, group in zip(samples, sample_groups.tolist()):
-        features = Features(sample.cls[None].to(device), sample.layout[None].to(device),
-                            tuple(g[None].to(device, torch.float32) for g in sample.grids))
-        stage_maps, per_reference = stage_distances(features, probe, settings, torch.tensor([sample.position]),
-                                                    torch.tensor([group]))
-        raw.append((stage_maps, per_reference))
+    for part in _runs(samples, settings.batch_size):
+        features = Features(torch.stack([s.cls for s in part]).to(device),
+                            torch.stack([s.layout for s in part]).to(device),
+                            tuple(torch.stack([s.grids[stage] for s in part]).to(device, torch.float32)
+                                  for stage in range(len(part[0].grids))))
+        stage_maps, per_reference = stage_distances(
+            features, probe, settings, torch.tensor([s.position for s in part]),
+            torch.tensor([s.row if single else s.group for s in part]))
+        raw.extend((stage_maps[:, row:row + 1], per_reference[:, row:row + 1]) for row in range(len(part)))
     foreground_values = torch.cat([a[:, 0][:, s.patch_foreground.to(a.device)] for (a, _), s in zip(raw, samples)],
                                   dim=1)
     mean = foreground_values.mean(dim=1).cpu().float()
@@ -222,3 +241,15 @@ def calibrate_bank(bank: Bank, samples: list[Sample], settings: Settings, patch_
     return replace(calibrated, calibration_slice_scores=torch.tensor(slice_values, dtype=torch.float32),
                    calibration_volume_scores=torch.tensor(volume_scores, dtype=torch.float32),
                    info=replace(calibrated.info, findings=findings))
+
+
+def _runs(samples: list[Sample], size: int) -> Iterator[list[Sample]]:
+    """Consecutive samples in runs of at most ``size`` whose grids have one shape (so that they stack)."""
+    run: list[Sample] = []
+    for sample in samples:
+        if run and (len(run) == size or run[0].grids[0].shape != sample.grids[0].shape):
+            yield run
+            run = []
+        run.append(sample)
+    if run:
+        yield run

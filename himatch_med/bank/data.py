@@ -135,17 +135,23 @@ class Bank:
                   "build_seconds": info.build_seconds, "arrays_sha256": arrays_sha256 or info.arrays_sha256}
         return {**meta, **{key: value for key, value in stored.items() if value is not None}}
 
-    def to(self, device: torch.device | str, *, centroid_budget: int = 8 << 30) -> Bank:
-        """This bank with its retrieval arrays on ``device``.
+    def to(self, device: torch.device | str, *, centroid_budget: int = 8 << 30,
+           descriptor_budget: int = 1 << 30) -> Bank:
+        """This bank ready for queries on ``device``: its retrieval arrays there, the descriptors in float32.
 
-        The centroids follow when they fit ``centroid_budget`` bytes; else they stay memory-mapped on the host and
-        only the retrieved rows travel.
+        ``cls`` and ``layout`` are converted to float32 once here when that copy fits ``descriptor_budget`` bytes, so
+        that retrieval does not convert the whole bank on every call; else they stay as stored and retrieval converts
+        the rows it scores, chunk by chunk. The centroids follow when they fit ``centroid_budget`` bytes; else they
+        stay memory-mapped on the host and only the retrieved rows travel. A bank made for queries is not for
+        storing: store the bank as built.
         """
         device = torch.device(device)
-        if device.type == "cpu":
-            return self
-        moved = {name: tensor.to(device) for name, tensor in self.tensors().items() if name != "centroids"}
-        fits = self.centroids.numel() * self.centroids.element_size() <= centroid_budget
+        on_host = device.type == "cpu"
+        moved = {name: tensor if on_host else tensor.to(device) for name, tensor in self.tensors().items()
+                 if name != "centroids"}
+        if (self.cls.numel() + self.layout.numel()) * 4 <= descriptor_budget:
+            moved["cls"], moved["layout"] = moved["cls"].float(), moved["layout"].float()
+        fits = on_host or self.centroids.numel() * self.centroids.element_size() <= centroid_budget
         return replace(self, **moved, centroids=self.centroids.to(device) if fits else self.centroids)
 
     def memory(self, indices: torch.Tensor, device: torch.device) -> torch.Tensor:

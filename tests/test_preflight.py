@@ -1,0 +1,101 @@
+"""The checks before the heavy imports: common mistakes are reported without torch or MONAI being imported."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from himatch_med import preflight
+from himatch_med.config import Settings
+from himatch_med.errors import InputError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def fake_bank(folder: Path, **settings) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "bank.json").write_text(json.dumps({"format_version": 2, "settings": settings}))
+    return folder
+
+
+def test_missing_paths_are_named(tmp_path):
+    (tmp_path / "here.nii.gz").write_bytes(b"")
+    preflight.existing([tmp_path / "here.nii.gz", tmp_path])
+    with pytest.raises(InputError, match="gone.nii.gz: no such file or folder"):
+        preflight.existing([tmp_path / "here.nii.gz", tmp_path / "gone.nii.gz"])
+
+
+def test_an_output_folder_under_a_file_is_refused_and_a_new_one_is_not(tmp_path):
+    preflight.writable(tmp_path / "new" / "deeper")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(InputError, match="cannot be written.*-o"):
+        preflight.writable(tmp_path / "file" / "out")
+
+
+def test_a_model_path_that_is_not_a_folder_is_refused(tmp_path):
+    preflight.model_folder("facebook/dinov2-base")
+    preflight.model_folder(str(tmp_path))
+    with pytest.raises(InputError, match="no such folder"):
+        preflight.model_folder(str(tmp_path / "weights"))
+
+
+def test_a_bank_built_with_other_settings_is_refused_before_it_is_opened(tmp_path):
+    settings = Settings(model="m", image_size=64).resolved()
+    fitting = fake_bank(tmp_path / "fits", **{**settings.bank_fields(), "model": "other", "stages": [1]})
+    preflight.bank_fits(fitting, settings)  # model and stages are checked when the bank is opened
+    other = fake_bank(tmp_path / "other", **{**settings.bank_fields(), "image_size": 32})
+    with pytest.raises(InputError, match="image_size: bank has 32, this run asks for 64"):
+        preflight.bank_fits(other, settings)
+    with pytest.raises(InputError, match="not a complete bank"):
+        preflight.bank_fits(tmp_path / "nothing", settings)
+
+
+COMMANDS = {
+    "run": "from himatch_med.run import main",
+    "bank": "from himatch_med.bank.__main__ import bank_main as main",
+    "screen": f"sys.path.insert(0, {str(ROOT / 'pipelines')!r}); from screen import main",
+    "evaluate": f"sys.path.insert(0, {str(ROOT / 'pipelines')!r}); from evaluate import main",
+}
+
+
+def answer(command: str, argv: list[str]) -> tuple[int, str, set[str]]:
+    """Exit code, stderr and which heavy modules were imported by the time the command gave up."""
+    code = (f"import sys\n{COMMANDS[command]}\nrc = main({argv!r})\n"
+            "print(sorted(m for m in ('torch', 'monai', 'transformers', 'nibabel') if m in sys.modules))\n"
+            "sys.exit(rc)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT)
+    return done.returncode, done.stderr, set(eval(done.stdout.strip().splitlines()[-1]))
+
+
+@pytest.mark.parametrize("command", ["run", "bank", "screen", "evaluate"])
+def test_common_mistakes_are_reported_before_torch_is_imported(tmp_path, command):
+    missing = str(tmp_path / "missing.nii.gz")
+    (tmp_path / "file").write_text("x")
+    unwritable = str(tmp_path / "file" / "out")
+    bank = fake_bank(tmp_path / "bank", image_size=32, modality="mri")
+    there = tmp_path / "there.nii.gz"
+    there.write_bytes(b"")
+    cases = {
+        "run": [([missing, "--bank", str(bank), "-o", str(tmp_path / "o")], "missing.nii.gz: no such file"),
+                ([str(there), "--bank", str(bank), "-o", unwritable], "cannot be written"),
+                ([str(there), "--bank", str(bank), "-o", str(tmp_path / "o")], "image_size: bank has 32"),
+                ([str(there), "--references", missing, "-o", str(tmp_path / "o")], "no such file"),
+                ([str(there), "--bank", str(bank), "--model", str(tmp_path / "w"), "-o", str(tmp_path / "o")],
+                 "no such folder")],
+        "bank": [(["build", missing, "-o", str(tmp_path / "b")], "no such file"),
+                 (["build", str(there), "-o", unwritable + "/bank"], "cannot be written")],
+        "screen": [([missing, "--bank", str(bank), "-o", str(tmp_path / "s")], "no such file"),
+                   ([str(there), "--bank", str(bank), "-o", str(tmp_path / "s")], "image_size: bank has 32")],
+        "evaluate": [(["bmad", missing, "-o", str(tmp_path / "e")], "not a folder"),
+                     (["bmad", str(tmp_path), "-o", unwritable], "cannot be written")],
+    }
+    for argv, message in cases[command]:
+        code, stderr, heavy = answer(command, argv)
+        assert code == 2 and message in stderr, (argv, stderr)
+        assert not heavy & {"torch", "monai", "transformers"}, (argv, heavy)
