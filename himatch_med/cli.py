@@ -56,11 +56,10 @@ def settings_from(args: argparse.Namespace) -> Settings:
 
 def bank_defaults(folder: Path) -> dict:
     """The settings a bank folder records (``bank.json``: its settings and those of its calibration)."""
-    from himatch_med.io import read_bank_meta
+    from himatch_med.preflight import bank_recorded
 
-    meta = read_bank_meta(folder, verify=False)  # verified in full when the bank is opened
     names = {f.name for f in fields(Settings)}
-    recorded = {**(meta.get("calibration") or {}), **(meta.get("settings") or {})}
+    recorded = bank_recorded(folder)  # verified in full when the bank is opened
     return {name: value for name, value in recorded.items() if name in names and value is not None}
 
 

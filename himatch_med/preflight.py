@@ -75,5 +75,17 @@ def bank_fits(folder: Path, settings: Settings) -> None:
                          + ". Run with the bank's settings, or build a new bank with these.")
 
 
+def bank_recorded(folder: Path) -> dict:
+    """The settings a bank's ``bank.json`` records (its settings and its calibration's), read without heavy imports.
+
+    Empty when the description cannot be read: that is reported, with its cause, when the bank is opened.
+    """
+    try:
+        meta = json.loads((Path(folder) / BANK_META).read_text(encoding="utf-8"))
+        return {**(meta.get("calibration") or {}), **(meta.get("settings") or {})}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError, TypeError):
+        return {}
+
+
 def _plain(value):
     return list(value) if isinstance(value, tuple) else value

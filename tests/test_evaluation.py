@@ -511,7 +511,7 @@ def test_help_lists_every_setting_without_importing_torch():
             "'mean', 'max'])\n"
             "print('PARSED', args.stages, args.fusion)\n"
             "assert 'torch' not in sys.modules")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, encoding="utf-8", errors="replace")
     assert result.returncode == 0, result.stderr
     for field in fields(Settings):
         assert result.stdout.count("--" + field.name.replace("_", "-") + " ") >= 2, field.name

@@ -68,7 +68,7 @@ def answer(command: str, argv: list[str]) -> tuple[int, str, set[str]]:
     code = (f"import sys\n{COMMANDS[command]}\nrc = main({argv!r})\n"
             "print(sorted(m for m in ('torch', 'monai', 'transformers', 'nibabel') if m in sys.modules))\n"
             "sys.exit(rc)")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=120,
                           env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT)
     return done.returncode, done.stderr, set(eval(done.stdout.strip().splitlines()[-1]))
 
@@ -84,14 +84,17 @@ def test_common_mistakes_are_reported_before_torch_is_imported(tmp_path, command
     cases = {
         "run": [([missing, "--bank", str(bank), "-o", str(tmp_path / "o")], "missing.nii.gz: no such file"),
                 ([str(there), "--bank", str(bank), "-o", unwritable], "cannot be written"),
-                ([str(there), "--bank", str(bank), "-o", str(tmp_path / "o")], "image_size: bank has 32"),
+                # The bank defines the run: only an explicit setting can differ from it.
+                ([str(there), "--bank", str(bank), "--image-size", "64", "-o", str(tmp_path / "o")],
+                 "image_size: bank has 32"),
                 ([str(there), "--references", missing, "-o", str(tmp_path / "o")], "no such file"),
                 ([str(there), "--bank", str(bank), "--model", str(tmp_path / "w"), "-o", str(tmp_path / "o")],
                  "no such folder")],
         "bank": [(["build", missing, "-o", str(tmp_path / "b")], "no such file"),
                  (["build", str(there), "-o", unwritable + "/bank"], "cannot be written")],
         "screen": [([missing, "--bank", str(bank), "-o", str(tmp_path / "s")], "no such file"),
-                   ([str(there), "--bank", str(bank), "-o", str(tmp_path / "s")], "image_size: bank has 32")],
+                   ([str(there), "--bank", str(bank), "--image-size", "64", "-o", str(tmp_path / "s")],
+                    "image_size: bank has 32")],
         "evaluate": [(["bmad", missing, "-o", str(tmp_path / "e")], "not a folder"),
                      (["bmad", str(tmp_path), "-o", unwritable], "cannot be written")],
     }

@@ -60,7 +60,7 @@ def test_a_bank_built_with_other_settings_is_refused(cohort, tiny_bank, tiny_din
 def test_missing_weights_give_a_message_not_a_traceback(cohort, tmp_path):
     result = subprocess.run([sys.executable, "-m", "himatch_med.run", str(cohort / "query.nii.gz"), "--references",
                              str(cohort / "refs"), "--model", "facebook/dinov3-vitb16-pretrain-lvd1689m", "-o",
-                             str(tmp_path)], capture_output=True, text=True, env={**_env(), "HF_HUB_OFFLINE": "1"})
+                             str(tmp_path)], capture_output=True, text=True, encoding="utf-8", errors="replace", env={**_env(), "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 2
     assert "accept the licence" in result.stderr and "--model" in result.stderr
     assert "Traceback" not in result.stderr
@@ -70,7 +70,7 @@ def test_help_lists_every_setting_without_importing_torch():
     code = ("import sys\nfrom himatch_med.run import run_parser\nfrom himatch_med.bank.__main__ import bank_parser\n"
             "text = run_parser().format_help()\nbank_parser().parse_args(['build', 'x', '-o', 'y'])\n"
             "assert 'torch' not in sys.modules\nprint(text)")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env())
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, encoding="utf-8", errors="replace", env=_env())
     assert result.returncode == 0, result.stderr
     from dataclasses import fields
 
@@ -177,7 +177,7 @@ def _slowed_run(where, flag, query, references, out, cache):
     env = {**_env(), "PYTHONPATH": os.pathsep.join(filter(None, [tests, os.environ.get("PYTHONPATH")]))}
     return subprocess.Popen([sys.executable, "-c", SLOWED, str(flag), where, str(query), "--references",
                              str(references), "--bank-cache", str(cache), "-o", str(out), *STAND_IN],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, encoding="utf-8", errors="replace", env=env)
 
 
 def _wait_for(flag, process, seconds=120):

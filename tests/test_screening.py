@@ -413,7 +413,7 @@ def test_help_is_instant():
     code = ("import runpy, sys\nsys.argv = ['screen.py', '--help']\ntry:\n"
             f"    runpy.run_path({str(Path(__file__).parents[1] / 'pipelines' / 'screen.py')!r}, run_name='__main__')\n"
             "except SystemExit:\n    pass\nassert 'torch' not in sys.modules, 'torch imported for --help'\n")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, encoding="utf-8", errors="replace")
     assert result.returncode == 0, result.stderr
     assert "--workers" in result.stdout and "--labels" in result.stdout and "--image-size" in result.stdout
 

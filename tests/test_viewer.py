@@ -108,7 +108,8 @@ def test_each_study_gets_a_page_beside_its_outputs_and_the_report_links_it(scree
         study = folder / result.study.folder
         assert [p.name for p in sorted(study.glob("view*"))] == ["view.html", "view_data.js"]
         assert (study / viewer.SCRIPT).stat().st_size > 1_000_000
-        assert result.outputs["view"] == f"{result.study.folder}/view.html" and not result.notes
+        assert result.outputs["view"] == f"{result.study.folder}/view.html"
+        assert not [note for note in result.notes if "page" in note or "viewer" in note], result.notes
     report = (folder / "report.html").read_text()
     for result in results.values():
         assert f"href='{result.study.folder}/view.html'>3D viewer</a>" in report
@@ -152,8 +153,9 @@ def test_the_page_data_holds_the_input_and_the_heatmap_on_the_input_grid(root, s
     for study_id, source in cases.items():
         study = folder / results[study_id].study.folder
         data = _data(study)
-        assert [layer["role"] for layer in data["layers"]] == ["image", "anomaly"]
-        image, heat = (_decode(layer) for layer in data["layers"])
+        # Every run writes its findings now: the label map is the page's third layer.
+        assert [layer["role"] for layer in data["layers"]] == ["image", "anomaly", "findings"]
+        image, heat = (_decode(layer) for layer in data["layers"][:2])
         stored = nib.load(next(study.glob("*_anomaly.nii.gz")))
         assert image.shape == heat.shape == stored.shape
         np.testing.assert_array_equal(heat.get_fdata(), stored.get_fdata())
@@ -225,7 +227,8 @@ def test_without_the_extra_no_page_is_written_and_the_report_says_how(root, view
         result = screening.screen(studies, viewer_detector, tmp_path, workers=0, progress=False)
     finally:
         viewer.niivue_script.cache_clear()
-    assert result.count("ok") == 1 and "view" not in result.results[0].outputs and not result.results[0].notes
+    assert result.count("ok") == 1 and "view" not in result.results[0].outputs
+    assert not [note for note in result.results[0].notes if "page" in note], result.results[0].notes
     assert not [name for name in viewer.FILES if (stale / name).exists()]  # stale pages would show old maps
     report = (tmp_path / "report.html").read_text()
     assert "No 3D viewer pages" in report and "pip install &#x27;himatch-med[viewer]&#x27;" in report
@@ -271,7 +274,7 @@ def test_show_returns_a_notebook_widget_with_the_same_layers(screened):
     pytest.importorskip("ipyniivue", reason=f"the notebook view needs ipyniivue: {viewer.INSTALL}")
     folder, _ = screened
     widget = viewer.show(folder / "dicom_oblique")
-    assert [v.name for v in widget.volumes] == ["image.nii.gz", "anomaly.nii.gz"]
+    assert [v.name for v in widget.volumes] == ["image.nii.gz", "anomaly.nii.gz", "findings.nii.gz"]
     assert widget.volumes[1].colormap == viewer.ANOMALY_COLORMAP and widget.volumes[1].cal_min == 1.0
 
 
@@ -345,7 +348,8 @@ def test_the_lesion_study_opens_in_chromium_with_its_heatmap_on_the_lesion(root,
     study = folder / results[HOSTILE].study.folder
     page, status = _open(browser, study / viewer.PAGE)
     shape = list(nib.load(root / "cohort" / "lesion.nii.gz").shape)
-    assert [(layer["role"], layer["dims"]) for layer in status["layers"]] == [("image", shape), ("anomaly", shape)]
+    assert [(layer["role"], layer["dims"]) for layer in status["layers"]] == [("image", shape), ("anomaly", shape),
+                                                                               ("findings", shape)]
     assert page.title().startswith(HOSTILE)
     # The page opens on the most anomalous slice; its buttons move there again after a look elsewhere.
     page.evaluate("window.himatchViewer.nv.scene.crosshairPos = [0.1, 0.1, 0.1]")
@@ -392,7 +396,8 @@ def test_the_dicom_study_opens_in_chromium_on_the_series_grid(root, screened, br
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(root / "cohort" / "dicom_oblique")))
     size = list(reader.Execute().GetSize())
-    assert [(layer["role"], layer["dims"]) for layer in status["layers"]] == [("image", size), ("anomaly", size)]
+    assert [(layer["role"], layer["dims"]) for layer in status["layers"]] == [("image", size), ("anomaly", size),
+                                                                              ("findings", size)]
     page.locator("button[data-jump='1']").click()
     assert page.evaluate("window.himatchStatus.jump.index") == 1
     page.screenshot(path=str(shots / "viewer_dicom.png"))
