@@ -124,6 +124,17 @@ class Settings:
                                      findings=True)
     finding_connectivity: int = _setting(26, "voxels that touch to form one finding: 6 (faces), 18 (edges) or 26 "
                                          "(corners)", FINDING_CONNECTIVITIES, findings=True)
+    # Ranking (issue 18): end-of-volume slivers, percentiles from few volumes, scores that depend on the bank.
+    sliver_area: float = _setting(0.2, "slices whose foreground is less than this share of the volume's largest "
+                                  "slice's (end-of-volume slivers: few patches, their own statistics) are mapped but "
+                                  "neither ranked among the top slices nor counted in the volume score; 0: every "
+                                  "scored slice counts", calibrated=True)
+    percentile_error: float = _setting(10.0, "a percentile is called stable when its standard error at the median, "
+                                       "50 / sqrt(n) percentile points from n normal volumes, is at most this many "
+                                       "points (10: 25 volumes); fewer get a warning")
+    spread_replicates: int = _setting(8, "bank subsets (a seeded bootstrap over the reference volumes, each with its "
+                                      "own calibration) that a volume score is recomputed against, to report how "
+                                      "much it depends on the bank; 0: off", built=True)
     seed: int = _setting(0, "seed of every random choice (k-means, calibration sample)", built=True)
     batch_size: int = _setting(16, "slices per backbone batch", speed=True)
     chunk_size: int = _setting(4096, "bank rows compared at once (bounds memory)", speed=True)
@@ -138,7 +149,7 @@ class Settings:
                      "chunk_size", "calibration_slices"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
-        for name in ("min_foreground", "patch_foreground", "cls_weight", "top_fraction"):
+        for name in ("min_foreground", "patch_foreground", "cls_weight", "top_fraction", "sliver_area"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name}={getattr(self, name)} must lie in [0, 1]")
         if not 0 < self.finding_false_positive_fraction < 1:
@@ -150,6 +161,9 @@ class Settings:
             raise ValueError(f"finding_min_volume={self.finding_min_volume} must not be negative")
         if self.finding_threshold is not None and not math.isfinite(self.finding_threshold):
             raise ValueError(f"finding_threshold={self.finding_threshold} must be a finite z-value")
+        if self.percentile_error <= 0 or self.spread_replicates < 0:
+            raise ValueError(f"percentile_error={self.percentile_error} must be positive and spread_replicates="
+                             f"{self.spread_replicates} not negative")
         if self.temperature <= 0:
             raise ValueError(f"temperature={self.temperature} must be positive")
         if self.smoothing_sigma < 0:

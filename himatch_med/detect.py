@@ -19,7 +19,7 @@ from himatch_med.features import Extractor, Features, describe
 from himatch_med.fusion import calibrate, fuse, stage_uncertainty
 from himatch_med.matching import reference_distances
 from himatch_med.retrieval import retrieve
-from himatch_med.scoring import percentile, slice_scores, volume_score
+from himatch_med.scoring import percentile, slice_scores, sliver_slices, volume_score
 from himatch_med.timing import NO_TIMER, Timer
 from himatch_med.transforms import (
     foreground_mask,
@@ -57,7 +57,9 @@ class Detection:
     ``anomaly`` and ``uncertainty`` (S, H, W): the fused maps F and U of the display-oriented slices cut along the
     canonical ``axis``, as the picture and the metrics use them (:meth:`canonical` stacks them into the canonical
     volume); ``slice_scores`` and ``slice_percentiles`` (S,); ``scored`` (S,) the slices that were scored;
-    ``volume_score`` and ``volume_percentile``.
+    ``volume_score`` and ``volume_percentile``; ``slivers`` (S,) the scored slices too small to rank or count in the
+    volume score (:func:`himatch_med.scoring.sliver_slices`); ``replicate_scores`` the volume score against each of
+    the bank's subsets (:attr:`himatch_med.bank.data.Bank.replicates`; empty without them).
     """
 
     anomaly: torch.Tensor
@@ -68,6 +70,8 @@ class Detection:
     scored: torch.Tensor
     volume_score: float
     volume_percentile: float
+    slivers: torch.Tensor | None = None
+    replicate_scores: tuple[float, ...] = ()
 
     def canonical(self, name: str) -> torch.Tensor:
         """The map ``name`` (``anomaly`` or ``uncertainty``) as a canonical volume ``(X, Y, Z)``."""
@@ -180,14 +184,23 @@ def reference_batches(extractor: Extractor, references: Iterable[tuple[str, Prep
 
 
 def stage_distances(features: Features, bank: Bank, settings: Settings, positions: torch.Tensor,
-                    groups: torch.Tensor | None = None, timer: Timer = NO_TIMER) -> tuple[torch.Tensor, torch.Tensor]:
+                    groups: torch.Tensor | None = None, timer: Timer = NO_TIMER, *,
+                    allowed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Retrieve references for a batch and measure each stage against their centroids.
+
+    ``groups``: each query's reference volume, left out of its retrieval; ``allowed``: the bank rows a query may
+    retrieve ``(N,)`` (a subset of the bank), instead.
 
     Returns:
         Stage maps ``A`` ``(L, B, h, w)`` and per-reference distances ``d`` ``(L, B, h, w, K)``.
     """
     device = features.cls.device
+    bank_groups = bank.groups
     available = len(bank) - (int(torch.bincount(bank.groups).max()) if groups is not None else 0)
+    if allowed is not None:
+        # A bank subset: the rows left out form the one group that every query leaves out.
+        groups, bank_groups, available = torch.zeros(len(positions), dtype=torch.long), allowed.long(), \
+            int(allowed.sum())
     with timer("retrieval"):
         k = min(settings.references_k, available)
         if k < 1:
@@ -197,7 +210,7 @@ def stage_distances(features: Features, bank: Bank, settings: Settings, position
                             query_positions=positions.to(device), bank_positions=bank.positions,
                             window=settings.position_window,
                             query_groups=None if groups is None else groups.to(device),
-                            bank_groups=None if groups is None else bank.groups)
+                            bank_groups=None if groups is None else bank_groups)
     with timer("matching"):
         memory = bank.memory(index, device)
         distances = torch.stack([reference_distances(grid.flatten(1, 2), memory[stage], chunk=settings.chunk_size)
@@ -288,10 +301,18 @@ class Detector:
         bank, settings = self.bank, self.settings
         count, height, width = prepared.slices.shape
         grid_maps: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        subsets = self.subsets()
+        replicate_maps: list[dict[int, torch.Tensor]] = [{} for _ in subsets]
         pending = computed if computed is not None else self.batches(prepared, timer)
         for part, features, patches in pending:
             stage_maps, per_reference = stage_distances(features, bank, settings, prepared.positions[part],
                                                         timer=timer)
+            with timer("spread"):
+                for maps, (allowed, calibrated) in zip(replicate_maps, subsets):
+                    distances = (stage_maps, per_reference) if allowed is None else stage_distances(
+                        features, bank, settings, prepared.positions[part], allowed=allowed)
+                    anomaly = fill_background(fused_maps(*distances, calibrated, settings)[0], patches)
+                    maps.update(zip(part.tolist(), anomaly))
             with timer("fusion"):
                 anomaly, uncertainty = fused_maps(stage_maps, per_reference, bank, settings)
                 anomaly, uncertainty = fill_background(anomaly, patches), fill_background(uncertainty, patches)
@@ -308,13 +329,47 @@ class Detector:
                                      sigma)
             foreground = prepared.foreground.to(anomaly.device)
             scores = slice_scores(anomaly, foreground, scored.to(anomaly.device), settings.top_fraction).cpu()
-            score = volume_score(anomaly, foreground, scored.to(anomaly.device), settings.top_fraction) \
+            slivers = sliver_slices(prepared.foreground, scored, settings.sliver_area).cpu()
+            ranked = scored & ~slivers
+            score = volume_score(anomaly, foreground, ranked.to(anomaly.device), settings.top_fraction) \
                 if scored.any() else 0.0
             anomaly, uncertainty = anomaly.cpu(), uncertainty.cpu()
+        with timer("spread"):
+            replicate_scores = tuple(self.subset_score(maps, prepared, ranked, sigma) for maps in replicate_maps)
         return Detection(
             anomaly=anomaly, uncertainty=uncertainty, axis=prepared.axis, slice_scores=scores,
             slice_percentiles=percentile(scores, bank.calibration_slice_scores), scored=scored, volume_score=score,
-            volume_percentile=float(percentile(torch.tensor([score]), bank.calibration_volume_scores)[0]))
+            volume_percentile=float(percentile(torch.tensor([score]), bank.calibration_volume_scores)[0]),
+            slivers=slivers, replicate_scores=replicate_scores)
+
+    def subsets(self) -> list[tuple[torch.Tensor | None, Bank]]:
+        """The bank subsets a volume score is recomputed against: ``(rows it may retrieve, bank calibrated so)``.
+
+        The first ``settings.spread_replicates`` of the bank's (:attr:`Bank.replicates`); ``None`` rows for a
+        replicate that draws every reference volume (its retrieval is the whole bank's).
+        """
+        bank, count = self.bank, min(self.settings.spread_replicates, self.bank.replicates)
+        if not count:
+            return []
+        subsets = []
+        for draws, mean, std in zip(bank.spread_draws[:count], bank.spread_mean[:count], bank.spread_std[:count]):
+            allowed = draws.to(bank.groups.device)[bank.groups] > 0
+            subsets.append((None if bool(allowed.all()) else allowed,
+                            replace(bank, calibration_mean=mean, calibration_std=std)))
+        return subsets
+
+    def subset_score(self, maps: dict[int, torch.Tensor], prepared: Prepared, ranked: torch.Tensor,
+                     sigma: float) -> float:
+        """The volume score of a bank subset's patch maps (by slice index): only the ranked slices are resampled."""
+        indices = [i for i in torch.nonzero(ranked).flatten().tolist() if i in maps]
+        if not indices:
+            return 0.0
+        size = tuple(prepared.slices.shape[1:])
+        stack = torch.stack([maps[i] for i in indices])
+        resampled = torch.cat([maps_to_slices(part, size, sigma=sigma) for part in stack.split(64)])
+        foreground = prepared.foreground[indices].to(resampled.device)
+        return volume_score(resampled, foreground, torch.ones(len(indices), dtype=torch.bool),
+                            self.settings.top_fraction)
 
 
 def device_of(name: str) -> torch.device:

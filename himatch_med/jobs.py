@@ -165,7 +165,7 @@ def process(path: Path, detector: Detector, folder: Path, *, options: ReadOption
 
 
 def analyse(job: Job, detector: Detector, folder: Path, *, progress: bool = True, timer: Timer = NO_TIMER,
-            replaces: tuple[str, ...] = ()) -> dict:
+            replaces: tuple[str, ...] = (), title: str | None = None) -> dict:
     """Detect anomalies in an input read by :func:`read` and write its outputs; returns the report.
 
     The outputs are written as one set while this process holds the input's lock in ``folder``: all of them
@@ -179,6 +179,7 @@ def analyse(job: Job, detector: Detector, folder: Path, *, progress: bool = True
         timer: charged with the detector's steps and ``save`` (benchmarks).
         replaces: names of other files in ``folder`` made from the outputs (a viewer page), removed when the
             outputs are replaced so that none is left showing the earlier ones.
+        title: what the overview picture is titled with (a study id; default: the input's file name).
 
     Raises:
         InputError: another process is writing the outputs of this input into ``folder``.
@@ -227,7 +228,7 @@ def analyse(job: Job, detector: Detector, folder: Path, *, progress: bool = True
                                           for key, path in written.items()})
                 report["notes"] += list(found.notes) + notes
                 figure = overview_figure(prepared, detection, report, aspect=scan.pixel_aspect(prepared.axis),
-                                         findings=label_slices)
+                                         findings=label_slices, title=title)
                 io.write_figure(figure, staged["overview"])
                 for write in writes:
                     write.result()

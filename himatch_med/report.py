@@ -17,11 +17,17 @@ from himatch_med.bank.data import Bank
 from himatch_med.config import Settings
 from himatch_med.detect import Detection, Detector, Prepared
 from himatch_med.scan import Scan
+from himatch_med.scoring import foreground_shares, percentile_basis
 
 TOP_SLICES = 5
 OVERVIEW_SLICES = 4
 VERSIONS = ("torch", "transformers", "monai", "nibabel", "SimpleITK", "numpy", "scipy")
 """Packages whose versions a report records, besides Python and himatch-med."""
+SLIVER_RULE = ("scored slices whose foreground is less than sliver_area of the volume's largest slice's: mapped, but "
+               "neither among the top slices nor in the volume score")
+SPREAD_METHOD = ("the volume score recomputed against bank subsets (a seeded bootstrap over the reference volumes, "
+                 "each subset with its own calibration); spread: the root mean square of their differences from the "
+                 "score; range: their lowest and highest")
 
 
 def make_report(scan: Scan, prepared: Prepared, detection: Detection, detector: Detector,
@@ -37,23 +43,40 @@ def make_report(scan: Scan, prepared: Prepared, detection: Detection, detector: 
     """
     bank, settings, extractor = detector.bank, detector.settings, detector.extractor
     scores = detection.slice_scores
-    order = [i for i in torch.argsort(scores, descending=True).tolist() if detection.scored[i]][:TOP_SLICES]
+    slivers = detection.slivers if detection.slivers is not None else torch.zeros_like(detection.scored)
+    ranked = detection.scored & ~slivers
+    order = [i for i in torch.argsort(scores, descending=True).tolist() if ranked[i]][:TOP_SLICES]
     top = []
     for index in order:
         file_axis, file_index = scan.file_slice_index(index, prepared.axis)
         top.append({"slice": index, "file_axis": "ijk"[file_axis], "file_index": file_index,
                     "score": float(scores[index]), "percentile": float(detection.slice_percentiles[index])})
+    sliver_list = [int(i) for i in torch.nonzero(slivers).flatten()]
+    sliver_files = [scan.file_slice_index(i, prepared.axis) for i in sliver_list]
+    basis = {**percentile_basis(len(bank.calibration_volume_scores), len(bank.calibration_slice_scores),
+                                settings.percentile_error),
+             "bank_volumes": int(bank.groups.max()) + 1 if len(bank) else 0}
+    spread = score_spread(detection.volume_score, detection.replicate_scores)
     return {
         "input": str(scan.path), "kind": scan.kind, "shape": list(scan.shape),
         "affine": np.round(scan.affine, 6).tolist(),
         "notes": list(scan.notes) + list(prepared.notes) + calibration_notes(bank, settings)
-        + aspect_notes(scan.pixel_aspect(prepared.axis)),
+        + aspect_notes(scan.pixel_aspect(prepared.axis)) + sliver_notes(sliver_files, settings.sliver_area)
+        + percentile_notes(basis, settings.percentile_error) + spread_notes(bank, settings, spread),
         "volume_score": detection.volume_score, "volume_percentile": detection.volume_percentile,
+        "volume_score_spread": spread["spread"], "volume_score_range": spread["range"],
+        "percentile_basis": basis,
+        "spread": {**spread, "replicates": len(detection.replicate_scores), "bank_replicates": bank.replicates,
+                   "method": SPREAD_METHOD},
         "slice_axis": settings.axis,
         "slice_order": "slice i lies along the canonical (RAS) axis, from left/posterior/inferior upwards",
         "slice_scores": [round(float(s), 5) for s in scores],
         "slice_percentiles": [round(float(p), 2) for p in detection.slice_percentiles],
         "scored_slices": [int(i) for i in torch.nonzero(detection.scored).flatten()],
+        "slice_foreground_shares": [round(float(a), 3) for a in foreground_shares(prepared.foreground)],
+        "slivers": {"slices": sliver_list, "file_axis": "ijk"[sliver_files[0][0]] if sliver_files else None,
+                    "file_indices": [index for _, index in sliver_files], "rule": SLIVER_RULE,
+                    "sliver_area": settings.sliver_area},
         "top_slices": top,
         "outputs": {k: p.name for k, p in outputs.items()},
         "model": extractor.model_id, "stages": list(extractor.stages),
@@ -62,6 +85,71 @@ def make_report(scan: Scan, prepared: Prepared, detection: Detection, detector: 
         "settings": asdict(settings), "seed": settings.seed, "versions": versions(),
         "device": str(detector.device),
     }
+
+
+def score_spread(score: float, replicates: tuple[float, ...]) -> dict:
+    """How far a volume score moves between bank subsets: ``spread`` (RMS difference), ``range`` and the ``scores``.
+
+    The RMS difference from the score itself, not the replicates' standard deviation: a subset that shifts every
+    score (fewer references, another calibration) moves the score as much as one that scatters it.
+    """
+    if not replicates:
+        return {"spread": None, "range": None, "scores": []}
+    values = np.asarray(replicates, dtype=np.float64)
+    return {"spread": round(float(np.sqrt(np.mean((values - score) ** 2))), 4),
+            "range": [round(float(values.min()), 4), round(float(values.max()), 4)],
+            "scores": [round(float(v), 4) for v in values]}
+
+
+def sliver_notes(files: list[tuple[int, int]], area: float) -> list[str]:
+    """A note naming the slivers (the file's voxel axis and indices) that were neither ranked nor scored."""
+    if not files:
+        return []
+    return [f"{len(files)} end slices ({'ijk'[files[0][0]]}={_runs_text([index for _, index in files])}) hold less "
+            f"than {area:.0%} of the largest slice's foreground: mapped, but neither ranked among the top slices nor "
+            "counted in the volume score (--sliver-area)"]
+
+
+def percentile_notes(basis: dict, error: float) -> list[str]:
+    """A warning when the volume percentile rests on too few normal volumes to mean much."""
+    volumes, needed = basis["normal_volumes"], basis["stable_from_volumes"]
+    if basis["stable"] or not volumes:
+        return []
+    levels = ", ".join(f"{100 * i / volumes:g}" for i in range(volumes + 1)) if volumes <= 4 else \
+        f"steps of {100 / volumes:.3g}"
+    extra = "" if basis["bank_volumes"] <= volumes else (
+        f"; the bank holds {basis['bank_volumes']} volumes but its calibration sampled {volumes}: raise "
+        "--calibration-slices to sample more")
+    return [f"the volume percentile rests on {volumes} normal volume{'s' if volumes > 1 else ''} (it can only be "
+            f"{levels}; standard error up to {basis['standard_error_points']:.0f} points): a stable percentile "
+            f"(standard error at most {error:g} points) needs at least {needed} normal volumes{extra}; build the "
+            "bank from more normal references"]
+
+
+def spread_notes(bank: Bank, settings: Settings, spread: dict) -> list[str]:
+    """A note when the spread of the score cannot be given (a bank of one volume, or built before spreads)."""
+    if spread["spread"] is not None or settings.spread_replicates == 0:
+        return []
+    volumes = int(bank.groups.max()) + 1 if len(bank) else 0
+    if volumes < 2:
+        return ["the bank holds one normal volume: how much the score depends on the bank cannot be measured; build "
+                "it from more normal references"]
+    return ["the bank was built before score spreads existed: how much the score depends on the bank is not "
+            "measured; rebuild it (`python -m himatch_med.bank build`) to get the spread"]
+
+
+def _runs_text(indices: list[int]) -> str:
+    """Indices as ranges: 0, 1, 2, 12, 13 -> '0-2, 12-13'."""
+    parts, ordered = [], sorted(indices)
+    start = previous = ordered[0]
+    for index in ordered[1:] + [None]:
+        if index is not None and index == previous + 1:
+            previous = index
+            continue
+        parts.append(f"{start}" if start == previous else f"{start}-{previous}")
+        if index is not None:
+            start = previous = index
+    return ", ".join(parts)
 
 
 def calibration_notes(bank: Bank, settings: Settings) -> list[str]:
@@ -100,18 +188,30 @@ def versions() -> dict:
 
 
 def overview_figure(prepared: Prepared, detection: Detection, report: dict, *, aspect: float = 1.0,
-                    findings: np.ndarray | None = None):
+                    findings: np.ndarray | None = None, title: str | None = None):
     """The overview picture: the most anomalous slices with their heatmaps (``aspect``: pixel height over width).
 
-    ``findings``: the findings' label map as slices ``(S, H, W)``, outlined on the chosen slices.
+    ``findings``: the findings' label map as slices ``(S, H, W)``, outlined on the chosen slices; ``title``: what
+    the picture is of (a study id; default: the input's file name).
     """
     from himatch_med.figures import overview
 
     chosen = [t["slice"] for t in report["top_slices"][:OVERVIEW_SLICES]] or [len(prepared.slices) // 2]
     titles = [f"slice {t['file_axis']}={t['file_index']}  score {t['score']:.2f}" for t in report["top_slices"]]
     titles = (titles + [""] * len(chosen))[: len(chosen)]
-    name = Path(report["input"]).name
+    name = title or Path(report["input"]).name
+    spread = report.get("volume_score_spread")
+    heading = f"{name}: volume score {report['volume_score']:.2f}" + ("" if spread is None else f" ± {spread:.2f}")
+    basis = report.get("percentile_basis") or {}
+    percentile = report.get("volume_percentile")
+    if percentile is not None and percentile == percentile and basis.get("normal_volumes"):
+        heading += (f" z, percentile {percentile:.0f} of {basis['normal_volumes']} normal volumes"
+                    + ("" if basis.get("stable") else " (too few)"))
+    else:
+        heading += " z"
+    slivers = report.get("slivers") or {}
+    if slivers.get("file_indices"):
+        heading += (f"\nslivers not ranked ({slivers['file_axis']}): {_runs_text(slivers['file_indices'])}")
     return overview(prepared.slices[chosen].numpy(), detection.anomaly[chosen].numpy(),
-                    prepared.foreground[chosen].numpy(), titles,
-                    title=f"{name}: volume score {report['volume_score']:.2f} z", aspect=aspect,
+                    prepared.foreground[chosen].numpy(), titles, title=heading, aspect=aspect,
                     findings=None if findings is None else findings[chosen])

@@ -71,3 +71,60 @@ def percentile(scores: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     ordered = reference.float().to(scores.device).sort().values
     below = torch.searchsorted(ordered, scores.float().contiguous(), right=True)
     return 100.0 * below / len(ordered)
+
+
+def foreground_shares(foreground: torch.Tensor) -> torch.Tensor:
+    """Each slice's foreground area as a share of the largest slice's ``(S,)``, from the foreground ``(S, H, W)``."""
+    area = foreground.flatten(1).sum(dim=1).double()
+    return (area / area.max().clamp(min=1)).float()
+
+
+def sliver_slices(foreground: torch.Tensor, scored: torch.Tensor, area: float) -> torch.Tensor:
+    """The scored slices ``(S,)`` whose foreground is less than ``area`` of the largest slice's (slivers).
+
+    A sliver (the thin end of an organ) has few patches: the mean of its top values rests on few of them, and its
+    patches are edge and partial-volume ones, unlike most of the references'. Slivers are mapped but do not rank.
+    When every scored slice would be a sliver (the largest slice not scored), none is: the volume keeps a score.
+    """
+    slivers = scored.to(foreground.device) & (foreground_shares(foreground) < area)
+    if bool((scored.to(slivers.device) & ~slivers).any()):
+        return slivers
+    return torch.zeros_like(slivers)
+
+
+def stable_volumes(error: float) -> int:
+    """Normal volumes an empirical percentile needs for a standard error of at most ``error`` points at the median.
+
+    The share of ``n`` normal scores below a query's estimates a probability ``p`` with standard error
+    ``sqrt(p (1 - p) / n)``, largest at ``p = 0.5``: ``50 / sqrt(n)`` percentile points; it is at most ``error`` for
+    ``n >= (50 / error) ** 2`` (25 volumes for 10 points). Its resolution, ``100 / n`` points, is then finer still.
+    """
+    return max(1, math.ceil(round((50.0 / error) ** 2, 9)))
+
+
+def percentile_basis(volumes: int, slices: int, error: float) -> dict:
+    """What a percentile rests on: the normal volumes and slices, its resolution and standard error, and if enough.
+
+    Args:
+        volumes: normal volumes whose scores the volume percentile compares with.
+        slices: normal slices whose scores the slice percentiles compare with.
+        error: the largest standard error (percentile points) called stable (:func:`stable_volumes`).
+    """
+    needed = stable_volumes(error)
+    return {"normal_volumes": volumes, "normal_slices": slices,
+            "resolution_points": round(100.0 / volumes, 2) if volumes else None,
+            "standard_error_points": round(50.0 / math.sqrt(volumes), 2) if volumes else None,
+            "stable_from_volumes": needed, "stable": volumes >= needed}
+
+
+def bootstrap_draws(volumes: int, replicates: int, seed: int) -> torch.Tensor:
+    """How often each of ``volumes`` reference volumes is drawn in each of ``replicates`` bootstrap samples.
+
+    Returns:
+        Counts ``(replicates, volumes)``, each row summing to ``volumes``; seeded (the same for the same arguments).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    drawn = torch.randint(volumes, (replicates, volumes), generator=generator)
+    return torch.zeros((replicates, volumes), dtype=torch.int32).scatter_add_(
+        1, drawn, torch.ones_like(drawn, dtype=torch.int32))
+

@@ -37,6 +37,7 @@ from himatch_med.bank.data import Bank
 from himatch_med.config import ReadOptions, Settings
 from himatch_med.detect import Detector
 from himatch_med.errors import InputError
+from himatch_med.scoring import stable_volumes
 
 SCORES = "scores.csv"
 REPORT = "report.html"
@@ -64,7 +65,10 @@ class Result:
     ``status`` is ``ok`` (computed in this run), ``skipped`` (complete from an earlier run) or ``failed``; ``outputs``
     maps ``anomaly``, ``uncertainty``, ``overview``, ``report`` and, when written, ``view`` to paths relative to the
     screening folder; ``findings`` counts the study's findings, ``largest_finding_ml`` and ``largest_finding_peak_z``
-    describe its largest (``None`` for a report made before findings existed).
+    describe its largest (``None`` for a report made before findings existed); ``volume_score_spread`` how far the
+    score moves between bank subsets, ``percentile_volumes`` the normal volumes its percentile rests on and
+    ``percentile_stable`` whether they are enough, ``slivers`` the file's axis and indices of the slices too small to
+    rank (``None`` for a report made before these existed).
     """
 
     study: Study
@@ -81,6 +85,10 @@ class Result:
     findings: int | None = None
     largest_finding_ml: float | None = None
     largest_finding_peak_z: float | None = None
+    volume_score_spread: float | None = None
+    percentile_volumes: int | None = None
+    percentile_stable: bool | None = None
+    slivers: str | None = None
 
 
 @dataclass
@@ -382,6 +390,12 @@ def _from_report(study: Study, report: dict, folder: Path, status: str) -> Resul
     if (folder / study.folder / viewer.PAGE).is_file():
         outputs["view"] = f"{study.folder}/{viewer.PAGE}"
     percentile = report.get("volume_percentile")
+    basis = report.get("percentile_basis") if isinstance(report.get("percentile_basis"), dict) else {}
+    volumes = basis.get("normal_volumes")
+    stable = basis.get("stable")
+    slivers = report.get("slivers") if isinstance(report.get("slivers"), dict) else {}
+    indices = [i for i in slivers.get("file_indices") or [] if isinstance(i, int) and not isinstance(i, bool)] \
+        if isinstance(slivers.get("file_indices"), list) else []
     found = [f for f in report.get("findings", []) if isinstance(f, dict)] if "findings" in report else None
     largest = max(found, key=lambda f: _number(f.get("volume_ml")) or 0.0) if found else None
     return Result(study, status, volume_score=_number(report.get("volume_score")),
@@ -389,7 +403,26 @@ def _from_report(study: Study, report: dict, folder: Path, status: str) -> Resul
                   seconds=round(sum(report.get("timings_seconds", {}).values()), 3), outputs=outputs,
                   notes=list(report.get("notes", [])), findings=None if found is None else len(found),
                   largest_finding_ml=None if largest is None else _number(largest.get("volume_ml")),
-                  largest_finding_peak_z=None if largest is None else _number(largest.get("peak_z")))
+                  largest_finding_peak_z=None if largest is None else _number(largest.get("peak_z")),
+                  volume_score_spread=_number(report.get("volume_score_spread")),
+                  percentile_volumes=volumes if isinstance(volumes, int) and not isinstance(volumes, bool) else None,
+                  percentile_stable=stable if isinstance(stable, bool) else None,
+                  slivers=f"{slivers.get('file_axis')}={_index_runs(indices)}" if indices else
+                  ("" if "slivers" in report else None))
+
+
+def _index_runs(indices: list[int]) -> str:
+    """Indices as ranges: 0, 1, 2, 12, 13 -> '0-2,12-13'."""
+    parts, ordered = [], sorted(set(indices))
+    start = previous = ordered[0]
+    for index in [*ordered[1:], None]:
+        if index is not None and index == previous + 1:
+            previous = index
+            continue
+        parts.append(f"{start}" if start == previous else f"{start}-{previous}")
+        if index is not None:
+            start = previous = index
+    return ",".join(parts)
 
 
 def _number(value) -> float | None:
@@ -408,7 +441,8 @@ def analyse_study(study: Study, loaded: Loaded, detector: Detector, folder: Path
                       seconds=round(loaded.seconds, 3))
     started = time.perf_counter()
     try:
-        report = jobs.analyse(loaded.job, detector, folder / study.folder, progress=progress, replaces=viewer.FILES)
+        report = jobs.analyse(loaded.job, detector, folder / study.folder, progress=progress, replaces=viewer.FILES,
+                              title=study.id)
     except Exception as error:  # one failing study must not end the screening
         return Result(study, "failed", error=_one_line(jobs.describe_error(study.path, error)),
                       details=traceback.format_exc(), seconds=round(loaded.seconds + time.perf_counter() - started, 3))
@@ -507,17 +541,22 @@ def write_scores(screening: Screening, path: Path) -> Path:
     buffer = text_io.StringIO()
     # Every cell quoted (OWASP): a carriage return or comma inside an id stays inside its cell.
     writer = csv.writer(buffer, lineterminator="\n", quoting=csv.QUOTE_ALL)
-    writer.writerow(["rank", "study", "volume_score", "volume_percentile", "findings", "largest_finding_ml",
-                     "largest_finding_peak_z", "top_slices", "status", "error", "seconds",
+    writer.writerow(["rank", "study", "volume_score", "volume_score_spread", "volume_percentile",
+                     "percentile_volumes", "percentile_stable", "findings", "largest_finding_ml",
+                     "largest_finding_peak_z", "top_slices", "slivers_not_ranked", "status", "error", "seconds",
                      *(["label"] if labelled else []), "input", "outputs", "notes"])
     for rank, result in enumerate(screening.results, start=1):
         # Text that comes from users or files is neutralised; the numbers written here are left as numbers.
         text = [spreadsheet_safe(value) for value in (
-            result.study.id, _top(result), result.error, str(result.study.path), " | ".join(map(str, result.notes)))]
+            result.study.id, _top(result), result.error, str(result.study.path), " | ".join(map(str, result.notes)),
+            result.slivers or "")]
         writer.writerow([rank if result.status != "failed" else "", text[0],
-                         _format(result.volume_score, 4), _format(result.volume_percentile, 1),
+                         _format(result.volume_score, 4), _format(result.volume_score_spread, 4),
+                         _format(result.volume_percentile, 1),
+                         "" if result.percentile_volumes is None else result.percentile_volumes,
+                         "" if result.percentile_stable is None else "yes" if result.percentile_stable else "no",
                          "" if result.findings is None else result.findings, _format(result.largest_finding_ml, 3),
-                         _format(result.largest_finding_peak_z, 2), text[1],
+                         _format(result.largest_finding_peak_z, 2), text[1], text[5],
                          result.status, text[2], f"{result.seconds:.2f}",
                          *([("" if result.label is None else result.label)] if labelled else []),
                          text[3], f"{result.study.folder}/" if result.outputs else "", text[4]])
@@ -526,13 +565,15 @@ def write_scores(screening: Screening, path: Path) -> Path:
 
 def write_report(screening: Screening, path: Path, *, detector: Detector) -> Path:
     """Write ``report.html``: a static page (inline CSS, relative links, nothing fetched) over the screening."""
-    page = report_html(screening, model=detector.extractor.model_id, bank=detector.bank)
+    page = report_html(screening, model=detector.extractor.model_id, bank=detector.bank,
+                       percentile_error=detector.settings.percentile_error)
     # Pure ASCII (other characters as references): the page reads the same whatever encoding writes or serves it.
     return io.write_text(page.encode("ascii", "xmlcharrefreplace").decode("ascii"), path)
 
 
-def report_html(screening: Screening, *, model: str, bank: Bank) -> str:
-    """The HTML of the screening report."""
+def report_html(screening: Screening, *, model: str, bank: Bank, percentile_error: float | None = None) -> str:
+    """The HTML of the screening report (``percentile_error``: the setting's, default its default)."""
+    error = Settings().percentile_error if percentile_error is None else percentile_error
     scored = [r for r in screening.results if r.status != "failed"]
     failed = [r for r in screening.results if r.status == "failed"]
     labelled = any(r.label is not None for r in screening.results)
@@ -548,8 +589,19 @@ def report_html(screening: Screening, *, model: str, bank: Bank) -> str:
              f"slices) · himatch-med {e(__version__)} · {datetime.now():%Y-%m-%d %H:%M}</p>",
              "<p class='meta'>Score: the mean of the top 1 % of a volume's anomaly map, in z-units of the bank's "
              "normal variation (0 is typical normal tissue). Percentile: among the bank's normal volumes. "
-             "Top slices: the file's own voxel axis and index, with the slice score. Findings: regions above the "
+             "Top slices: the file's own voxel axis and index, with the slice score; slivers (end slices with "
+             "little foreground) are mapped but not ranked. ± : how far the score moves between banks of different "
+             "subsets of the normal references. Findings: regions above the "
              "finding threshold (outlined in the pictures), with the largest one's volume and peak.</p>"]
+    unstable = sorted({r.percentile_volumes for r in scored if r.percentile_stable is False
+                       and r.percentile_volumes is not None})
+    if unstable:
+        needed = stable_volumes(error)
+        parts.append(f"<p class='warn'>The percentiles rest on {', '.join(map(str, unstable))} normal volume"
+                     f"{'s' if unstable != [1] else ''} only: an empirical percentile from n volumes moves in steps "
+                     f"of 100/n points and has a standard error up to 50/&radic;n points; a stable one (at most "
+                     f"{error:g} points) needs at least {needed} normal volumes. Build the bank "
+                     "from more normal references.</p>")
     if scored and not any("view" in r.outputs for r in scored):
         parts.append(f"<p class='meta'>No 3D viewer pages: they need NiiVue, <code>{e(viewer.INSTALL)}</code>; then "
                      "run the screening again (finished studies are not recomputed, their pages are added).</p>")
@@ -587,6 +639,12 @@ def _row(rank: int, result: Result, labelled: bool) -> str:
     e = html.escape
     links = {key: quote(value) for key, value in result.outputs.items()}
     percentile = result.volume_percentile
+    spread = "" if result.volume_score_spread is None else \
+        f"<div class='meta'>&plusmn; {result.volume_score_spread:.2f}</div>"
+    basis = "" if result.percentile_volumes is None else (
+        f"<div class='{'meta' if result.percentile_stable else 'warn'}'>of {result.percentile_volumes} normal"
+        f"{'' if result.percentile_stable else ', too few'}</div>")
+    slivers = f"<div class='meta'>slivers not ranked: {e(result.slivers)}</div>" if result.slivers else ""
     level = "" if percentile is None else "high" if percentile >= 99 else "mid" if percentile >= 90 else ""
     label = "" if not labelled else f"<td>{_LABELS.get(result.label, '')}</td>"
     thumbnail = (f"<a href='{links['overview']}'><img class='thumb' src='{links['overview']}' loading='lazy' "
@@ -601,9 +659,9 @@ def _row(rank: int, result: Result, labelled: bool) -> str:
     status = "" if result.status == "ok" else "<div class='meta'>from an earlier run</div>"
     status += "".join(f"<div class='note'>{e(str(note))}</div>" for note in result.notes)
     return (f"<tr><td class='num'>{rank}</td><td><a href='{folder}'><b>{e(result.study.id)}</b></a>{status}</td>"
-            f"<td class='num score {level}'>{_format(result.volume_score, 2)}</td>"
-            f"<td class='num'>{_format(percentile, 0)}</td><td class='top'>{_findings_cell(result)}</td>{label}"
-            f"<td>{thumbnail}</td><td class='top'>{top}</td>"
+            f"<td class='num score {level}'>{_format(result.volume_score, 2)}{spread}</td>"
+            f"<td class='num'>{_format(percentile, 0)}{basis}</td><td class='top'>{_findings_cell(result)}</td>"
+            f"{label}<td>{thumbnail}</td><td class='top'>{top}{slivers}</td>"
             f"<td class='links'>{outputs}<br><a href='{folder}'>folder</a></td></tr>")
 
 
@@ -625,6 +683,7 @@ body { font: 14px/1.4 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; 
 h1 { font-size: 22px; margin: 0 0 6px; } h2 { font-size: 17px; margin: 20px 0 0; } h2.bad { color: #b3261e; }
 .facts { font-size: 15px; margin: 4px 0; } .meta { color: #666; font-size: 12px; margin: 2px 0; }
 .bad { color: #b3261e; } .note { color: #8a5300; font-size: 12px; max-width: 260px; } code { font-size: 12px; }
+.warn { color: #8a5300; font-size: 12px; }
 .roc { display: flex; align-items: center; gap: 16px; margin: 12px 0; }
 .roc img { border: 1px solid #ddd; }
 table { border-collapse: collapse; margin-top: 14px; }

@@ -33,14 +33,17 @@ from himatch_med.errors import InputError
 from himatch_med.features import Extractor, Features
 from himatch_med.findings import ValueHistogram, calibration_record
 from himatch_med.matching import spherical_kmeans
-from himatch_med.scoring import top_mean
+from himatch_med.scoring import bootstrap_draws, foreground_shares, top_mean
 from himatch_med.timing import NO_TIMER, Timer
 from himatch_med.volume import maps_to_slices
 
 
 @dataclass(frozen=True)
 class Sample:
-    """One reference slice kept for calibration: its features, foreground, and its row in the bank."""
+    """One reference slice kept for calibration: its features, foreground, and its row in the bank.
+
+    ``area``: its foreground as a share of its volume's largest slice's (slivers are left out of the scores).
+    """
 
     cls: torch.Tensor
     layout: torch.Tensor
@@ -50,6 +53,7 @@ class Sample:
     position: float
     group: int
     row: int
+    area: float = 1.0
 
 
 class BankBuilder:
@@ -83,7 +87,7 @@ class BankBuilder:
 
     def add(self, cls: torch.Tensor, layout: torch.Tensor, grids: tuple[torch.Tensor, ...],
             patch_foreground: torch.Tensor, foreground: torch.Tensor, positions: torch.Tensor,
-            groups: list[object], sources: list[dict]) -> None:
+            groups: list[object], sources: list[dict], areas: torch.Tensor | None = None) -> None:
         """Add ``B`` reference slices, of one reference or of several consecutive ones (a batch of 2D images).
 
         Args:
@@ -93,6 +97,7 @@ class BankBuilder:
             positions: relative slice positions ``(B,)``.
             groups: one key per slice of the reference it comes from (a reference's slices come consecutively).
             sources: one record per slice (file, slice index) for the bank's metadata.
+            areas: each slice's foreground as a share of its volume's largest slice's ``(B,)`` (default 1).
         """
         # All stages of the batch in one call: they share the foreground and the seeded initial choice.
         centroids, sizes = spherical_kmeans(torch.stack([grid.flatten(1, 2) for grid in grids]),
@@ -116,7 +121,8 @@ class BankBuilder:
                 self.current.append(Sample(cls[row].cpu(), layout[row].cpu(),
                                            tuple(grid[row].to("cpu", STORAGE_DTYPE) for grid in grids),
                                            patch_foreground[row].cpu(), foreground[row].cpu(),
-                                           float(positions[row]), index, self.rows))
+                                           float(positions[row]), index, self.rows,
+                                           1.0 if areas is None else float(areas[row])))
             self.offered += 1
             self.rows += 1
             if len(self.current) > self.capacity:
@@ -186,7 +192,8 @@ def build_bank(extractor: Extractor, references: Iterable[tuple[str, Prepared]],
                         torch.cat([prepared.foreground[part] for _, _, prepared, part in pieces]),
                         torch.cat([prepared.positions[part] for _, _, prepared, part in pieces]),
                         [number for number, _, _, part in pieces for _ in range(len(part))],
-                        [{"source": source, "slice": i} for _, source, _, part in pieces for i in part.tolist()])
+                        [{"source": source, "slice": i} for _, source, _, part in pieces for i in part.tolist()],
+                        torch.cat([foreground_shares(prepared.foreground)[part] for _, _, prepared, part in pieces]))
         if progress:
             progress(len(patches))
     info = BankInfo(settings=bank_settings(settings, extractor),
@@ -211,18 +218,14 @@ def calibrate_bank(bank: Bank, samples: list[Sample], settings: Settings, patch_
     probe = replace(bank, groups=groups).to(device)
     raw = []
     for part in _runs(samples, settings.batch_size):
-        features = Features(torch.stack([s.cls for s in part]).to(device),
-                            torch.stack([s.layout for s in part]).to(device),
-                            tuple(torch.stack([s.grids[stage] for s in part]).to(device, torch.float32)
-                                  for stage in range(len(part[0].grids))))
         stage_maps, per_reference = stage_distances(
-            features, probe, settings, torch.tensor([s.position for s in part]),
+            _features(part, device), probe, settings, torch.tensor([s.position for s in part]),
             torch.tensor([s.row if single else s.group for s in part]))
         raw.extend((stage_maps[:, row:row + 1], per_reference[:, row:row + 1]) for row in range(len(part)))
-    foreground_values = torch.cat([a[:, 0][:, s.patch_foreground.to(a.device)] for (a, _), s in zip(raw, samples)],
-                                  dim=1)
-    mean = foreground_values.mean(dim=1).cpu().float()
-    std = foreground_values.std(dim=1).clamp(min=1e-6).cpu().float()
+    foreground_values = [a[:, 0][:, s.patch_foreground.to(a.device)] for (a, _), s in zip(raw, samples)]
+    every = torch.cat(foreground_values, dim=1)
+    mean = every.mean(dim=1).cpu().float()
+    std = every.std(dim=1).clamp(min=1e-6).cpu().float()
     calibrated = replace(bank, calibration_mean=mean, calibration_std=std)
     slice_values, volume_values = [], {}
     normal = ValueHistogram()  # findings: the normal voxels' distribution sets the finding threshold
@@ -232,22 +235,77 @@ def calibrate_bank(bank: Bank, samples: list[Sample], settings: Settings, patch_
         height, width = sample.foreground.shape
         slice_map = maps_to_slices(anomaly, (height, width), sigma=slice_sigma(settings, height, width, patch_size))[0]
         values = slice_map[sample.foreground]
-        slice_values.append(float(top_mean(values, settings.top_fraction)))
         normal.add(values)
-        volume_values.setdefault(sample.group, []).append(values)
-    volume_scores = [float(top_mean(torch.cat(v), settings.top_fraction)) for v in volume_values.values()]
-    peaks = [max((float(x.max()) for x in v if x.numel()), default=-math.inf) for v in volume_values.values()]
+        # Slivers neither rank nor count in a query's volume score: nor in the scores it is compared with.
+        sliver = sample.area < settings.sliver_area
+        if not sliver:
+            slice_values.append(float(top_mean(values, settings.top_fraction)))
+        volume_values.setdefault(sample.group, []).append((sliver, values))
+    volume_scores = [float(top_mean(torch.cat([x for sliver, x in v if not sliver] or [x for _, x in v]),
+                                    settings.top_fraction)) for v in volume_values.values()]
+    peaks = [max((float(x.max()) for _, x in v if x.numel()), default=-math.inf) for v in volume_values.values()]
     findings = calibration_record(normal, peaks, settings.finding_false_positive_fraction)
+    spread = spread_calibration(probe, samples, settings, mean, std) if not single else {}
     return replace(calibrated, calibration_slice_scores=torch.tensor(slice_values, dtype=torch.float32),
                    calibration_volume_scores=torch.tensor(volume_scores, dtype=torch.float32),
-                   info=replace(calibrated.info, findings=findings))
+                   info=replace(calibrated.info, findings=findings), **spread)
 
 
-def _runs(samples: list[Sample], size: int) -> Iterator[list[Sample]]:
-    """Consecutive samples in runs of at most ``size`` whose grids have one shape (so that they stack)."""
+def spread_calibration(probe: Bank, samples: list[Sample], settings: Settings, mean: torch.Tensor,
+                       std: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The bank subsets of a score's spread: a seeded bootstrap over the reference volumes, each calibrated.
+
+    Replicate ``b`` draws the reference volumes with replacement; its subset is the references of the volumes drawn.
+    Its calibration queries every calibration sample against that subset without the sample's own volume (samples
+    left with no reference are skipped; a replicate left with none keeps the full calibration), so that a query
+    against the subset is in the subset's own z-units. A bank of one volume has no subsets to compare: none are made.
+
+    Args:
+        probe: the bank, ready for queries on the samples' device.
+        samples: the calibration sample.
+        settings: resolved settings (``spread_replicates``, ``seed``, retrieval).
+        mean, std: the full calibration ``(L,)``.
+
+    Returns:
+        ``spread_draws`` ``(B, volumes)``, ``spread_mean`` and ``spread_std`` ``(B, L)``; empty when none are made.
+    """
+    volumes = int(probe.groups.max()) + 1
+    if settings.spread_replicates < 1 or volumes < 2:
+        return {}
+    device = probe.cls.device
+    draws = bootstrap_draws(volumes, settings.spread_replicates, settings.seed)
+    means, stds = [], []
+    for drawn in draws:
+        kept = drawn.to(device)[probe.groups] > 0
+        values = []
+        for part in _runs(samples, settings.batch_size, by_group=True):
+            allowed = kept & (probe.groups != part[0].group)
+            if not bool(allowed.any()):
+                continue
+            stage_maps, _ = stage_distances(_features(part, device), probe, settings,
+                                            torch.tensor([s.position for s in part]), allowed=allowed)
+            values.extend(stage_maps[:, row][:, s.patch_foreground.to(device)] for row, s in enumerate(part))
+        every = torch.cat(values, dim=1) if values else None
+        means.append(mean if every is None else every.mean(dim=1).cpu().float())
+        stds.append(std if every is None else every.std(dim=1).clamp(min=1e-6).cpu().float())
+    return {"spread_draws": draws, "spread_mean": torch.stack(means), "spread_std": torch.stack(stds)}
+
+
+def _features(part: list[Sample], device: torch.device) -> Features:
+    return Features(torch.stack([s.cls for s in part]).to(device), torch.stack([s.layout for s in part]).to(device),
+                    tuple(torch.stack([s.grids[stage] for s in part]).to(device, torch.float32)
+                          for stage in range(len(part[0].grids))))
+
+
+def _runs(samples: list[Sample], size: int, *, by_group: bool = False) -> Iterator[list[Sample]]:
+    """Consecutive samples in runs of at most ``size`` whose grids have one shape (so that they stack).
+
+    ``by_group``: each run holds the samples of one reference volume only.
+    """
     run: list[Sample] = []
     for sample in samples:
-        if run and (len(run) == size or run[0].grids[0].shape != sample.grids[0].shape):
+        if run and (len(run) == size or run[0].grids[0].shape != sample.grids[0].shape
+                    or (by_group and run[0].group != sample.group)):
             yield run
             run = []
         run.append(sample)

@@ -5,7 +5,10 @@ Format (version 2), written by :func:`himatch_med.io.write_bank` as a folder wit
 - ``bank.safetensors``: ``cls`` (N, D) fp16, ``layout`` (N, g*g, D) fp16, ``centroids`` (N, L, c, D) fp16,
   ``sizes`` (N, L, c) int32, ``positions`` (N,) fp32, ``groups`` (N,) int64 (which reference volume a slice came
   from), ``calibration_mean`` and ``calibration_std`` (L,) fp32, ``calibration_slice_scores`` (M,) fp32,
-  ``calibration_volume_scores`` (V,) fp32;
+  ``calibration_volume_scores`` (V,) fp32; optionally (banks built since issue 18; a bank without them reports
+  no spread and needs no rebuilding) ``spread_draws`` (B, R) int32, how often each of the R reference volumes is
+  drawn in each of B bootstrap replicates, and ``spread_mean``, ``spread_std`` (B, L) fp32, each replicate's
+  calibration;
 - ``bank.json``: :meth:`Bank.metadata`, the typed :class:`BankInfo`: ``format_version``, the settings a query must
   repeat (model, modality, window, image size, stages, ...), the settings it was calibrated with, the sources (file
   and slice of every reference), and ``arrays_sha256``: the SHA-256 of the SHA-256 digests of the arrays file's
@@ -25,6 +28,8 @@ FORMAT_VERSION = 2
 """Version 2 (himatch-med 0.2): references prepared with the background detection and intensity headroom of 0.2."""
 ARRAYS = ("cls", "layout", "centroids", "sizes", "positions", "groups", "calibration_mean", "calibration_std",
           "calibration_slice_scores", "calibration_volume_scores")
+SPREAD_ARRAYS = ("spread_draws", "spread_mean", "spread_std")
+"""Optional arrays: the bank subsets a score is recomputed against for its spread (absent in older banks)."""
 STORAGE_DTYPE = torch.float16
 COUNTS = ("sampled_slices", "volumes", "recalibrated_for_evaluation")
 """Entries of ``bank.json``'s ``calibration`` that are not settings: they follow from the arrays (and a flag)."""
@@ -93,6 +98,9 @@ class Bank:
     calibration_slice_scores: torch.Tensor
     calibration_volume_scores: torch.Tensor
     info: BankInfo = field(default_factory=BankInfo)
+    spread_draws: torch.Tensor | None = None
+    spread_mean: torch.Tensor | None = None
+    spread_std: torch.Tensor | None = None
 
     @classmethod
     def from_stored(cls, tensors: dict[str, torch.Tensor], meta: dict, *, source: str) -> Bank:
@@ -104,7 +112,7 @@ class Bank:
         problem = array_problem(tensors)
         if problem:
             raise InputError(f"{source}: its arrays are inconsistent ({problem}); rebuild the bank")
-        return cls(**{name: tensors[name] for name in ARRAYS}, info=info)
+        return cls(**{name: tensors[name] for name in (*ARRAYS, *SPREAD_ARRAYS) if name in tensors}, info=info)
 
     @property
     def id(self) -> str:
@@ -115,8 +123,13 @@ class Bank:
         return len(self.cls)
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """The arrays by name, as stored."""
-        return {name: getattr(self, name) for name in ARRAYS}
+        """The arrays by name, as stored (the spread's only when the bank has them)."""
+        return {name: getattr(self, name) for name in (*ARRAYS, *SPREAD_ARRAYS) if getattr(self, name) is not None}
+
+    @property
+    def replicates(self) -> int:
+        """How many bank subsets the bank holds for the spread of a score (0 for a bank built before them)."""
+        return 0 if self.spread_draws is None else len(self.spread_draws)
 
     def calibration(self) -> dict:
         """The calibration as ``bank.json`` records it: the settings, the sampled slices and volumes."""
@@ -214,6 +227,19 @@ def array_problem(tensors: dict[str, torch.Tensor], *, chunk: int = 1024) -> str
         return "calibration_std is not positive"
     if not all(bool(torch.isfinite(part).all()) for part in centroids.split(chunk)):
         return "centroids holds values that are not finite"
+    present = [name for name in SPREAD_ARRAYS if name in tensors]
+    if present and len(present) != len(SPREAD_ARRAYS):
+        return f"it holds {', '.join(present)} without the other arrays of the spread"
+    if present:
+        draws, replicates = tensors["spread_draws"], len(tensors["spread_draws"])
+        volumes = int(tensors["groups"].max()) + 1 if count else 0
+        if tuple(draws.shape) != (replicates, volumes) or bool((draws < 0).any()):
+            return f"spread_draws has shape {tuple(draws.shape)}, ({replicates}, {volumes}) counts expected"
+        for name in ("spread_mean", "spread_std"):
+            if tuple(tensors[name].shape) != (replicates, stages) or not bool(torch.isfinite(tensors[name]).all()):
+                return f"{name} is not ({replicates}, {stages}) finite values"
+        if not bool((tensors["spread_std"] > 0).all()):
+            return "spread_std is not positive"
     return ""
 
 

@@ -24,6 +24,7 @@ from himatch_med.config import ReadOptions, Settings
 from himatch_med.detect import batches, device_of_extractor
 from himatch_med.errors import InputError
 from himatch_med.features import Extractor
+from himatch_med.scoring import foreground_shares
 
 LABEL_SUFFIXES = ("", "_seg", "_label", "_mask")
 """A reference ``case.nii.gz`` takes the label ``case<suffix>.nii.gz`` of ``--reference-labels``."""
@@ -190,6 +191,7 @@ def calibration_samples(bank: Bank, settings: Settings, extractor: Extractor, *,
         except InputError as error:
             raise InputError(f"cannot recalibrate the bank for another fusion or retrieval setting: {error}; remove "
                              "the cached bank or pass --bank-cache to build a new one") from error
+        shares = foreground_shares(prepared.foreground)
         chosen = torch.zeros(len(prepared.slices), dtype=torch.bool)
         chosen[list(slices)] = True
         for part, features, patches in batches(extractor, replace(prepared, scored=chosen), settings, device):
@@ -198,5 +200,5 @@ def calibration_samples(bank: Bank, settings: Settings, extractor: Extractor, *,
                                       tuple(g[position].to("cpu", STORAGE_DTYPE) for g in features.grids),
                                       patches[position].cpu(), prepared.foreground[index].cpu(),
                                       float(prepared.positions[index]), int(bank.groups[slices[index]]),
-                                      slices[index]))
+                                      slices[index], float(shares[index])))
     return samples
