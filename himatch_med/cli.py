@@ -97,22 +97,26 @@ def add_bank_source(parser: argparse.ArgumentParser) -> None:
 def add_reference_labels(parser: argparse.ArgumentParser) -> None:
     """The ``--reference-labels`` option: annotated references whose lesion-free slices are used."""
     parser.add_argument("--reference-labels", type=Path, default=None,
-                        help="folder of lesion labels named like the references: only lesion-free slices are used")
+                        help="lesion labels of annotated references (only their lesion-free slices are used): a "
+                             "folder of labels named like the references, a CSV with the columns image,label, or a "
+                             "file name found in each reference's folder (seg.nii.gz for case/flair.nii.gz with "
+                             "case/seg.nii.gz)")
 
 
 def check_early(args: argparse.Namespace, settings: Settings) -> None:
     """The checks of :mod:`himatch_med.preflight` for the options every command shares, before any heavy import.
 
     The model folder, and the bank source of :func:`add_bank_source` when the command has one: ``--bank`` fits
-    these settings, ``--references`` and ``--reference-labels`` exist.
+    these settings, ``--references`` exist, ``--reference-labels`` names labels in one of its forms.
     """
     from himatch_med import preflight
 
     preflight.model_folder(settings.model)
     if getattr(args, "bank", None) is not None:
         preflight.bank_fits(args.bank, settings)
-    preflight.existing([*(getattr(args, "references", None) or ()),
-                        *([args.reference_labels] if getattr(args, "reference_labels", None) else [])])
+    preflight.existing([*(getattr(args, "references", None) or ())])
+    if getattr(args, "reference_labels", None):
+        preflight.reference_labels(args.reference_labels)
 
 
 def bank_from(args: argparse.Namespace, settings: Settings, extractor):

@@ -26,6 +26,17 @@ def existing(paths: list[Path]) -> None:
             raise InputError(f"{path}: no such file or folder")
 
 
+def reference_labels(path: Path) -> None:
+    """Raise :class:`InputError` unless ``--reference-labels`` is an existing folder or CSV, or a bare file name.
+
+    A bare name (``seg.nii.gz``) stands for the file of that name in each reference's own folder.
+    """
+    path = Path(path)
+    if path.name.lower().endswith(".csv") or len(path.parts) > 1:
+        if not path.exists():
+            raise InputError(f"{path}: no such file or folder (--reference-labels)")
+
+
 def folder(path: Path, hint: str) -> None:
     """Raise :class:`InputError` when ``path`` is not a folder; ``hint`` says what to pass instead."""
     if not Path(path).is_dir():

@@ -11,7 +11,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -39,15 +39,136 @@ def open_bank(folder: Path, settings: Settings, extractor: Extractor) -> Bank:
     return bank.to(device_of_extractor(extractor))
 
 
-def reference_volumes(references: list[Path], labels: Path | None, settings: Settings,
+LABEL_PAIRS_COLUMNS = ("image", "label")
+"""Columns of a ``--reference-labels`` CSV: a reference and its label file (relative to the CSV's folder)."""
+
+
+@dataclass(frozen=True)
+class ReferenceLabels:
+    """Where the lesion label of each annotated reference is (``--reference-labels``), in one of three forms.
+
+    ``folder``: a folder of label files named like the references (:data:`LABEL_SUFFIXES`); ``pairs``: a CSV with
+    the columns ``image,label``, one row per reference; ``beside``: a file name, found in each reference's own folder
+    (per-case folders: ``case/flair.nii.gz`` with ``case/seg.nii.gz``).
+    """
+
+    kind: str
+    source: Path
+    pairs: dict[str, Path] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, labels: Path) -> ReferenceLabels:
+        """The form ``labels`` names: a CSV file, a folder, or a bare file name (``seg.nii.gz``)."""
+        labels = Path(labels)
+        if labels.name.lower().endswith(".csv"):
+            return cls("pairs", labels, read_label_pairs(labels))
+        if labels.is_dir():
+            return cls("folder", labels)
+        if len(labels.parts) == 1:
+            return cls("beside", labels)
+        raise InputError(f"{labels}: --reference-labels must be a folder of label files named like the references, "
+                         "a CSV with the columns image,label, or a file name found in each reference's folder (e.g. "
+                         "seg.nii.gz for case/flair.nii.gz with case/seg.nii.gz)")
+
+    def label_for(self, path: Path) -> Path:
+        """The label file of reference ``path``; :class:`InputError` naming the file and the fix when there is none."""
+        if self.kind == "folder":
+            return label_for(path, self.source)
+        if self.kind == "beside":
+            label = path.parent / self.source.name
+            if not label.is_file():
+                raise InputError(f"{path}: no {self.source.name} beside it in {path.parent}; put its label there, or "
+                                 "pass a CSV of image,label pairs with --reference-labels")
+            return label
+        label = self.pairs.get(str(path.resolve()))
+        if label is None:
+            raise InputError(f"{path}: not listed in {self.source}; add a row '{path},<its label file>' (columns "
+                             "image,label)")
+        return label
+
+    def is_label(self, path: Path) -> bool:
+        """Whether ``path``, found among the references (a case folder's files), is one of the labels itself."""
+        if self.kind == "beside":
+            return path.name == self.source.name
+        if self.kind == "pairs":
+            return str(path.resolve()) in {str(label.resolve()) for label in self.pairs.values()}
+        return False
+
+    def files(self, references: list[Path]) -> list[Path]:
+        """The label files of ``references`` that exist (what a cached bank's key depends on)."""
+        if self.kind == "folder":
+            return sorted(p for p in self.source.iterdir() if p.is_file())
+        found = [self.source] if self.kind == "pairs" else []
+        for path in references:
+            try:
+                found.append(self.label_for(path))
+            except InputError:
+                continue
+        return [p for p in found if p.is_file()]
+
+
+def read_label_pairs(path: Path) -> dict[str, Path]:
+    """The ``image,label`` rows of a CSV: each resolved reference path -> its label file (both relative to the CSV).
+
+    Raises:
+        InputError: a missing file or column, an empty cell, a label file that does not exist, or a reference listed
+            twice with different labels; naming the file and line.
+    """
+    import csv
+    import io as text_io
+
+    if not path.is_file():
+        raise InputError(f"{path}: no such file; --reference-labels takes a CSV with the columns image,label")
+    try:
+        text = io.read_text(path, encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as error:
+        raise InputError(f"{path}: cannot be read as a CSV ({error})") from error
+    reader = csv.DictReader(text_io.StringIO(text))
+    columns = [(name or "").strip() for name in reader.fieldnames or []]
+    if not set(LABEL_PAIRS_COLUMNS) <= set(columns):
+        raise InputError(f"{path}: a --reference-labels CSV needs the columns image,label (one row per reference and "
+                         f"its label file); its columns are {', '.join(columns) or 'none'}")
+    pairs: dict[str, Path] = {}
+    for row in reader:
+        cells = {(k or "").strip(): (v or "").strip() for k, v in row.items() if isinstance(v, str)}
+        image, label = cells.get("image", ""), cells.get("label", "")
+        if not image and not label:
+            continue
+        if not image or not label:
+            raise InputError(f"{path}, line {reader.line_num}: both image and label are needed (got image "
+                             f"{image!r}, label {label!r})")
+        image_path, label_path = (p if p.is_absolute() else path.absolute().parent / p
+                                  for p in (Path(image).expanduser(), Path(label).expanduser()))
+        if not label_path.exists():
+            raise InputError(f"{path}, line {reader.line_num}: the label {label_path} does not exist; fix the path "
+                             "(relative paths are relative to the CSV's folder)")
+        key = str(image_path.resolve())
+        if key in pairs and pairs[key].resolve() != label_path.resolve():
+            raise InputError(f"{path}, line {reader.line_num}: {image} is listed again with another label "
+                             f"({pairs[key]} and {label_path}); keep one row per reference")
+        pairs[key] = label_path
+    if not pairs:
+        raise InputError(f"{path}: no image,label rows")
+    return pairs
+
+
+def reference_volumes(references: list[Path], labels: Path | ReferenceLabels | None, settings: Settings,
                       options: ReadOptions | None, warn=None):
     """Yield ``(name, prepared)`` for each readable reference.
 
     Unreadable references, and notes on how a reference's foreground was found, are reported through ``warn``.
+    ``labels``: where the references' lesion labels are (:class:`ReferenceLabels` or the ``--reference-labels``
+    path); a reference that is itself one of the labels is left out.
     """
+    if labels is not None and not isinstance(labels, ReferenceLabels):
+        labels = ReferenceLabels.of(labels)
     for path in references:
+        if labels is not None and labels.is_label(path):
+            if warn:
+                warn(f"left out {path}: a label of --reference-labels, not a reference")
+            continue
         try:
-            label = label_for(path, labels) if labels is not None else None
+            label = labels.label_for(path) if labels is not None else None
             job = jobs.read(path, settings, options, labels=label)
         except InputError as error:
             if warn:
@@ -58,18 +179,7 @@ def reference_volumes(references: list[Path], labels: Path | None, settings: Set
         yield str(path.resolve()), job.prepared
 
 
-def label_for(path: Path, labels: Path) -> Path:
-    """The label file of reference ``path`` in the folder ``labels`` (named like it, see :data:`LABEL_SUFFIXES`)."""
-    if not labels.is_dir():
-        raise InputError(f"{labels}: --reference-labels must be a folder of label files named like the references")
-    name = io.stem(path)
-    for candidate in sorted(labels.iterdir()):
-        if io.stem(candidate) in tuple(name + suffix for suffix in LABEL_SUFFIXES):
-            return candidate
-    raise InputError(f"{path}: no label named like it in {labels} (expected {name}.nii.gz or {name}_seg.nii.gz)")
-
-
-def build_bank_folder(references: list[Path], labels: Path | None, settings: Settings, extractor: Extractor,
+def build_bank_folder(references: list[Path], labels: Path | ReferenceLabels | None, settings: Settings, extractor: Extractor,
                       folder: Path, *, options: ReadOptions | None = None) -> Path:
     """Build a bank from reference files and write it to ``folder``; skipped references are warned about."""
     from tqdm.auto import tqdm
@@ -78,6 +188,8 @@ def build_bank_folder(references: list[Path], labels: Path | None, settings: Set
     if not references:
         raise InputError("no reference files given" + (f" (left out {len(left_out)} himatch-med outputs)"
                                                        if left_out else ""))
+    if labels is not None:
+        labels = ReferenceLabels.of(labels)  # a CSV's mistakes before the work
     folder = folder.resolve()
     if folder in {p.resolve() for p in references}:
         raise InputError(f"{folder}: the bank would overwrite a reference; choose another -o")
@@ -123,8 +235,9 @@ def cached_bank(references: list[Path], labels: Path | None, settings: Settings,
 
 def _cache_key(files: list[Path], labels: Path | None, settings: Settings, extractor: Extractor) -> str:
     stamp = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
-    if labels is not None and labels.is_dir():
-        stamp += [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(labels.iterdir())]
+    if labels is not None:
+        stamp += [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns)
+                  for p in ReferenceLabels.of(labels).files(files)]
     # Findings settings change no reference: the bank records what any finding threshold is computed from.
     relevant = {k: v for k, v in settings.results_fields().items() if k not in Settings.flagged("findings")}
     text = json.dumps([stamp, relevant, list(extractor.stages), extractor.model_id], default=str)
