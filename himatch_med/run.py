@@ -70,8 +70,9 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
             if earlier:
                 print(f"note: {path}: replaced the earlier outputs {io.stem(path)}_* in {args.output}",
                       file=sys.stderr)
-            print(f"{path}: volume score {outputs['volume_score']:.2f} (percentile "
-                  f"{_pct(outputs['volume_percentile'])}) -> {args.output / outputs['outputs']['anomaly']}")
+            print(f"{path}: volume score {outputs['volume_score']:.2f}{_spread(outputs)} (percentile "
+                  f"{_pct(outputs['volume_percentile'])}{_basis(outputs)}) -> "
+                  f"{args.output / outputs['outputs']['anomaly']}")
         except Exception as error:  # one failing volume must not lose the others
             if args.debug:
                 raise
@@ -79,6 +80,20 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
             print(f"error: {jobs.describe_error(path, error)}", file=sys.stderr)
     # 1: some inputs failed and the others are written; 2: nothing could be done.
     return 2 if failures == len(inputs) else 1 if failures else 0
+
+
+def _spread(report: dict) -> str:
+    """`` ± spread`` when the report measured how far the score moves between bank subsets."""
+    spread = report.get("volume_score_spread")
+    return "" if spread is None else f" ± {spread:.2f} between banks"
+
+
+def _basis(report: dict) -> str:
+    """What the percentile rests on: `` of N normal volumes`` (too few: said so)."""
+    basis = report.get("percentile_basis") or {}
+    if not basis.get("normal_volumes"):
+        return ""
+    return f" of {basis['normal_volumes']} normal volumes" + ("" if basis["stable"] else ", too few")
 
 
 def _pct(value: float) -> str:

@@ -113,6 +113,14 @@ def _screen(args: argparse.Namespace, settings: Settings) -> int:
     print(f"screened {len(result.results)} studies in {result.seconds:.1f} s: {result.count('ok')} done, "
           f"{result.count('skipped')} skipped (complete from an earlier run), {len(failed)} failed"
           + (f"; {result.rate:.1f} studies/min" if result.count("ok") else ""))
+    few = sorted({r.percentile_volumes for r in result.results if r.percentile_stable is False
+                  and r.percentile_volumes is not None})
+    if few:
+        from himatch_med.scoring import stable_volumes
+
+        print(f"warning: the percentiles rest on {', '.join(map(str, few))} normal volume(s); a stable percentile "
+              f"(standard error at most {settings.percentile_error:g} points) needs at least "
+              f"{stable_volumes(settings.percentile_error)}: build the bank from more normal references")
     if result.auc is not None:
         print(f"ROC AUC {result.auc:.3f} ({result.files['roc']})")
     if result.auc_note:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -378,3 +379,24 @@ def test_the_command_line_takes_a_bare_label_name_and_refuses_a_missing_csv(tmp_
         preflight.reference_labels(tmp_path / "pairs.csv")
     with pytest.raises(InputError, match="a folder of label files named like the references, a CSV"):
         ReferenceLabels.of(tmp_path / "nowhere" / "seg.nii.gz")
+
+
+def test_the_command_lines_print_the_spread_and_warn_about_few_normal_volumes(root, tiny_dinov3, tmp_path, capsys):
+    from conftest import FAST
+
+    from himatch_med.run import main as run_main
+    from himatch_med.screen import main as screen_main
+
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    for path in sorted((root / "refs").iterdir())[:2]:
+        (refs / path.name).write_bytes(path.read_bytes())
+    common = ["--references", str(refs), "--bank-cache", str(tmp_path / "cache"), "--model", str(tiny_dinov3), *FAST]
+    assert run_main([str(root / "queries" / "lesion.nii.gz"), "-o", str(tmp_path / "run"), *common]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if "volume score" in x)
+    assert re.search(r"volume score -?\d+\.\d\d ± \d+\.\d\d between banks \(percentile (0|50|100) of 2 normal "
+                     r"volumes, too few\)", line), line
+    assert screen_main([str(root / "queries"), "-o", str(tmp_path / "screen"), "--workers", "0", "--quiet",
+                        *common]) == 0
+    assert "warning: the percentiles rest on 2 normal volume(s); a stable percentile (standard error at most 10 " \
+           "points) needs at least 25" in capsys.readouterr().out

@@ -179,8 +179,20 @@ def reference_volumes(references: list[Path], labels: Path | ReferenceLabels | N
         yield str(path.resolve()), job.prepared
 
 
-def build_bank_folder(references: list[Path], labels: Path | ReferenceLabels | None, settings: Settings, extractor: Extractor,
-                      folder: Path, *, options: ReadOptions | None = None) -> Path:
+def label_for(path: Path, labels: Path) -> Path:
+    """The label file of reference ``path`` in the folder ``labels`` (named like it, see :data:`LABEL_SUFFIXES`)."""
+    if not labels.is_dir():
+        raise InputError(f"{labels}: --reference-labels must be a folder of label files named like the references")
+    name = io.stem(path)
+    for candidate in sorted(labels.iterdir()):
+        if io.stem(candidate) in tuple(name + suffix for suffix in LABEL_SUFFIXES):
+            return candidate
+    raise InputError(f"{path}: no label named like it in {labels} (expected {name}.nii.gz or {name}_seg.nii.gz); "
+                     "name it so, or pass a CSV of image,label pairs with --reference-labels")
+
+
+def build_bank_folder(references: list[Path], labels: Path | ReferenceLabels | None, settings: Settings,
+                      extractor: Extractor, folder: Path, *, options: ReadOptions | None = None) -> Path:
     """Build a bank from reference files and write it to ``folder``; skipped references are warned about."""
     from tqdm.auto import tqdm
 
