@@ -135,6 +135,10 @@ class Settings:
     spread_replicates: int = _setting(8, "bank subsets (a seeded bootstrap over the reference volumes, each with its "
                                       "own calibration) that a volume score is recomputed against, to report how "
                                       "much it depends on the bank; 0: off", built=True)
+    spread_calibration_slices: int = _setting(64, "calibration slices (evenly spaced in the calibration sample) "
+                                              "each bank subset of the spread is calibrated with", built=True)
+    spread_slices: int = _setting(8, "the spread is estimated on this many of the volume's most anomalous slices "
+                                  "(where its top voxels are), run again against each bank subset")
     seed: int = _setting(0, "seed of every random choice (k-means, calibration sample)", built=True)
     batch_size: int = _setting(16, "slices per backbone batch", speed=True)
     chunk_size: int = _setting(4096, "bank rows compared at once (bounds memory)", speed=True)
@@ -146,7 +150,8 @@ class Settings:
             if choices and value is not None and value not in choices:
                 raise ValueError(f"{f.name}={value!r} is not one of {', '.join(map(str, choices))}")
         for name in ("image_size", "layout_cells", "centroids", "kmeans_iterations", "references_k", "batch_size",
-                     "chunk_size", "calibration_slices"):
+                     "chunk_size", "calibration_slices", "spread_slices",
+                     "spread_calibration_slices"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
         for name in ("min_foreground", "patch_foreground", "cls_weight", "top_fraction", "sliver_area"):

@@ -301,18 +301,10 @@ class Detector:
         bank, settings = self.bank, self.settings
         count, height, width = prepared.slices.shape
         grid_maps: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        subsets = self.subsets()
-        replicate_maps: list[dict[int, torch.Tensor]] = [{} for _ in subsets]
         pending = computed if computed is not None else self.batches(prepared, timer)
         for part, features, patches in pending:
             stage_maps, per_reference = stage_distances(features, bank, settings, prepared.positions[part],
                                                         timer=timer)
-            with timer("spread"):
-                for maps, (allowed, calibrated) in zip(replicate_maps, subsets):
-                    distances = (stage_maps, per_reference) if allowed is None else stage_distances(
-                        features, bank, settings, prepared.positions[part], allowed=allowed)
-                    anomaly = fill_background(fused_maps(*distances, calibrated, settings)[0], patches)
-                    maps.update(zip(part.tolist(), anomaly))
             with timer("fusion"):
                 anomaly, uncertainty = fused_maps(stage_maps, per_reference, bank, settings)
                 anomaly, uncertainty = fill_background(anomaly, patches), fill_background(uncertainty, patches)
@@ -335,7 +327,7 @@ class Detector:
                 if scored.any() else 0.0
             anomaly, uncertainty = anomaly.cpu(), uncertainty.cpu()
         with timer("spread"):
-            replicate_scores = tuple(self.subset_score(maps, prepared, ranked, sigma) for maps in replicate_maps)
+            replicate_scores = self.subset_scores(prepared, score, scores, ranked, sigma, computed is not None)
         return Detection(
             anomaly=anomaly, uncertainty=uncertainty, axis=prepared.axis, slice_scores=scores,
             slice_percentiles=percentile(scores, bank.calibration_slice_scores), scored=scored, volume_score=score,
@@ -358,18 +350,53 @@ class Detector:
                             replace(bank, calibration_mean=mean, calibration_std=std)))
         return subsets
 
-    def subset_score(self, maps: dict[int, torch.Tensor], prepared: Prepared, ranked: torch.Tensor,
-                     sigma: float) -> float:
-        """The volume score of a bank subset's patch maps (by slice index): only the ranked slices are resampled."""
-        indices = [i for i in torch.nonzero(ranked).flatten().tolist() if i in maps]
+    def subset_scores(self, prepared: Prepared, score: float, scores: torch.Tensor, ranked: torch.Tensor,
+                      sigma: float, given: bool = False) -> tuple[float, ...]:
+        """The volume score against each bank subset (:meth:`subsets`), estimated on the most anomalous slices.
+
+        The top ``settings.spread_slices`` ranked slices by score go through the backbone again and are scored
+        against each subset and against the whole bank, over the same voxels and with the volume's count of top
+        voxels; each subset's score is the volume score moved by the difference. The volume's top voxels lie in its
+        most anomalous slices, so this costs a few slices per subset instead of the volume.
+
+        Args:
+            prepared: the volume.
+            score: its volume score.
+            scores: its slice scores ``(S,)``.
+            ranked: the slices that count in the volume score ``(S,)``.
+            sigma: the smoothing in slice pixels.
+            given: the features were handed to :meth:`detect` (an evaluation): no spread is computed.
+        """
+        subsets = self.subsets()
+        if not subsets or given or not bool(ranked.any()):
+            return ()
+        settings = self.settings
+        order = [i for i in torch.argsort(scores, descending=True).tolist() if ranked[i]][:settings.spread_slices]
+        chosen = torch.zeros_like(ranked)
+        chosen[order] = True
+        count = int(prepared.foreground[ranked].sum())
+        maps: list[dict[int, torch.Tensor]] = [{} for _ in range(len(subsets) + 1)]
+        for part, features, patches in self.batches(replace(prepared, scored=chosen)):
+            positions = prepared.positions[part]
+            whole = stage_distances(features, self.bank, settings, positions)
+            for target, (allowed, calibrated) in zip(maps, [(None, self.bank), *subsets]):
+                distances = whole if allowed is None else stage_distances(features, self.bank, settings, positions,
+                                                                          allowed=allowed)
+                target.update(zip(part.tolist(), fill_background(fused_maps(*distances, calibrated, settings)[0],
+                                                                 patches)))
+        indices = sorted(maps[0])
         if not indices:
-            return 0.0
+            return ()
         size = tuple(prepared.slices.shape[1:])
-        stack = torch.stack([maps[i] for i in indices])
-        resampled = torch.cat([maps_to_slices(part, size, sigma=sigma) for part in stack.split(64)])
-        foreground = prepared.foreground[indices].to(resampled.device)
-        return volume_score(resampled, foreground, torch.ones(len(indices), dtype=torch.bool),
-                            self.settings.top_fraction)
+        foreground = prepared.foreground[indices]
+        estimates = []
+        for target in maps:
+            stack = torch.stack([target[i] for i in indices])
+            resampled = torch.cat([maps_to_slices(part, size, sigma=sigma) for part in stack.split(64)])
+            estimates.append(volume_score(resampled, foreground.to(resampled.device),
+                                          torch.ones(len(indices), dtype=torch.bool), settings.top_fraction,
+                                          count=count))
+        return tuple(score + e - estimates[0] for e in estimates[1:])
 
 
 def device_of(name: str) -> torch.device:

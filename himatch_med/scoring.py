@@ -49,14 +49,19 @@ def slice_scores(maps: torch.Tensor, foreground: torch.Tensor, scored: torch.Ten
     return scores
 
 
-def volume_score(maps: torch.Tensor, foreground: torch.Tensor, scored: torch.Tensor, fraction: float) -> float:
-    """Mean of the top ``fraction`` of the foreground voxels of the scored slices of ``maps`` ``(S, H, W)``."""
+def volume_score(maps: torch.Tensor, foreground: torch.Tensor, scored: torch.Tensor, fraction: float, *,
+                 count: int | None = None) -> float:
+    """Mean of the top ``fraction`` of the foreground voxels of the scored slices of ``maps`` ``(S, H, W)``.
+
+    ``count``: the number of voxels the fraction is of, when ``maps`` holds only some slices of a volume (the mean
+    is then over as many voxels as the volume's top fraction, or all of these).
+    """
     inside = foreground & scored.to(maps.device)[:, None, None]
-    count = int(inside.sum())
-    if count == 0:
+    present = int(inside.sum())
+    if present == 0:
         return 0.0
     values = maps[inside].float()  # only foreground values: selection degrades on the many tied background ones
-    k = top_count(fraction, count)
+    k = min(top_count(fraction, present if count is None else count), present)
     if values.device.type == "cpu":
         # numpy's introselect is several times faster than torch.topk for a large k on the CPU.
         array = values.numpy()

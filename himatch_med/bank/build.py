@@ -256,7 +256,8 @@ def spread_calibration(probe: Bank, samples: list[Sample], settings: Settings, m
     """The bank subsets of a score's spread: a seeded bootstrap over the reference volumes, each calibrated.
 
     Replicate ``b`` draws the reference volumes with replacement; its subset is the references of the volumes drawn.
-    Its calibration queries every calibration sample against that subset without the sample's own volume (samples
+    Its calibration queries ``spread_calibration_slices`` evenly spaced calibration samples against that subset
+    without the sample's own volume (samples
     left with no reference are skipped; a replicate left with none keeps the full calibration), so that a query
     against the subset is in the subset's own z-units. A bank of one volume has no subsets to compare: none are made.
 
@@ -274,6 +275,9 @@ def spread_calibration(probe: Bank, samples: list[Sample], settings: Settings, m
         return {}
     device = probe.cls.device
     draws = bootstrap_draws(volumes, settings.spread_replicates, settings.seed)
+    # Evenly spaced: a subset's mean and spread of distances need thousands of patches, not every sampled slice.
+    step = max(1, math.ceil(len(samples) / settings.spread_calibration_slices))
+    samples = samples[::step]
     means, stds = [], []
     for drawn in draws:
         kept = drawn.to(device)[probe.groups] > 0
