@@ -156,10 +156,13 @@ def calibration_notes(bank: Bank, settings: Settings) -> list[str]:
     """A warning when this run's settings differ from those the bank was calibrated with."""
     changes = bank.calibration_changes(settings, Settings.flagged("calibrated"))
     changed = [f"{name} {old!r} -> {new!r}" for name, (old, new) in changes.items()]
+    older = [] if "sliver_area" in bank.info.calibrated_with or not bank.info.calibrated_with else [
+        "the bank was calibrated before slivers were left out of the scores: its normal scores include end slices, "
+        "so percentiles are approximate; rebuild it (`python -m himatch_med.bank build`) for exact ones"]
     if not changed:
-        return []
-    return ["the bank was calibrated with other settings (" + ", ".join(changed) + "); z-units and percentiles are "
-            "approximate; build the bank with these settings for exact ones"]
+        return older
+    return older + ["the bank was calibrated with other settings (" + ", ".join(changed) + "); z-units and "
+                    "percentiles are approximate; build the bank with these settings for exact ones"]
 
 
 def aspect_notes(aspect: float) -> list[str]:

@@ -106,6 +106,9 @@ class StudyView:
     volume_score: float | None = None
     volume_percentile: float | None = None
     links: dict[str, str] = field(default_factory=dict)
+    volume_score_spread: float | None = None
+    percentile_volumes: int | None = None
+    percentile_stable: bool | None = None
 
 
 def bundle_path() -> Path | None:
@@ -208,8 +211,13 @@ def study_view(folder: Path, report: dict, *, title: str, image: io.Image | None
     links = {key: outputs[key] for key in ("report", "anomaly", "overview") if key in outputs}
     if findings.is_file():
         links["findings"] = findings.name
+    basis = report.get("percentile_basis") if isinstance(report.get("percentile_basis"), dict) else {}
+    spread, volumes, stable = report.get("volume_score_spread"), basis.get("normal_volumes"), basis.get("stable")
     return StudyView(title, str(report["input"]), heat.affine, tuple(layers), jumps, OVERLAY_FLOOR, ceiling,
-                     report.get("volume_score"), report.get("volume_percentile"), links)
+                     report.get("volume_score"), report.get("volume_percentile"), links,
+                     float(spread) if isinstance(spread, int | float) and not isinstance(spread, bool) else None,
+                     volumes if isinstance(volumes, int) and not isinstance(volumes, bool) else None,
+                     stable if isinstance(stable, bool) else None)
 
 
 def _compact(array: np.ndarray):
@@ -319,9 +327,12 @@ def data_script(view: StudyView) -> str:
 def page_html(view: StudyView) -> str:
     """``view.html``: the study's facts, the controls and the canvas; every id and path escaped."""
     e = html.escape
-    score = "" if view.volume_score is None else f" · volume score <b>{view.volume_score:.2f} z</b>"
+    spread = "" if view.volume_score_spread is None else f" &plusmn; {view.volume_score_spread:.2f}"
+    score = "" if view.volume_score is None else f" · volume score <b>{view.volume_score:.2f}{spread} z</b>"
     if view.volume_percentile is not None:
-        score += f" (percentile {view.volume_percentile:.0f})"
+        basis = "" if view.percentile_volumes is None else (
+            f" of {view.percentile_volumes} normal volumes" + ("" if view.percentile_stable else ", too few"))
+        score += f" (percentile {view.volume_percentile:.0f}{basis})"
     names = {"report": "report", "anomaly": "heatmap", "overview": "overview", "findings": "findings"}
     links = " ".join(f'<a href="{e(quote(name))}">{names[key]}</a>' for key, name in view.links.items())
     jumps = "".join(f'<button type="button" data-jump="{n}" title="go to the hottest point of this slice">'

@@ -221,6 +221,15 @@ def test_no_spread_is_cheaper_and_a_bank_without_spreads_still_opens(root, stand
     assert torch.equal(stored.spread_mean, bank2.spread_mean) and stored.replicates == 8
 
 
+def test_a_bank_calibrated_before_the_sliver_rule_gets_a_note(root, stand_in, bank2):
+    calibrated = {k: v for k, v in bank2.info.calibrated_with.items() if k != "sliver_area"}
+    older = replace(bank2, info=replace(bank2.info, calibrated_with=calibrated))
+    report, _ = report_of(root, "normal", Detector(stand_in, older, SETTINGS))
+    assert any("calibrated before slivers were left out" in n and "rebuild" in n for n in report["notes"])
+    current, _ = report_of(root, "normal", Detector(stand_in, bank2, SETTINGS))
+    assert not any("slivers were left out" in n for n in current["notes"])
+
+
 def test_a_one_volume_bank_has_no_spread_and_says_why(root, stand_in):
     single = bank_of(root, stand_in, 1)
     report, _ = report_of(root, "lesion", Detector(stand_in, single, SETTINGS))
@@ -281,6 +290,17 @@ def test_report_html_shows_the_spread_and_warns_about_few_normal_volumes(screene
     assert f"&plusmn; {spread:.2f}" in page
     assert "of 2 normal, too few" in page and "rest on 2 normal volumes only" in page and "at least 25" in page
     assert "slivers not ranked:" in page
+
+
+def test_the_study_page_shows_the_spread_and_the_percentile_basis(screened):
+    from himatch_med import viewer
+
+    folder, result, _ = screened
+    if not viewer.available():
+        pytest.skip(f"the viewer extra is not installed: {viewer.INSTALL}")
+    page = (folder / "patient-012" / viewer.PAGE).read_text()
+    spread = next(r for r in result.results if r.study.id == "patient-012").volume_score_spread
+    assert f"&plusmn; {spread:.2f} z</b>" in page and "of 2 normal volumes, too few)" in page
 
 
 def test_a_rerun_reads_the_new_columns_back_from_the_reports(screened, stand_in, bank2):

@@ -278,7 +278,8 @@ def recalibrated(bank: Bank, rows: list[Settings], extractor: Extractor, *, refe
         if i not in differ:
             banks.append(bank)
             continue
-        calibrated = calibrate_bank(bank, samples, row, extractor.patch_size, device)
+        # An evaluation gives no spread: the subsets' calibrations would only cost time.
+        calibrated = calibrate_bank(bank, samples, replace(row, spread_replicates=0), extractor.patch_size, device)
         info = replace(calibrated.info, calibrated_with={**calibrated.info.calibrated_with,
                                                          **{k: getattr(row, k) for k in keys}}, recalibrated=True)
         banks.append(replace(calibrated, info=info))
