@@ -37,7 +37,7 @@ SIZES = {  # hidden size, heads, blocks: the published DINOv3 ViT-S/B/L configur
     "b": (768, 12, 12),
     "l": (1024, 16, 24),
 }
-PHASES = ("load", "preprocess", "backbone", "retrieval", "matching", "fusion", "resample", "save")
+PHASES = ("load", "preprocess", "backbone", "retrieval", "matching", "fusion", "resample", "spread", "save")
 BANK_PHASES = ("prepare", "preprocess", "backbone", "kmeans", "calibration", "writing")
 
 
