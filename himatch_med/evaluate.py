@@ -50,7 +50,9 @@ def parser() -> argparse.ArgumentParser:
                          help="folder of label volumes named like the test volumes (case_seg.nii.gz, ...)")
     volumes.add_argument("--references", type=Path, nargs="+", required=True, help="normal volumes (files or folders)")
     volumes.add_argument("--reference-labels", type=Path, default=None,
-                         help="labels of annotated references: only their lesion-free slices are used")
+                         help="labels of annotated references (only their lesion-free slices are used): a folder "
+                              "named like them, a CSV with the columns image,label, or a file name beside each "
+                              "(seg.nii.gz)")
     volumes.add_argument("--anomaly-labels", type=int, nargs="+", default=None,
                          help="label values that are anomalous (default: any value > 0; LiTS tumours: 2)")
     for sub in (bmad, volumes):

@@ -144,3 +144,66 @@ def test_percentile_is_monotone():
     assert bool((result[1:] >= result[:-1]).all())
     assert float(result[0]) == 0.0 and float(result[-1]) == 100.0
     assert not math.isnan(float(result.sum()))
+
+
+# Ranking (issue 18): slivers, the percentile basis, the bootstrap draws.
+
+def test_foreground_shares_are_relative_to_the_largest_slice():
+    from himatch_med.scoring import foreground_shares
+
+    foreground = torch.zeros(3, 10, 10, dtype=torch.bool)
+    foreground[0, :1, :5] = True
+    foreground[1, :5, :10] = True
+    assert foreground_shares(foreground).tolist() == pytest.approx([0.1, 1.0, 0.0])
+
+
+def test_slivers_are_scored_slices_below_the_share_and_never_all_of_them():
+    from himatch_med.scoring import sliver_slices
+
+    foreground = torch.zeros(4, 10, 10, dtype=torch.bool)
+    foreground[0, :1, :1] = True  # 1 %
+    foreground[1, :10, :10] = True
+    foreground[2, :3, :10] = True  # 30 %
+    scored = torch.tensor([True, True, True, False])
+    assert sliver_slices(foreground, scored, 0.2).tolist() == [True, False, False, False]
+    assert sliver_slices(foreground, scored, 0.0).tolist() == [False] * 4
+    # The largest slice not scored (its lesion excluded it): every scored slice would be a sliver, so none is.
+    assert sliver_slices(foreground, torch.tensor([True, False, False, False]), 0.2).tolist() == [False] * 4
+
+
+@pytest.mark.parametrize(("error", "needed"), [(10.0, 25), (5.0, 100), (20.0, 7), (50.0, 1)])
+def test_a_stable_percentile_needs_volumes_for_its_standard_error(error, needed):
+    from himatch_med.scoring import percentile_basis, stable_volumes
+
+    assert stable_volumes(error) == needed
+    # The standard error at the median from the number needed is at most the error, and from one fewer above it.
+    assert 50 / needed**0.5 <= error + 1e-9 and (needed == 1 or 50 / (needed - 1) ** 0.5 > error)
+    assert percentile_basis(needed, 10 * needed, error)["stable"]
+    assert needed == 1 or not percentile_basis(needed - 1, 10 * needed, error)["stable"]
+
+
+def test_the_percentile_basis_of_two_volumes():
+    from himatch_med.scoring import percentile_basis
+
+    assert percentile_basis(2, 24, 10.0) == {"normal_volumes": 2, "normal_slices": 24, "resolution_points": 50.0,
+                                             "standard_error_points": 35.36, "stable_from_volumes": 25,
+                                             "stable": False}
+    assert percentile_basis(0, 0, 10.0)["resolution_points"] is None
+
+
+def test_bootstrap_draws_are_seeded_counts_of_each_volume():
+    from himatch_med.scoring import bootstrap_draws
+
+    draws = bootstrap_draws(10, 8, seed=0)
+    assert draws.shape == (8, 10) and draws.sum(dim=1).tolist() == [10] * 8 and bool((draws >= 0).all())
+    assert torch.equal(draws, bootstrap_draws(10, 8, seed=0))
+    assert not torch.equal(draws, bootstrap_draws(10, 8, seed=1))
+
+
+def test_volume_score_over_some_slices_takes_the_volumes_count_of_top_voxels():
+    maps = torch.arange(20, dtype=torch.float32).reshape(2, 2, 5)
+    foreground = torch.ones(2, 2, 5, dtype=torch.bool)
+    scored = torch.ones(2, dtype=torch.bool)
+    assert volume_score(maps, foreground, scored, 0.1) == pytest.approx(18.5)  # top 2 of 20
+    assert volume_score(maps, foreground, scored, 0.1, count=40) == pytest.approx(17.5)  # top 4 of these 20
+    assert volume_score(maps, foreground, scored, 0.1, count=1000) == pytest.approx(9.5)  # all of them

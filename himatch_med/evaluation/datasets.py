@@ -116,8 +116,9 @@ def volume_dataset(images: list[Path], labels: Path, references: list[Path], *,
         images: test volumes (files or folders of them).
         labels: folder of label volumes named like the test volumes.
         references: normal volumes (files or folders).
-        reference_labels: folder of labels of the references, when they are annotated volumes whose lesion-free
-            slices are the references.
+        reference_labels: the labels of the references (a folder named like them, a CSV of image,label pairs, or a
+            file name beside each: :class:`himatch_med.bank.store.ReferenceLabels`), when they are annotated
+            volumes whose lesion-free slices are the references.
     """
     files = jobs.expand_inputs(list(images))
     normals = jobs.expand_inputs(list(references))
