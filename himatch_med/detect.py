@@ -295,7 +295,8 @@ class Detector:
             prepared: the volume from :func:`prepare`.
             progress: called with the number of slices finished after each batch.
             computed: the output of :meth:`batches` for this volume when already at hand (an evaluation that tries
-                several settings on the same features); computed here otherwise.
+                several settings on the same features, which needs no spread: none is computed then); computed here
+                otherwise.
             timer: charged with the time of each phase (benchmarks).
         """
         bank, settings = self.bank, self.settings

@@ -26,8 +26,9 @@ VERSIONS = ("torch", "transformers", "monai", "nibabel", "SimpleITK", "numpy", "
 SLIVER_RULE = ("scored slices whose foreground is less than sliver_area of the volume's largest slice's: mapped, but "
                "neither among the top slices nor in the volume score")
 SPREAD_METHOD = ("the volume score recomputed against bank subsets (a seeded bootstrap over the reference volumes, "
-                 "each subset with its own calibration); spread: the root mean square of their differences from the "
-                 "score; range: their lowest and highest")
+                 "each subset with its own calibration), on the spread_slices most anomalous ranked slices against "
+                 "the whole bank and each subset; spread: the root mean square of their differences from the score; "
+                 "range: their lowest and highest")
 
 
 def make_report(scan: Scan, prepared: Prepared, detection: Detection, detector: Detector,
@@ -105,9 +106,9 @@ def sliver_notes(files: list[tuple[int, int]], area: float) -> list[str]:
     """A note naming the slivers (the file's voxel axis and indices) that were neither ranked nor scored."""
     if not files:
         return []
-    return [f"{len(files)} end slices ({'ijk'[files[0][0]]}={_runs_text([index for _, index in files])}) hold less "
-            f"than {area:.0%} of the largest slice's foreground: mapped, but neither ranked among the top slices nor "
-            "counted in the volume score (--sliver-area)"]
+    return [f"{len(files)} slices ({'ijk'[files[0][0]]}={_runs_text([index for _, index in files])}) hold less "
+            f"than {area:.0%} of the largest slice's foreground (slivers, as at the ends of an organ): mapped, but "
+            "neither ranked among the top slices nor counted in the volume score (--sliver-area)"]
 
 
 def percentile_notes(basis: dict, error: float) -> list[str]:
