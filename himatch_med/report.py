@@ -106,7 +106,7 @@ def sliver_notes(files: list[tuple[int, int]], area: float) -> list[str]:
     """A note naming the slivers (the file's voxel axis and indices) that were neither ranked nor scored."""
     if not files:
         return []
-    return [f"{len(files)} slices ({'ijk'[files[0][0]]}={_runs_text([index for _, index in files])}) hold less "
+    return [f"{len(files)} slices ({'ijk'[files[0][0]]}={index_ranges([index for _, index in files])}) hold less "
             f"than {area:.0%} of the largest slice's foreground (slivers, as at the ends of an organ): mapped, but "
             "neither ranked among the top slices nor counted in the volume score (--sliver-area)"]
 
@@ -139,9 +139,9 @@ def spread_notes(bank: Bank, settings: Settings, spread: dict) -> list[str]:
             "measured; rebuild it (`python -m himatch_med.bank build`) to get the spread"]
 
 
-def _runs_text(indices: list[int]) -> str:
+def index_ranges(indices: list[int]) -> str:
     """Indices as ranges: 0, 1, 2, 12, 13 -> '0-2, 12-13'."""
-    parts, ordered = [], sorted(indices)
+    parts, ordered = [], sorted(set(indices))
     start = previous = ordered[0]
     for index in ordered[1:] + [None]:
         if index is not None and index == previous + 1:
@@ -215,7 +215,7 @@ def overview_figure(prepared: Prepared, detection: Detection, report: dict, *, a
         heading += " z"
     slivers = report.get("slivers") or {}
     if slivers.get("file_indices"):
-        heading += (f"\nslivers not ranked ({slivers['file_axis']}): {_runs_text(slivers['file_indices'])}")
+        heading += (f"\nslivers not ranked ({slivers['file_axis']}): {index_ranges(slivers['file_indices'])}")
     return overview(prepared.slices[chosen].numpy(), detection.anomaly[chosen].numpy(),
                     prepared.foreground[chosen].numpy(), titles, title=heading, aspect=aspect,
                     findings=None if findings is None else findings[chosen])

@@ -37,6 +37,7 @@ from himatch_med.bank.data import Bank
 from himatch_med.config import ReadOptions, Settings
 from himatch_med.detect import Detector
 from himatch_med.errors import InputError
+from himatch_med.report import index_ranges
 from himatch_med.scoring import stable_volumes
 
 SCORES = "scores.csv"
@@ -407,22 +408,8 @@ def _from_report(study: Study, report: dict, folder: Path, status: str) -> Resul
                   volume_score_spread=_number(report.get("volume_score_spread")),
                   percentile_volumes=volumes if isinstance(volumes, int) and not isinstance(volumes, bool) else None,
                   percentile_stable=stable if isinstance(stable, bool) else None,
-                  slivers=f"{slivers.get('file_axis')}={_index_runs(indices)}" if indices else
+                  slivers=f"{slivers.get('file_axis')}={index_ranges(indices)}" if indices else
                   ("" if "slivers" in report else None))
-
-
-def _index_runs(indices: list[int]) -> str:
-    """Indices as ranges: 0, 1, 2, 12, 13 -> '0-2,12-13'."""
-    parts, ordered = [], sorted(set(indices))
-    start = previous = ordered[0]
-    for index in [*ordered[1:], None]:
-        if index is not None and index == previous + 1:
-            previous = index
-            continue
-        parts.append(f"{start}" if start == previous else f"{start}-{previous}")
-        if index is not None:
-            start = previous = index
-    return ",".join(parts)
 
 
 def _number(value) -> float | None:
