@@ -303,7 +303,12 @@ class Detector:
         count, height, width = prepared.slices.shape
         grid_maps: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         pending = computed if computed is not None else self.batches(prepared, timer)
+        # A volume of no more slices than the spread uses (a 2D image) keeps its features for it: no second pass.
+        kept: list[tuple[torch.Tensor, Features, torch.Tensor]] | None = \
+            [] if int(prepared.scored.sum()) <= settings.spread_slices else None
         for part, features, patches in pending:
+            if kept is not None:
+                kept.append((part, features, patches))
             stage_maps, per_reference = stage_distances(features, bank, settings, prepared.positions[part],
                                                         timer=timer)
             with timer("fusion"):
@@ -328,7 +333,8 @@ class Detector:
                 if scored.any() else 0.0
             anomaly, uncertainty = anomaly.cpu(), uncertainty.cpu()
         with timer("spread"):
-            replicate_scores = self.subset_scores(prepared, score, scores, ranked, sigma, computed is not None)
+            replicate_scores = self.subset_scores(prepared, score, scores, ranked, sigma, computed is not None,
+                                                  kept=kept)
         return Detection(
             anomaly=anomaly, uncertainty=uncertainty, axis=prepared.axis, slice_scores=scores,
             slice_percentiles=percentile(scores, bank.calibration_slice_scores), scored=scored, volume_score=score,
@@ -352,7 +358,8 @@ class Detector:
         return subsets
 
     def subset_scores(self, prepared: Prepared, score: float, scores: torch.Tensor, ranked: torch.Tensor,
-                      sigma: float, given: bool = False) -> tuple[float, ...]:
+                      sigma: float, given: bool = False, *,
+                      kept: list[tuple[torch.Tensor, Features, torch.Tensor]] | None = None) -> tuple[float, ...]:
         """The volume score against each bank subset (:meth:`subsets`), estimated on the most anomalous slices.
 
         The top ``settings.spread_slices`` ranked slices by score go through the backbone again and are scored
@@ -367,6 +374,7 @@ class Detector:
             ranked: the slices that count in the volume score ``(S,)``.
             sigma: the smoothing in slice pixels.
             given: the features were handed to :meth:`detect` (an evaluation): no spread is computed.
+            kept: the batches of :meth:`batches` over every scored slice, when at hand (then none is computed again).
         """
         subsets = self.subsets()
         if not subsets or given or not bool(ranked.any()):
@@ -377,7 +385,8 @@ class Detector:
         chosen[order] = True
         count = int(prepared.foreground[ranked].sum())
         maps: list[dict[int, torch.Tensor]] = [{} for _ in range(len(subsets) + 1)]
-        for part, features, patches in self.batches(replace(prepared, scored=chosen)):
+        for part, features, patches in (_chosen(kept, chosen) if kept is not None
+                                        else self.batches(replace(prepared, scored=chosen))):
             positions = prepared.positions[part]
             whole = stage_distances(features, self.bank, settings, positions)
             for target, (allowed, calibrated) in zip(maps, [(None, self.bank), *subsets]):
@@ -398,6 +407,17 @@ class Detector:
                                           torch.ones(len(indices), dtype=torch.bool), settings.top_fraction,
                                           count=count))
         return tuple(score + e - estimates[0] for e in estimates[1:])
+
+
+def _chosen(batches: list[tuple[torch.Tensor, Features, torch.Tensor]], chosen: torch.Tensor
+            ) -> Iterator[tuple[torch.Tensor, Features, torch.Tensor]]:
+    """The rows of ``batches`` (slice indices, features, patch foreground) whose slices are ``chosen`` ``(S,)``."""
+    for part, features, patches in batches:
+        rows = chosen[part]
+        if bool(rows.any()):
+            where = rows.to(features.cls.device)
+            yield part[rows], Features(features.cls[where], features.layout[where],
+                                       tuple(grid[where] for grid in features.grids)), patches[where]
 
 
 def device_of(name: str) -> torch.device:

@@ -420,3 +420,57 @@ def test_the_command_lines_print_the_spread_and_warn_about_few_normal_volumes(ro
                         *common]) == 0
     assert "warning: the percentiles rest on 2 normal volume(s); a stable percentile (standard error at most 10 " \
            "points) needs at least 25" in capsys.readouterr().out
+
+
+def test_bank_build_takes_per_case_folders_on_the_command_line(annotated, tiny_dinov3, tmp_path, capsys):
+    from conftest import FAST
+
+    from himatch_med.bank.__main__ import bank_main
+
+    flairs = [str(annotated / "cases" / f"case{i}" / "flair.nii.gz") for i in range(2)]
+    assert bank_main(["build", *flairs, "--reference-labels", "seg.nii.gz", "-o", str(tmp_path / "bank"),
+                      "--model", str(tiny_dinov3), *FAST]) == 0
+    assert bank_main(["build", *flairs, "-o", str(tmp_path / "plain"), "--model", str(tiny_dinov3), *FAST]) == 0
+
+    def slices(folder):
+        sources = json.loads((folder / "bank.json").read_text())["sources"]
+        return {s["slice"] for s in sources if s["source"] == flairs[1]}
+
+    assert set(LABELLED) & slices(tmp_path / "plain")
+    assert slices(tmp_path / "bank") == slices(tmp_path / "plain") - set(LABELLED)
+    missing = tmp_path / "missing.csv"
+    assert bank_main(["build", *flairs, "--reference-labels", str(missing), "-o", str(tmp_path / "other"),
+                      "--model", str(tiny_dinov3), *FAST]) == 2
+    assert f"{missing}: no such file or folder (--reference-labels)" in capsys.readouterr().err
+
+
+def test_a_label_off_its_references_grid_is_skipped_naming_both(annotated, stand_in, tmp_path):
+    wrong = save(np.zeros((20, 20, 14), np.float32), tmp_path / "wrong_seg.nii.gz")
+    flairs = [annotated / "cases" / f"case{i}" / "flair.nii.gz" for i in range(2)]
+    table = tmp_path / "pairs.csv"
+    table.write_text(f"image,label\n{flairs[0]},{wrong}\n{flairs[1]},{annotated / 'cases/case1/seg.nii.gz'}\n")
+    bank = cached_bank(flairs, table, SETTINGS, stand_in, tmp_path / "cache")
+    assert not sliced(bank, str(flairs[0])) and sliced(bank, str(flairs[1]))
+    warning = next(w for w in bank.info.warnings if str(flairs[0]) in w)
+    assert "must lie on the grid of" in warning and f"paired with the label {wrong}" in warning
+
+
+def test_a_volume_no_longer_than_the_spread_slices_goes_through_the_backbone_once(root, stand_in, bank2):
+    calls = []
+
+    class Counting:
+        model_id, patch_size, stages, device = stand_in.model_id, stand_in.patch_size, stand_in.stages, stand_in.device
+
+        def __call__(self, images):
+            calls.append(len(images))
+            return stand_in(images)
+
+    job = jobs.read(root / "queries" / "lesion.nii.gz", SETTINGS)
+    short = replace(job.prepared, scored=job.prepared.scored & (torch.arange(14) >= 4) & (torch.arange(14) < 12))
+    kept = Detector(Counting(), bank2, SETTINGS).detect(short)
+    assert sum(calls) == 8 and len(kept.replicate_scores) == 8
+    calls.clear()
+    again = Detector(Counting(), bank2, replace(SETTINGS, spread_slices=7)).detect(short)
+    assert sum(calls) == 8 + 7 and len(again.replicate_scores) == 8
+    # The same estimate whether the features were kept or computed again (7 of 8 slices hold the top voxels).
+    assert kept.replicate_scores == pytest.approx(again.replicate_scores, abs=0.05)

@@ -167,12 +167,15 @@ def reference_volumes(references: list[Path], labels: Path | ReferenceLabels | N
             if warn:
                 warn(f"left out {path}: a label of --reference-labels, not a reference")
             continue
+        label = None
         try:
             label = labels.label_for(path) if labels is not None else None
             job = jobs.read(path, settings, options, labels=label)
         except InputError as error:
             if warn:
-                warn(f"skipping reference {error}")
+                paired = "" if label is None else (f" (paired with the label {label}: check that they belong "
+                                                   "together, or pair them in a CSV of image,label rows)")
+                warn(f"skipping reference {error}{paired}")
             continue
         for note in job.prepared.notes if warn else ():
             warn(f"reference {path}: {note}")
