@@ -28,7 +28,7 @@ Settings are keyword arguments named as in :class:`himatch_med.config.Settings` 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import nibabel as nib
@@ -202,7 +202,8 @@ def detect_image(detector: Detector, image, *, mask=None, name: str | None = Non
             nibabel gives them).
         mask: a foreground mask on the image's grid, instead of the foreground mode: an array, a nibabel image or a
             path.
-        name: the input's name in the report and the saved files' prefix (default: the file's name, or ``image``).
+        name: for an image in memory, its name in the report and the saved files' prefix (default: ``image``, or
+            the file name a nibabel image was loaded from); a file's outputs are named after the file.
         options: how a file is read; the NaN policy and ``allow_shear`` hold for images in memory too.
         progress: show a progress bar over the slices (stderr).
 
@@ -213,13 +214,14 @@ def detect_image(detector: Detector, image, *, mask=None, name: str | None = Non
     settings = detector.settings
     form = None
     if isinstance(image, str | Path):
+        if name is not None:
+            raise ValueError(f"name={name!r}: for an image in memory; the outputs of a file are named after it "
+                             f"({Path(image).name})")
         if mask is None or isinstance(mask, str | Path):
             job = jobs.read(Path(image), settings, options, mask=None if mask is None else Path(mask))
         else:
             job = jobs.read(Path(image), settings, options)
             job = jobs.job_of(job.scan, settings, foreground=_mask_on(job.scan, mask), source=job.source)
-        if name is not None:
-            job = replace(job, scan=replace(job.scan, path=job.scan.path.with_name(name)))
     else:
         made, form = in_memory(image, name or IN_MEMORY_NAME)
         scan = scan_of(made, axis=settings.axis, options=options)

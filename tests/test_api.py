@@ -151,6 +151,8 @@ def test_what_cannot_be_an_image_is_refused_with_the_fix(detector, planted):
         volume = planted[0].copy()
         volume[3, 3, 3] = np.nan
         hm.detect_image(detector, (volume, OBLIQUE))
+    with pytest.raises(ValueError, match="name='x': for an image in memory; the outputs of a file are named after"):
+        hm.detect_image(detector, "patient.nii.gz", name="x")
     with pytest.raises(ValueError, match="referencesk: not a setting"):
         hm.build_detector([], referencesk=3)
 

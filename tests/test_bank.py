@@ -111,13 +111,15 @@ def test_reference_labels_remove_the_lesion_slices_from_the_bank(annotated, stan
     assert len(labelled) == len(plain) - len(LABELLED)
 
 
-def test_a_reference_without_its_label_is_skipped_with_a_warning(annotated, stand_in, tmp_path, capsys):
+def test_a_reference_without_its_label_is_skipped_with_a_warning(annotated, stand_in, tmp_path, caplog):
     labels = tmp_path / "labels"
     labels.mkdir()
     (labels / "case0_seg.nii.gz").write_bytes((annotated / "labels" / "case0_seg.nii.gz").read_bytes())
     bank = cached_bank([annotated / "refs"], labels, SETTINGS, stand_in, tmp_path / "cache")
     assert sliced(bank, "case1.nii.gz") == set() and sliced(bank, "case0.nii.gz")
-    assert "skipping reference" in capsys.readouterr().err and "no label named like it" in bank.info.warnings[0]
+    # A warning of the himatch_med logger (the commands show it on stderr as "warning: ...").
+    assert [r.levelname for r in caplog.records if "skipping reference" in r.getMessage()] == ["WARNING"]
+    assert "no label named like it" in bank.info.warnings[0]
 
 
 def test_the_cache_ignores_speed_settings_only(annotated, stand_in, tmp_path):
