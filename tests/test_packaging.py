@@ -35,6 +35,11 @@ def clean_env() -> dict[str, str]:
 @pytest.fixture(scope="module")
 def built(tmp_path_factory) -> Path:
     """The wheel and the sdist, built from a copy of the files git tracks (or would), as a fresh clone has them."""
+    import setuptools
+
+    major = int(setuptools.__version__.split(".")[0])
+    assert major >= 77, (f"setuptools {setuptools.__version__} cannot build this package (the licence is an SPDX "
+                         "expression); pip install 'setuptools>=77' (the test extra has it)")
     work = tmp_path_factory.mktemp("build")
     listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
                             text=True, encoding="utf-8")
