@@ -77,7 +77,7 @@ def label_findings(anomaly: np.ndarray, threshold: float, *, voxel_volume: float
     if count == 0:
         return np.zeros(anomaly.shape, dtype=np.uint8)
     index = np.arange(1, count + 1)
-    peaks = np.asarray(ndimage.maximum(anomaly, regions, index), dtype=np.float64)
+    peaks = region_peaks(anomaly, regions, count)
     if extent > 0:
         floor = np.concatenate([[np.inf], extent * np.maximum(peaks, 0)])
         regions = np.where(anomaly >= floor[regions], regions, 0)
@@ -88,6 +88,18 @@ def label_findings(anomaly: np.ndarray, threshold: float, *, voxel_volume: float
     lookup = np.zeros(count + 1, dtype=_label_dtype(len(order)))
     lookup[order] = np.arange(1, len(order) + 1)
     return lookup[regions]
+
+
+def region_peaks(values: np.ndarray, regions: np.ndarray, count: int) -> np.ndarray:
+    """The maximum of ``values`` in each region 1..``count`` of a label map (float64), as ``ndimage.maximum`` gives.
+
+    Our own because ``ndimage.maximum`` with labels sorts the whole volume (3.3 s for a 240 x 240 x 155 map, the
+    largest cost of writing the outputs); this visits only the labelled voxels once. Equality is pinned in a test.
+    """
+    inside = regions > 0
+    peaks = np.full(count + 1, -np.inf)
+    np.maximum.at(peaks, regions[inside], values[inside].astype(np.float64))
+    return peaks[1:]
 
 
 def _label_dtype(count: int) -> np.dtype:

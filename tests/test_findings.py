@@ -246,3 +246,16 @@ def test_a_run_on_a_stored_bank_takes_its_false_positive_fraction(planted):
     recorded = bank_defaults(folder)
     assert recorded["finding_false_positive_fraction"] == bank.info.findings["false_positive_fraction"]
     assert "findings" not in recorded and "finding_threshold" not in recorded
+
+
+def test_region_peaks_equal_scipys_maximum_per_label():
+    from scipy import ndimage
+
+    from himatch_med.findings import region_peaks
+
+    generator = np.random.default_rng(0)
+    values = generator.normal(size=(30, 20, 10)).astype(np.float32)
+    regions, count = ndimage.label(values > 1.0)
+    assert count > 20
+    expected = np.asarray(ndimage.maximum(values, regions, np.arange(1, count + 1)), dtype=np.float64)
+    np.testing.assert_array_equal(region_peaks(values, regions, count), expected)
