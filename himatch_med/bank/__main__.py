@@ -12,7 +12,7 @@ from himatch_med.config import Settings
 
 def bank_parser() -> argparse.ArgumentParser:
     """The parser of ``python -m himatch_med.bank``."""
-    parser = argparse.ArgumentParser(prog="python -m himatch_med.bank",
+    parser = argparse.ArgumentParser(prog="himatch-med bank",
                                      description="Build a reference bank from normal volumes or images.")
     commands = parser.add_subparsers(dest="command", required=True)
     build = commands.add_parser("build", help="build a bank from normal references")
