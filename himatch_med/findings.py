@@ -73,9 +73,15 @@ def label_findings(anomaly: np.ndarray, threshold: float, *, voxel_volume: float
         if foreground.shape != anomaly.shape:
             raise ValueError(f"foreground has shape {foreground.shape}, the map {anomaly.shape}")
         above &= foreground.astype(bool)
+    # Only the box around the voxels above the threshold is labelled: usually a small part of the volume, and its
+    # raster order is the volume's, so the regions and their numbering are the same.
+    whole = anomaly.shape
+    if not above.any():
+        return np.zeros(whole, dtype=np.uint8)
+    box = tuple(slice(int(hits[0]), int(hits[-1]) + 1)
+                for hits in (np.flatnonzero(above.any(axis=other)) for other in ((1, 2), (0, 2), (0, 1))))
+    above, anomaly = above[box], anomaly[box]
     regions, count = ndimage.label(above, structure=structure(connectivity))
-    if count == 0:
-        return np.zeros(anomaly.shape, dtype=np.uint8)
     index = np.arange(1, count + 1)
     peaks = region_peaks(anomaly, regions, count)
     if extent > 0:
@@ -87,7 +93,9 @@ def label_findings(anomaly: np.ndarray, threshold: float, *, voxel_volume: float
     order = index[keep][np.lexsort((index[keep], -sizes[keep], -peaks[keep]))]
     lookup = np.zeros(count + 1, dtype=_label_dtype(len(order)))
     lookup[order] = np.arange(1, len(order) + 1)
-    return lookup[regions]
+    labels = np.zeros(whole, dtype=lookup.dtype)
+    labels[box] = lookup[regions]
+    return labels
 
 
 def region_peaks(values: np.ndarray, regions: np.ndarray, count: int) -> np.ndarray:
