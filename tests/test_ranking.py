@@ -419,7 +419,7 @@ def test_the_command_lines_print_the_spread_and_warn_about_few_normal_volumes(ro
     assert screen_main([str(root / "queries"), "-o", str(tmp_path / "screen"), "--workers", "0", "--quiet",
                         *common]) == 0
     assert "warning: the percentiles rest on 2 normal volume(s); a stable percentile (standard error at most 10 " \
-           "points) needs at least 25" in capsys.readouterr().out
+           "points) needs at least 25" in capsys.readouterr().err
 
 
 def test_bank_build_takes_per_case_folders_on_the_command_line(annotated, tiny_dinov3, tmp_path, capsys):

@@ -45,7 +45,7 @@ def _build(args: argparse.Namespace, settings: Settings) -> int:
     references = expand_inputs(args.references)
     extractor = load_extractor(settings, args.device)
     folder = build_bank_folder(references, args.reference_labels, settings, extractor, args.output,
-                               options=cli.read_options(args))
+                               options=cli.read_options(args), progress=cli.progress_shown(args))
     print(f"bank written to {folder}")
     return 0
 
