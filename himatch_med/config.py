@@ -38,6 +38,8 @@ AXES = ("axial", "coronal", "sagittal")
 FUSIONS = ("uncertainty", "mean", "max", "last")
 NAN_POLICIES = ("refuse", "zero")
 FINDING_CONNECTIVITIES = (6, 18, 26)
+REFERENCE_CHECK_MIN_VOLUMES = 5
+"""The reference check flags nothing with fewer calibration volumes: a median and its spread need a few."""
 
 # Per-modality defaults for the settings left at ``None``. Preprocessed MRI has a constant background, but not always
 # 0 (z-scored BraTS: -3.6; conformed or nnU-Net-style volumes alike): the value that fills the border is taken as the
@@ -58,14 +60,16 @@ FLAGS = {
     "speed": "changes speed and memory only, never a result",
     "findings": "changes only the findings (the bank records what its default finding threshold is computed from), "
                 "never a bank or a map",
+    "check": "changes only the check of the references (`bank check`, and its section of `bank build`'s output), "
+             "never a bank or a map",
 }
 """What each flag of a setting means."""
 
 
 def _setting(default, help: str, choices=None, *, bank: bool = False, calibrated: bool = False,  # noqa: A002
-             built: bool = False, speed: bool = False, findings: bool = False):
+             built: bool = False, speed: bool = False, findings: bool = False, check: bool = False):
     return field(default=default, metadata={"help": help, "choices": choices, "bank": bank, "calibrated": calibrated,
-                                            "built": built, "speed": speed, "findings": findings})
+                                            "built": built, "speed": speed, "findings": findings, "check": check})
 
 
 @dataclass(frozen=True)
@@ -124,6 +128,11 @@ class Settings:
                                      findings=True)
     finding_connectivity: int = _setting(26, "voxels that touch to form one finding: 6 (faces), 18 (edges) or 26 "
                                          "(corners)", FINDING_CONNECTIVITIES, findings=True)
+    # Reference check (issue 15): a reference volume that scores far above the others against them is suspect.
+    reference_outlier_z: float = _setting(
+        3.5, "a reference volume is flagged when its leave-own-volume-out score lies this many robust standard "
+        "deviations (1.4826 x the median absolute deviation of the calibration volumes' scores) above their median",
+        check=True)
     seed: int = _setting(0, "seed of every random choice (k-means, calibration sample)", built=True)
     batch_size: int = _setting(16, "slices per backbone batch", speed=True)
     chunk_size: int = _setting(4096, "bank rows compared at once (bounds memory)", speed=True)
@@ -150,6 +159,9 @@ class Settings:
             raise ValueError(f"finding_min_volume={self.finding_min_volume} must not be negative")
         if self.finding_threshold is not None and not math.isfinite(self.finding_threshold):
             raise ValueError(f"finding_threshold={self.finding_threshold} must be a finite z-value")
+        if not self.reference_outlier_z > 0:
+            raise ValueError(f"reference_outlier_z={self.reference_outlier_z} must be positive (3.5 is the usual "
+                             "modified z-score cut)")
         if self.temperature <= 0:
             raise ValueError(f"temperature={self.temperature} must be positive")
         if self.smoothing_sigma < 0:

@@ -240,6 +240,7 @@ def calibrate_bank(bank: Bank, samples: list[Sample], settings: Settings, patch_
     findings = calibration_record(normal, peaks, settings.finding_false_positive_fraction)
     return replace(calibrated, calibration_slice_scores=torch.tensor(slice_values, dtype=torch.float32),
                    calibration_volume_scores=torch.tensor(volume_scores, dtype=torch.float32),
+                   calibration_volume_groups=torch.tensor(list(volume_values), dtype=torch.int64),
                    info=replace(calibrated.info, findings=findings))
 
 

@@ -5,7 +5,9 @@ Format (version 2), written by :func:`himatch_med.io.write_bank` as a folder wit
 - ``bank.safetensors``: ``cls`` (N, D) fp16, ``layout`` (N, g*g, D) fp16, ``centroids`` (N, L, c, D) fp16,
   ``sizes`` (N, L, c) int32, ``positions`` (N,) fp32, ``groups`` (N,) int64 (which reference volume a slice came
   from), ``calibration_mean`` and ``calibration_std`` (L,) fp32, ``calibration_slice_scores`` (M,) fp32,
-  ``calibration_volume_scores`` (V,) fp32;
+  ``calibration_volume_scores`` (V,) fp32; optional (:data:`OPTIONAL_ARRAYS`, absent in banks built before it
+  existed, which stay readable): ``calibration_volume_groups`` (V,) int64, the reference volume (``groups`` value) of
+  each volume score, which ``python -m himatch_med.bank check`` reads;
 - ``bank.json``: :meth:`Bank.metadata`, the typed :class:`BankInfo`: ``format_version``, the settings a query must
   repeat (model, modality, window, image size, stages, ...), the settings it was calibrated with, the sources (file
   and slice of every reference), and ``arrays_sha256``: the SHA-256 of the SHA-256 digests of the arrays file's
@@ -25,6 +27,8 @@ FORMAT_VERSION = 2
 """Version 2 (himatch-med 0.2): references prepared with the background detection and intensity headroom of 0.2."""
 ARRAYS = ("cls", "layout", "centroids", "sizes", "positions", "groups", "calibration_mean", "calibration_std",
           "calibration_slice_scores", "calibration_volume_scores")
+OPTIONAL_ARRAYS = ("calibration_volume_groups",)
+"""Arrays a bank of this format may lack (built by an earlier 0.2): what needs them asks for a rebuild."""
 STORAGE_DTYPE = torch.float16
 COUNTS = ("sampled_slices", "volumes", "recalibrated_for_evaluation")
 """Entries of ``bank.json``'s ``calibration`` that are not settings: they follow from the arrays (and a flag)."""
@@ -40,7 +44,8 @@ class BankInfo:
     ``{"source": file, "slice": index}`` per reference; ``recalibrated``: the calibration was redone for an
     evaluation row; ``findings``: the finding threshold and the normal values it comes from
     (:func:`himatch_med.findings.calibration_record`; ``None`` in a bank built before findings existed). Set when
-    stored: ``created_by``, ``warnings`` (skipped references), ``build_seconds``, ``arrays_sha256``.
+    stored: ``created_by``, ``warnings`` (skipped references), ``build_seconds``, ``arrays_sha256``; ``excluded``: the
+    references left out by ``bank build --exclude`` (``None`` when none was asked for).
     """
 
     settings: dict = field(default_factory=dict)
@@ -54,6 +59,7 @@ class BankInfo:
     warnings: tuple[str, ...] | None = None
     build_seconds: float | None = None
     arrays_sha256: str | None = None
+    excluded: tuple[str, ...] | None = None
 
     @classmethod
     def from_json(cls, meta: dict, *, source: str) -> BankInfo:
@@ -75,12 +81,17 @@ class BankInfo:
                    patch_size=meta.get("patch_size"), sources=tuple(meta.get("sources", ())),
                    recalibrated=bool(calibration.get("recalibrated_for_evaluation", False)), format_version=version,
                    created_by=meta.get("created_by"), warnings=None if warnings is None else tuple(warnings),
-                   build_seconds=meta.get("build_seconds"), arrays_sha256=meta.get("arrays_sha256"))
+                   build_seconds=meta.get("build_seconds"), arrays_sha256=meta.get("arrays_sha256"),
+                   excluded=None if meta.get("excluded") is None else tuple(meta["excluded"]))
 
 
 @dataclass(frozen=True, eq=False)
 class Bank:
-    """References ``N`` with ``L`` stages of ``c`` centroids each, the calibration of their stage maps, and ``info``."""
+    """References ``N`` with ``L`` stages of ``c`` centroids each, the calibration of their stage maps, and ``info``.
+
+    ``calibration_volume_groups`` (V,): the reference volume of each calibration volume score; ``None`` in a bank
+    built before it was recorded.
+    """
 
     cls: torch.Tensor
     layout: torch.Tensor
@@ -93,6 +104,7 @@ class Bank:
     calibration_slice_scores: torch.Tensor
     calibration_volume_scores: torch.Tensor
     info: BankInfo = field(default_factory=BankInfo)
+    calibration_volume_groups: torch.Tensor | None = None
 
     @classmethod
     def from_stored(cls, tensors: dict[str, torch.Tensor], meta: dict, *, source: str) -> Bank:
@@ -104,7 +116,8 @@ class Bank:
         problem = array_problem(tensors)
         if problem:
             raise InputError(f"{source}: its arrays are inconsistent ({problem}); rebuild the bank")
-        return cls(**{name: tensors[name] for name in ARRAYS}, info=info)
+        return cls(**{name: tensors[name] for name in ARRAYS}, info=info,
+                   **{name: tensors[name] for name in OPTIONAL_ARRAYS if name in tensors})
 
     @property
     def id(self) -> str:
@@ -115,8 +128,8 @@ class Bank:
         return len(self.cls)
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """The arrays by name, as stored."""
-        return {name: getattr(self, name) for name in ARRAYS}
+        """The arrays by name, as stored (the optional ones when present)."""
+        return {name: getattr(self, name) for name in (*ARRAYS, *OPTIONAL_ARRAYS) if getattr(self, name) is not None}
 
     def calibration(self) -> dict:
         """The calibration as ``bank.json`` records it: the settings, the sampled slices and volumes."""
@@ -132,7 +145,8 @@ class Bank:
         meta = {"settings": info.settings, "calibration": calibration, "patch_size": info.patch_size,
                 "format_version": info.format_version, "sources": list(info.sources)}
         stored = {"created_by": info.created_by, "warnings": None if info.warnings is None else list(info.warnings),
-                  "build_seconds": info.build_seconds, "arrays_sha256": arrays_sha256 or info.arrays_sha256}
+                  "build_seconds": info.build_seconds, "arrays_sha256": arrays_sha256 or info.arrays_sha256,
+                  "excluded": None if info.excluded is None else list(info.excluded)}
         return {**meta, **{key: value for key, value in stored.items() if value is not None}}
 
     def to(self, device: torch.device | str, *, centroid_budget: int = 8 << 30,
@@ -206,6 +220,10 @@ def array_problem(tensors: dict[str, torch.Tensor], *, chunk: int = 1024) -> str
     for name, shape in expected.items():
         if tuple(tensors[name].shape) != shape:
             return f"{name} has shape {tuple(tensors[name].shape)}, {shape} expected with cls {tuple(cls.shape)}"
+    groups = tensors.get("calibration_volume_groups")
+    if groups is not None and tuple(groups.shape) != tuple(tensors["calibration_volume_scores"].shape):
+        return (f"calibration_volume_groups has shape {tuple(groups.shape)}, one per calibration volume score "
+                f"{tuple(tensors['calibration_volume_scores'].shape)} expected")
     for name in ("cls", "layout", "positions", "calibration_mean", "calibration_std", "calibration_slice_scores",
                  "calibration_volume_scores"):
         if not bool(torch.isfinite(tensors[name]).all()):

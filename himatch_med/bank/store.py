@@ -38,6 +38,48 @@ def open_bank(folder: Path, settings: Settings, extractor: Extractor) -> Bank:
     return bank.to(device_of_extractor(extractor))
 
 
+def stored_bank(folder: Path) -> Bank:
+    """A stored bank as it is, checked for damage but not against a run's settings (to inspect it)."""
+    tensors, meta = io.read_bank(folder)
+    return Bank.from_stored(tensors, meta, source=str(folder))
+
+
+def read_name_list(path: Path) -> list[str]:
+    """The names in a list file: one per line; blank lines and lines starting with ``#`` are skipped."""
+    try:
+        text = io.read_text(path)
+    except (OSError, UnicodeDecodeError) as error:
+        raise InputError(f"{path}: the list of references to exclude cannot be read ({error}); pass a UTF-8 text "
+                         "file with one reference name or path per line") from error
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
+
+
+def excluded_references(references: list[Path], names: list[str]) -> tuple[list[Path], list[Path]]:
+    """Split references into those kept and those ``names`` exclude.
+
+    A name matches a reference by its path (as given or resolved), its file name, or its name without the image
+    suffix (:func:`himatch_med.io.stem`, the name ``bank check`` and the reports show).
+
+    Raises:
+        InputError: a name matches no reference, or a bare name matches several (give the path then).
+    """
+    chosen: set[Path] = set()
+    for name in names:
+        resolved = Path(name).expanduser().resolve()
+        matches = [p for p in references if p.resolve() == resolved or str(p) == name]
+        if not matches:
+            matches = [p for p in references if name in (p.name, io.stem(p))]
+        if not matches:
+            shown = ", ".join(io.stem(p) for p in references[:5]) + (" ..." if len(references) > 5 else "")
+            raise InputError(f"--exclude {name}: no reference is named so (the references are {shown}); give a "
+                             "reference's path, file name or name as `bank check` shows it")
+        if len(matches) > 1:
+            raise InputError(f"--exclude {name}: {len(matches)} references are named so ({matches[0]}, {matches[1]}"
+                             f"{' ...' if len(matches) > 2 else ''}); give the path of the one to exclude")
+        chosen.update(matches)
+    return [p for p in references if p not in chosen], [p for p in references if p in chosen]
+
+
 def reference_volumes(references: list[Path], labels: Path | None, settings: Settings,
                       options: ReadOptions | None, warn=None):
     """Yield ``(name, prepared)`` for each readable reference.
@@ -69,11 +111,17 @@ def label_for(path: Path, labels: Path) -> Path:
 
 
 def build_bank_folder(references: list[Path], labels: Path | None, settings: Settings, extractor: Extractor,
-                      folder: Path, *, options: ReadOptions | None = None) -> Path:
-    """Build a bank from reference files and write it to ``folder``; skipped references are warned about."""
+                      folder: Path, *, options: ReadOptions | None = None, exclude: list[str] | None = None) -> Path:
+    """Build a bank from reference files and write it to ``folder``; skipped references are warned about.
+
+    ``exclude``: references to leave out (:func:`excluded_references`), recorded in the bank.
+    """
     from tqdm.auto import tqdm
 
     references, left_out = jobs.split_outputs(references)
+    removed: list[Path] = []
+    if exclude is not None:
+        references, removed = excluded_references(references, exclude)
     if not references:
         raise InputError("no reference files given" + (f" (left out {len(left_out)} himatch-med outputs)"
                                                        if left_out else ""))
@@ -98,7 +146,8 @@ def build_bank_folder(references: list[Path], labels: Path | None, settings: Set
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
     bank = replace(bank, info=replace(bank.info, created_by=f"himatch-med {__version__}", warnings=tuple(warnings),
-                                      build_seconds=round(time.perf_counter() - started, 2)))
+                                      build_seconds=round(time.perf_counter() - started, 2),
+                                      excluded=None if exclude is None else tuple(str(p.resolve()) for p in removed)))
     return io.write_bank(bank.tensors(), bank.metadata, folder)
 
 
@@ -124,8 +173,9 @@ def _cache_key(files: list[Path], labels: Path | None, settings: Settings, extra
     stamp = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
     if labels is not None and labels.is_dir():
         stamp += [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(labels.iterdir())]
-    # Findings settings change no reference: the bank records what any finding threshold is computed from.
-    relevant = {k: v for k, v in settings.results_fields().items() if k not in Settings.flagged("findings")}
+    # Findings and check settings change no reference: the bank records what any finding threshold is computed from.
+    ignored = {*Settings.flagged("findings"), *Settings.flagged("check")}
+    relevant = {k: v for k, v in settings.results_fields().items() if k not in ignored}
     text = json.dumps([stamp, relevant, list(extractor.stages), extractor.model_id], default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
