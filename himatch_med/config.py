@@ -36,6 +36,9 @@ FULL_FIELD = 0.98
 """A foreground covering this share of the field of view is noted as suspicious for MRI and CT."""
 AXES = ("axial", "coronal", "sagittal")
 FUSIONS = ("uncertainty", "mean", "max", "last")
+METHODS = ("himatch", "anomalydino", "dino-ad")
+"""``himatch``: this package's method (METHOD.md); ``anomalydino`` and ``dino-ad``: the published baselines on the same
+backbone features (:mod:`himatch_med.baselines`)."""
 NAN_POLICIES = ("refuse", "zero")
 FINDING_CONNECTIVITIES = (6, 18, 26)
 REFERENCE_CHECK_MIN_VOLUMES = 5
@@ -60,6 +63,7 @@ FLAGS = {
     "speed": "changes speed and memory only, never a result",
     "findings": "changes only the findings (the bank records what its default finding threshold is computed from), "
                 "never a bank or a map",
+    "baseline": "chooses or tunes a baseline (--method); never changes a bank, and HiMatch-AD ignores the tuning",
     "check": "changes only the check of the references (`bank check`, and its section of `bank build`'s output), "
              "never a bank or a map",
 }
@@ -67,9 +71,11 @@ FLAGS = {
 
 
 def _setting(default, help: str, choices=None, *, bank: bool = False, calibrated: bool = False,  # noqa: A002
-             built: bool = False, speed: bool = False, findings: bool = False, check: bool = False):
+             built: bool = False, speed: bool = False, findings: bool = False, check: bool = False,
+             baseline: bool = False):
     return field(default=default, metadata={"help": help, "choices": choices, "bank": bank, "calibrated": calibrated,
-                                            "built": built, "speed": speed, "findings": findings, "check": check})
+                                            "built": built, "speed": speed, "findings": findings, "check": check,
+                                            "baseline": baseline})
 
 
 @dataclass(frozen=True)
@@ -114,6 +120,14 @@ class Settings:
     smoothing_sigma: float = _setting(4.0, "Gaussian smoothing of the maps, in backbone-image pixels", calibrated=True)
     top_fraction: float = _setting(0.01, "slice/volume score = mean of this top fraction of foreground values",
                                    calibrated=True)
+    # Baselines (issue 15): the published methods on the same backbone features, for comparison.
+    method: str = _setting("himatch", "himatch (this method), or a baseline on the same features: anomalydino "
+                           "(nearest reference patch, last stage, no retrieval, clustering, calibration or fusion; "
+                           "maps and scores in cosine distance) or dino-ad (one support slice by CLS similarity, "
+                           "distance to its k-means centroids, last stage)", METHODS, baseline=True)
+    memory_patches: int = _setting(65536, "anomalydino: the reference patches it matches against; a seeded random "
+                                   "subset of the references' foreground patches of the last stage when they are "
+                                   "more", baseline=True)
     # Findings (issue 13): connected regions of the fused map above the finding threshold.
     finding_false_positive_fraction: float = _setting(
         1e-4, "the default finding threshold is the fused-map value that this share of the normal references' "
@@ -144,7 +158,7 @@ class Settings:
             if choices and value is not None and value not in choices:
                 raise ValueError(f"{f.name}={value!r} is not one of {', '.join(map(str, choices))}")
         for name in ("image_size", "layout_cells", "centroids", "kmeans_iterations", "references_k", "batch_size",
-                     "chunk_size", "calibration_slices"):
+                     "chunk_size", "calibration_slices", "memory_patches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
         for name in ("min_foreground", "patch_foreground", "cls_weight", "top_fraction"):

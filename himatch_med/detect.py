@@ -13,13 +13,20 @@ from dataclasses import dataclass, replace
 import torch
 
 from himatch_med.bank.data import Bank
+from himatch_med.baselines import (
+    centroid_distances,
+    nearest_patch_distances,
+    patch_scores,
+    sample_patches,
+    support_slices,
+)
 from himatch_med.config import Settings
 from himatch_med.errors import InputError
 from himatch_med.features import Extractor, Features, describe
 from himatch_med.fusion import calibrate, fuse, stage_uncertainty
 from himatch_med.matching import reference_distances
 from himatch_med.retrieval import retrieve
-from himatch_med.scoring import percentile, slice_scores, volume_score
+from himatch_med.scoring import percentile, slice_scores, top_mean, volume_score
 from himatch_med.timing import NO_TIMER, Timer
 from himatch_med.transforms import (
     foreground_mask,
@@ -215,6 +222,58 @@ def fused_maps(stage_maps: torch.Tensor, per_reference: torch.Tensor, bank: Bank
                 mode=settings.fusion, temperature=settings.temperature)
 
 
+def reference_patches(extractor: Extractor, references: Iterable[tuple[str, Prepared]], settings: Settings,
+                      device: torch.device, progress: Progress | None = None) -> torch.Tensor:
+    """AnomalyDINO's memory: the last stage's foreground patches of the references, at most ``memory_patches``.
+
+    When the references hold more, a uniform random subset is kept (:func:`himatch_med.baselines.sample_patches`);
+    each slice's keys come from a generator seeded by ``seed`` and the slice's place in the references, so the
+    subset does not depend on the batch size.
+
+    Returns:
+        Unit-norm patches ``(M, D)`` on ``device``, float32.
+    """
+    kept, keys = None, None
+    number = 0
+    for features, patches, _ in reference_batches(extractor, references, settings, device):
+        grid = features.grids[-1].float()
+        if kept is None:
+            kept = grid.new_zeros((0, grid.shape[-1]))
+            keys = torch.zeros(0, dtype=torch.float64)
+        for row in range(len(grid)):
+            generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + number)
+            found = grid[row][patches[row]]
+            kept, keys = sample_patches(kept, keys, found, torch.rand(len(found), generator=generator,
+                                                                       dtype=torch.float64),
+                                        settings.memory_patches)
+            number += 1
+        if progress:
+            progress(len(grid))
+    if kept is None or not len(kept):
+        raise InputError("no reference slice with foreground for the anomalydino memory; check the references")
+    return kept
+
+
+def baseline_maps(features: Features, patches: torch.Tensor, bank: Bank, settings: Settings,
+                  memory: torch.Tensor | None, timer: Timer = NO_TIMER) -> torch.Tensor:
+    """Patch maps ``(B, h, w)`` of a baseline (``settings.method``), in cosine distance, on the last stage.
+
+    ``memory``: the references' patches for ``anomalydino`` (:func:`reference_patches`).
+    """
+    grid = features.grids[-1].float()
+    with timer("matching"):
+        if settings.method == "anomalydino":
+            if memory is None:
+                raise ValueError("method='anomalydino' needs the references' patches: pass memory="
+                                 "reference_patches(...) to the Detector")
+            return nearest_patch_distances(grid, memory, chunk=settings.chunk_size)
+        if settings.method == "dino-ad":
+            support = support_slices(features.cls, bank.cls, chunk=settings.chunk_size)
+            centroids = bank.centroids[support.to(bank.centroids.device), -1]
+            return centroid_distances(grid, centroids.to(grid.device, torch.float32))
+    raise ValueError(f"method={settings.method!r} is not a baseline; choose anomalydino or dino-ad")
+
+
 def fill_background(maps: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
     """Patch maps ``(B, h, w)`` with background patches set to their slice's foreground minimum."""
     low = maps.masked_fill(~patches, torch.inf).flatten(1).amin(dim=1)
@@ -258,6 +317,8 @@ class Detector:
     extractor: Extractor
     bank: Bank
     settings: Settings
+    memory: torch.Tensor | None = None
+    """AnomalyDINO's reference patches (:func:`reference_patches`), for ``method="anomalydino"`` only."""
 
     @property
     def device(self) -> torch.device:
@@ -269,9 +330,9 @@ class Detector:
         """The features of a prepared volume's scored slices, batch by batch (see :func:`batches`)."""
         return batches(self.extractor, prepared, self.settings, self.device, timer)
 
-    def with_bank(self, bank: Bank, settings: Settings) -> Detector:
-        """The same extractor with another bank and settings (an evaluation row)."""
-        return replace(self, bank=bank, settings=settings)
+    def with_bank(self, bank: Bank, settings: Settings, memory: torch.Tensor | None = None) -> Detector:
+        """The same extractor with another bank and settings (an evaluation row), and AnomalyDINO's memory."""
+        return replace(self, bank=bank, settings=settings, memory=memory)
 
     def detect(self, prepared: Prepared, *, progress: Progress | None = None,
                computed: Iterable[tuple[torch.Tensor, Features, torch.Tensor]] | None = None,
@@ -288,15 +349,25 @@ class Detector:
         bank, settings = self.bank, self.settings
         count, height, width = prepared.slices.shape
         grid_maps: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        baseline = settings.method != "himatch"
+        patch_values: dict[int, tuple[float, torch.Tensor]] = {}  # baselines score on their patch distances
         pending = computed if computed is not None else self.batches(prepared, timer)
         for part, features, patches in pending:
-            stage_maps, per_reference = stage_distances(features, bank, settings, prepared.positions[part],
-                                                        timer=timer)
-            with timer("fusion"):
-                anomaly, uncertainty = fused_maps(stage_maps, per_reference, bank, settings)
-                anomaly, uncertainty = fill_background(anomaly, patches), fill_background(uncertainty, patches)
+            if baseline:
+                anomaly = baseline_maps(features, patches, bank, settings, self.memory, timer)
+                uncertainty = torch.zeros_like(anomaly)
+                scores = patch_scores(anomaly, patches, settings.top_fraction)
                 for row, index in enumerate(part.tolist()):
-                    grid_maps[index] = (anomaly[row], uncertainty[row])
+                    patch_values[index] = (float(scores[row]), anomaly[row][patches[row]])
+                anomaly = fill_background(anomaly, patches)
+            else:
+                stage_maps, per_reference = stage_distances(features, bank, settings, prepared.positions[part],
+                                                            timer=timer)
+                with timer("fusion"):
+                    anomaly, uncertainty = fused_maps(stage_maps, per_reference, bank, settings)
+                    anomaly, uncertainty = fill_background(anomaly, patches), fill_background(uncertainty, patches)
+            for row, index in enumerate(part.tolist()):
+                grid_maps[index] = (anomaly[row], uncertainty[row])
             if progress:
                 progress(len(part))
         with timer("resample"):
@@ -307,14 +378,24 @@ class Detector:
             uncertainty = slice_maps([grid_maps.get(i, (None, None))[1] for i in range(count)], (height, width),
                                      sigma)
             foreground = prepared.foreground.to(anomaly.device)
-            scores = slice_scores(anomaly, foreground, scored.to(anomaly.device), settings.top_fraction).cpu()
-            score = volume_score(anomaly, foreground, scored.to(anomaly.device), settings.top_fraction) \
-                if scored.any() else 0.0
+            if baseline:
+                scores = torch.zeros(count)
+                for index, (value, _) in patch_values.items():
+                    scores[index] = value
+                score = float(top_mean(torch.cat([v for _, v in patch_values.values()]), settings.top_fraction)) \
+                    if patch_values else 0.0
+            else:
+                scores = slice_scores(anomaly, foreground, scored.to(anomaly.device), settings.top_fraction).cpu()
+                score = volume_score(anomaly, foreground, scored.to(anomaly.device), settings.top_fraction) \
+                    if scored.any() else 0.0
             anomaly, uncertainty = anomaly.cpu(), uncertainty.cpu()
+        # A baseline's distances are not in the calibration's units: no percentile.
+        calibration = (torch.zeros(0), torch.zeros(0)) if baseline else (bank.calibration_slice_scores,
+                                                                          bank.calibration_volume_scores)
         return Detection(
             anomaly=anomaly, uncertainty=uncertainty, axis=prepared.axis, slice_scores=scores,
-            slice_percentiles=percentile(scores, bank.calibration_slice_scores), scored=scored, volume_score=score,
-            volume_percentile=float(percentile(torch.tensor([score]), bank.calibration_volume_scores)[0]))
+            slice_percentiles=percentile(scores, calibration[0]), scored=scored, volume_score=score,
+            volume_percentile=float(percentile(torch.tensor([score]), calibration[1])[0]))
 
 
 def device_of(name: str) -> torch.device:

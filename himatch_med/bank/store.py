@@ -173,8 +173,9 @@ def _cache_key(files: list[Path], labels: Path | None, settings: Settings, extra
     stamp = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
     if labels is not None and labels.is_dir():
         stamp += [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(labels.iterdir())]
-    # Findings and check settings change no reference: the bank records what any finding threshold is computed from.
-    ignored = {*Settings.flagged("findings"), *Settings.flagged("check")}
+    # Findings, check and baseline settings change no reference: the bank records what any finding threshold is
+    # computed from, and a baseline reads the bank as it is.
+    ignored = {*Settings.flagged("findings"), *Settings.flagged("check"), *Settings.flagged("baseline")}
     relevant = {k: v for k, v in settings.results_fields().items() if k not in ignored}
     text = json.dumps([stamp, relevant, list(extractor.stages), extractor.model_id], default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
