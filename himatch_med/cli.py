@@ -21,7 +21,7 @@ def add_settings(parser: argparse.ArgumentParser, several: tuple[str, ...] = ())
     A setting in ``several`` collects a list (``--fusion mean max``); ``--stages`` then collects one list of blocks
     per use of the option (``--stages 3 6 9 12 --stages 12``). :func:`settings_from` needs single values.
     """
-    group = parser.add_argument_group("method settings (METHOD.md)")
+    group = parser.add_argument_group("method settings (docs/method.md)")
     for f in fields(Settings):
         default = f.default if f.default is not MISSING else None
         option = "--" + f.name.replace("_", "-")

@@ -17,7 +17,7 @@ from himatch_med.config import Settings
 def run_parser() -> argparse.ArgumentParser:
     """The parser of ``python -m himatch_med.run``."""
     parser = argparse.ArgumentParser(
-        prog="python -m himatch_med.run",
+        prog="himatch-med run",
         description="Write an anomaly heatmap NIfTI, an uncertainty NIfTI, a JSON report and an overview PNG for each "
                     "input volume, compared with normal references (a bank, or reference files).")
     parser.add_argument("inputs", nargs="+", type=Path, help="NIfTI files, DICOM series folders or 2D images")

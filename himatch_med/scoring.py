@@ -31,7 +31,7 @@ def slice_scores(maps: torch.Tensor, foreground: torch.Tensor, scored: torch.Ten
         maps: fused maps ``(S, H, W)``.
         foreground: foreground pixels ``(S, H, W)``.
         scored: slices that are scored ``(S,)``.
-        fraction: the top fraction (METHOD.md: 1 %).
+        fraction: the top fraction (docs/method.md: 1 %).
         chunk: slices handled at once (one masked copy of that many slices is made).
     """
     scores = torch.zeros(len(maps), dtype=torch.float32, device=maps.device)

@@ -124,7 +124,7 @@ def intensity_range(volume: torch.Tensor, foreground: torch.Tensor, *, modality:
 
 def scale_intensity(volume: torch.Tensor, foreground: torch.Tensor, *, modality: str, window: str,
                     intensity: str) -> torch.Tensor:
-    """Intensities mapped to [0, 1] by the modality's preset (METHOD.md §1), clipped.
+    """Intensities mapped to [0, 1] by the modality's preset (docs/method.md §1), clipped.
 
     Args:
         volume: raw intensities ``(X, Y, Z)``.

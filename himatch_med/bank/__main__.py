@@ -17,7 +17,7 @@ from himatch_med.config import Settings
 
 def bank_parser() -> argparse.ArgumentParser:
     """The parser of ``python -m himatch_med.bank``."""
-    parser = argparse.ArgumentParser(prog="python -m himatch_med.bank",
+    parser = argparse.ArgumentParser(prog="himatch-med bank",
                                      description="Build a reference bank from normal volumes or images, or check "
                                                  "the references of one.")
     commands = parser.add_subparsers(dest="command", required=True)

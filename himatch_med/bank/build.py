@@ -2,7 +2,7 @@
 
 :func:`build_bank` streams prepared normal volumes through the extractor into a :class:`BankBuilder`, which keeps a
 seeded sample of whole volumes; :func:`calibrate_bank` queries that sample against the bank without each slice's own
-volume (METHOD.md §3). Tensors only, but for the per-slice arrays of a bank being built, spilled to temporary
+volume (docs/method.md §3). Tensors only, but for the per-slice arrays of a bank being built, spilled to temporary
 files through :class:`himatch_med.io.Spill`; reading the references and storing the bank is
 :mod:`himatch_med.bank.store`'s.
 """

@@ -1,6 +1,6 @@
 """Evaluation on BMAD-style 2D sets and on annotated volumes: the metrics of the BMAD tables, one row per setting.
 
-**Layouts** (METHOD.md, "Evaluation definitions"), recognised by :func:`discover` from the folder names alone:
+**Layouts** (docs/method.md, "Evaluation definitions"), recognised by :func:`discover` from the folder names alone:
 
 - ``brain``: normals in ``train/good``; ``test/{good,Ungood}/img`` with masks in ``test/{good,Ungood}/label`` (or
   ``anomaly_mask``);
@@ -34,7 +34,7 @@ reported with the metrics (``pixels_outside_range``), so a range that is too nar
 ``cls_weight``. Rows that differ only in retrieval and fusion settings share one extractor and one bank, and the
 features of each test image are computed once and reused by all of them; each ``stages`` variant loads its own
 extractor and bank. A bank's calibration (z-units, percentiles) depends on retrieval and fusion, so every row whose
-settings differ from those the bank was calibrated with is recalibrated as METHOD.md defines it: the backbone runs
+settings differ from those the bank was calibrated with is recalibrated as docs/method.md defines it: the backbone runs
 again over a seeded sample of at most ``calibration_slices`` of the bank's reference slices (not over all references),
 and :func:`himatch_med.bank.build.calibrate_bank` does the rest (:func:`himatch_med.bank.store.recalibrated`). The row
 the bank was built for uses it as ``run`` would.

@@ -1,0 +1,112 @@
+"""The command lines: ``himatch-med COMMAND`` (and ``python -m himatch_med``) and every older entry point.
+
+Each answers ``--help`` without importing torch, and the one command hands its arguments to the same code as the
+command's own entry point (the early checks included).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import himatch_med
+from himatch_med.__main__ import COMMANDS, main, usage
+
+ROOT = Path(__file__).resolve().parents[1]
+HEAVY = ("torch", "monai", "transformers", "nibabel", "SimpleITK")
+
+
+def launch(target: list[str], argv: list[str]) -> tuple[int, str, str, list[str]]:
+    """Run ``python -m MODULE argv`` (``target = ["-m", MODULE]``) or ``python SCRIPT argv`` in a fresh interpreter.
+
+    Returns the exit code, stdout, stderr and the heavy modules imported by the time it exited.
+    """
+    if target[0] == "-m":
+        start = f"runpy.run_module({target[1]!r}, run_name='__main__', alter_sys=True)"
+        name = target[1]
+    else:
+        start = f"runpy.run_path({str(ROOT / target[0])!r}, run_name='__main__')"
+        name = target[0]
+    code = (f"import runpy, sys\nsys.argv = [{name!r}, *{argv!r}]\ncode = 0\ntry:\n    {start}\n"
+            "except SystemExit as stop:\n    code = stop.code if isinstance(stop.code, int) else 1\n"
+            "    if isinstance(stop.code, str):\n        print(stop.code, file=sys.stderr)\n"
+            f"    print('HEAVY', [m for m in {HEAVY!r} if m in sys.modules], file=sys.stderr)\n"
+            "sys.exit(code)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, encoding="utf-8",
+                          errors="replace", timeout=120, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    heavy = [line for line in done.stderr.splitlines() if line.startswith("HEAVY ")]
+    return done.returncode, done.stdout, done.stderr, eval(heavy[-1][6:]) if heavy else ["(did not exit)"]
+
+
+ENTRY_POINTS = {
+    "himatch-med run": (["-m", "himatch_med"], ["run"], "--mask"),
+    "himatch-med bank build": (["-m", "himatch_med"], ["bank", "build"], "--reference-labels"),
+    "himatch-med screen": (["-m", "himatch_med"], ["screen"], "--engine"),
+    "himatch-med evaluate bmad": (["-m", "himatch_med"], ["evaluate", "bmad"], "--holdout"),
+    "himatch-med evaluate volumes": (["-m", "himatch_med"], ["evaluate", "volumes"], "--anomaly-labels"),
+    "himatch-med benchmark": (["-m", "himatch_med"], ["benchmark"], "--bank-slices"),
+    "python -m himatch_med.run": (["-m", "himatch_med.run"], [], "--mask"),
+    "python -m himatch_med.bank build": (["-m", "himatch_med.bank"], ["build"], "--reference-labels"),
+    "python pipelines/screen.py": (["pipelines/screen.py"], [], "--engine"),
+    "python pipelines/evaluate.py bmad": (["pipelines/evaluate.py"], ["bmad"], "--holdout"),
+    "python pipelines/benchmark.py": (["pipelines/benchmark.py"], [], "--bank-slices"),
+}
+
+
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+def test_every_entry_point_answers_help_without_heavy_imports(entry):
+    target, argv, option = ENTRY_POINTS[entry]
+    code, out, err, heavy = launch(target, [*argv, "--help"])
+    assert code == 0, err
+    assert option in out and "usage: himatch-med" in out
+    assert heavy == [], f"{entry} --help imported {heavy}"
+
+
+def test_the_one_command_lists_its_commands_and_its_version():
+    code, out, err, heavy = launch(["-m", "himatch_med"], ["--help"])
+    assert code == 0 and heavy == [], err
+    assert out == usage() and all(f"  {name} " in out for name in COMMANDS) and "docs/method.md" in out
+    code, out, _, heavy = launch(["-m", "himatch_med"], ["--version"])
+    assert (code, out, heavy) == (0, f"himatch-med {himatch_med.__version__}\n", [])
+
+
+def test_an_unknown_or_missing_command_is_refused(capsys):
+    assert main(["detect", "x.nii.gz"]) == 2
+    assert "unknown command 'detect'; choose one of run, bank, screen, evaluate, benchmark" in capsys.readouterr().err
+    assert main([]) == 2
+    assert "a command is required" in capsys.readouterr().err
+
+
+def test_each_command_reaches_its_module(monkeypatch):
+    import importlib
+
+    seen = []
+    for name, (module, function, _) in COMMANDS.items():
+        monkeypatch.setattr(importlib.import_module(module), function,
+                            lambda argv, name=name: seen.append((name, argv)) or 7)
+        assert main([name, "a", "--b"]) == 7
+    assert seen == [(name, ["a", "--b"]) for name in COMMANDS]
+
+
+@pytest.mark.parametrize("command, argv, message", [
+    ("run", ["{missing}", "--references", "{tmp}", "-o", "{tmp}/o"], "missing.nii.gz: no such file or folder"),
+    ("bank", ["build", "{missing}", "-o", "{tmp}/b"], "missing.nii.gz: no such file or folder"),
+    ("screen", ["{missing}", "--references", "{tmp}", "-o", "{tmp}/s"], "missing.nii.gz: no such file or folder"),
+    ("evaluate", ["bmad", "{missing}", "-o", "{tmp}/e"], "missing.nii.gz: not a folder"),
+    ("benchmark", ["--model", "{missing}"], "not a folder with a config.json"),
+])
+def test_the_one_command_runs_the_early_checks_before_heavy_imports(tmp_path, command, argv, message):
+    argv = [a.format(missing=tmp_path / "missing.nii.gz", tmp=tmp_path) for a in argv]
+    code, _, err, heavy = launch(["-m", "himatch_med"], [command, *argv])
+    assert code in (1, 2) and message in err, err
+    assert not set(heavy) & {"torch", "monai", "transformers"}, heavy
+
+
+def test_the_installed_command_is_the_dispatcher():
+    text = (ROOT / "pyproject.toml").read_text(encoding="utf-8")  # tomllib is Python 3.11+; the package is 3.10+
+    scripts = text.split("[project.scripts]\n", 1)[1].split("\n\n", 1)[0]
+    assert scripts == 'himatch-med = "himatch_med.__main__:main"'
