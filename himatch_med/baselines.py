@@ -43,7 +43,8 @@ def nearest_patch_distances(grid: torch.Tensor, memory: torch.Tensor, *, chunk: 
     best = torch.full((len(queries),), -torch.inf, dtype=queries.dtype, device=queries.device)
     for part in memory.split(chunk):
         best = torch.maximum(best, (queries @ part.to(queries).T).amax(dim=1))
-    return (1 - best).view(grid.shape[:3])
+    # 1 - cos dips below 0 by rounding when a patch equals a memory patch.
+    return (1 - best).clamp(min=0).view(grid.shape[:3])
 
 
 def support_slices(query_cls: torch.Tensor, bank_cls: torch.Tensor, *, chunk: int = 4096) -> torch.Tensor:
@@ -78,7 +79,7 @@ def centroid_distances(grid: torch.Tensor, centroids: torch.Tensor) -> torch.Ten
         Maps ``(B, h, w)``.
     """
     similarity = grid.flatten(1, 2) @ centroids.to(grid).transpose(1, 2)
-    return (1 - similarity.amax(dim=-1)).view(grid.shape[:3])
+    return (1 - similarity.amax(dim=-1)).clamp(min=0).view(grid.shape[:3])
 
 
 def patch_scores(maps: torch.Tensor, patches: torch.Tensor, fraction: float) -> torch.Tensor:

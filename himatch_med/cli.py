@@ -107,7 +107,11 @@ def check_early(args: argparse.Namespace, settings: Settings) -> None:
     these settings, ``--references`` and ``--reference-labels`` exist.
     """
     from himatch_med import preflight
+    from himatch_med.errors import InputError
 
+    if settings.method != "himatch":
+        raise InputError(f"--method {settings.method} is a baseline for comparison, evaluated beside HiMatch-AD: "
+                         f"himatch-med evaluate ... --method himatch {settings.method}")
     preflight.model_folder(settings.model)
     if getattr(args, "bank", None) is not None:
         preflight.bank_fits(args.bank, settings)

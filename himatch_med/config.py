@@ -37,8 +37,8 @@ FULL_FIELD = 0.98
 AXES = ("axial", "coronal", "sagittal")
 FUSIONS = ("uncertainty", "mean", "max", "last")
 METHODS = ("himatch", "anomalydino", "dino-ad")
-"""``himatch``: this package's method (METHOD.md); ``anomalydino`` and ``dino-ad``: the published baselines on the same
-backbone features (:mod:`himatch_med.baselines`)."""
+"""``himatch``: this package's method (docs/method.md); ``anomalydino`` and ``dino-ad``: the published baselines on the
+same backbone features (:mod:`himatch_med.baselines`)."""
 NAN_POLICIES = ("refuse", "zero")
 FINDING_CONNECTIVITIES = (6, 18, 26)
 REFERENCE_CHECK_MIN_VOLUMES = 5

@@ -114,3 +114,17 @@ def test_anomalydino_memory_is_capped_seeded_and_independent_of_the_batch_size(s
 def test_anomalydino_without_its_memory_is_refused(lesion_case, bank, stand_in):
     with pytest.raises(ValueError, match="needs the references' patches"):
         Detector(stand_in, bank, replace(SETTINGS, method="anomalydino")).detect(lesion_case[0])
+
+
+def test_the_command_lines_take_the_method(tmp_path, capsys):
+    from himatch_med.evaluate import parser
+    from himatch_med.run import main
+
+    args = parser().parse_args(["volumes", "--images", "i", "--labels", "l", "--references", "r", "-o", "o",
+                                "--method", "himatch", "anomalydino", "dino-ad"])
+    assert args.method == ["himatch", "anomalydino", "dino-ad"]
+    # run (and screen) answer with HiMatch-AD only: a baseline is for comparison, beside it.
+    query = tmp_path / "q.nii.gz"
+    query.write_bytes(b"")
+    assert main([str(query), "--references", str(tmp_path), "--method", "dino-ad", "-o", str(tmp_path / "o")]) == 2
+    assert "--method dino-ad is a baseline for comparison" in capsys.readouterr().err

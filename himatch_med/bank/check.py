@@ -2,8 +2,8 @@
 
 "Normal" cohorts hold incidental findings, and one abnormal reference hides the same abnormality in every query
 that retrieves it. The calibration already queries each sampled reference volume against the bank without its own
-volume (METHOD.md §3); :func:`check_references` reads those leave-own-volume-out volume scores, places each among the
-others (percentile) and flags the ones far above them: robust z = (score - median) / (1.4826 · MAD) above
+volume (docs/method.md §3); :func:`check_references` reads those leave-own-volume-out volume scores, places each
+among the others (percentile) and flags the ones far above them: robust z = (score - median) / (1.4826 · MAD) above
 ``outlier_z`` (:attr:`himatch_med.config.Settings.reference_outlier_z`, 3.5, the usual modified z-score cut). Only high
 scores are flagged: a volume unlike the others scores high against them; a low score is not a finding. Tensors and
 the bank's description only; the command line is :mod:`himatch_med.bank.__main__`'s.

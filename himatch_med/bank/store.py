@@ -21,7 +21,7 @@ from himatch_med import __version__, io, jobs
 from himatch_med.bank.build import Sample, bank_settings, build_bank, calibrate_bank
 from himatch_med.bank.data import STORAGE_DTYPE, Bank
 from himatch_med.config import ReadOptions, Settings
-from himatch_med.detect import batches, device_of_extractor
+from himatch_med.detect import batches, device_of_extractor, reference_patches
 from himatch_med.errors import InputError
 from himatch_med.features import Extractor
 
@@ -149,6 +149,24 @@ def build_bank_folder(references: list[Path], labels: Path | None, settings: Set
                                       build_seconds=round(time.perf_counter() - started, 2),
                                       excluded=None if exclude is None else tuple(str(p.resolve()) for p in removed)))
     return io.write_bank(bank.tensors(), bank.metadata, folder)
+
+
+def reference_memory(references: list[Path], labels: Path | None, settings: Settings, extractor: Extractor, *,
+                     options: ReadOptions | None = None, progress: bool = False) -> torch.Tensor:
+    """AnomalyDINO's memory from reference files: :func:`himatch_med.detect.reference_patches` over them.
+
+    A bank keeps clustered centroids, not patches, so the baseline reads its references again: one more backbone
+    pass over the references (not over the test images), and a HiMatch-AD bank stays as it is.
+    """
+    from tqdm.auto import tqdm
+
+    files, _ = jobs.split_outputs(jobs.expand_inputs(references))
+    bar = tqdm(total=None, unit="slice", desc="anomalydino memory", leave=False, disable=not progress)
+    try:
+        return reference_patches(extractor, reference_volumes(files, labels, settings, options), settings,
+                                 device_of_extractor(extractor), progress=bar.update)
+    finally:
+        bar.close()
 
 
 def cached_bank(references: list[Path], labels: Path | None, settings: Settings, extractor: Extractor,
