@@ -46,6 +46,9 @@ def test_the_reference_with_a_lesion_is_flagged(built):
     assert io.stem(top.source) == "suspect" and top.percentile == 100.0 and top.robust_z > 3.5
     assert all(v.robust_z < 3.5 for v in check.volumes[1:])
     assert sum(v.slices for v in check.volumes) == len(bank)
+    # The bank records the check made when it was built.
+    recorded = bank.info.reference_check
+    assert recorded["outlier_z"] == 3.5 and [io.stem(n) for n in recorded["flagged"]] == ["suspect"]
 
 
 def test_bank_check_prints_and_writes_the_flagged_list(built, tmp_path, capsys):

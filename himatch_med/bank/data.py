@@ -45,7 +45,8 @@ class BankInfo:
     evaluation row; ``findings``: the finding threshold and the normal values it comes from
     (:func:`himatch_med.findings.calibration_record`; ``None`` in a bank built before findings existed). Set when
     stored: ``created_by``, ``warnings`` (skipped references), ``build_seconds``, ``arrays_sha256``; ``excluded``: the
-    references left out by ``bank build --exclude`` (``None`` when none was asked for).
+    references left out by ``bank build --exclude`` (``None`` when none was asked for); ``reference_check``: the check
+    of the references when the bank was built (:func:`himatch_med.bank.check.check_record`).
     """
 
     settings: dict = field(default_factory=dict)
@@ -60,6 +61,7 @@ class BankInfo:
     build_seconds: float | None = None
     arrays_sha256: str | None = None
     excluded: tuple[str, ...] | None = None
+    reference_check: dict | None = None
 
     @classmethod
     def from_json(cls, meta: dict, *, source: str) -> BankInfo:
@@ -82,7 +84,8 @@ class BankInfo:
                    recalibrated=bool(calibration.get("recalibrated_for_evaluation", False)), format_version=version,
                    created_by=meta.get("created_by"), warnings=None if warnings is None else tuple(warnings),
                    build_seconds=meta.get("build_seconds"), arrays_sha256=meta.get("arrays_sha256"),
-                   excluded=None if meta.get("excluded") is None else tuple(meta["excluded"]))
+                   excluded=None if meta.get("excluded") is None else tuple(meta["excluded"]),
+                   reference_check=meta.get("reference_check"))
 
 
 @dataclass(frozen=True, eq=False)
@@ -146,7 +149,8 @@ class Bank:
                 "format_version": info.format_version, "sources": list(info.sources)}
         stored = {"created_by": info.created_by, "warnings": None if info.warnings is None else list(info.warnings),
                   "build_seconds": info.build_seconds, "arrays_sha256": arrays_sha256 or info.arrays_sha256,
-                  "excluded": None if info.excluded is None else list(info.excluded)}
+                  "excluded": None if info.excluded is None else list(info.excluded),
+                  "reference_check": info.reference_check}
         return {**meta, **{key: value for key, value in stored.items() if value is not None}}
 
     def to(self, device: torch.device | str, *, centroid_budget: int = 8 << 30,

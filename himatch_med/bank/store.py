@@ -19,6 +19,7 @@ import torch
 
 from himatch_med import __version__, io, jobs
 from himatch_med.bank.build import Sample, bank_settings, build_bank, calibrate_bank
+from himatch_med.bank.check import check_record, check_references
 from himatch_med.bank.data import STORAGE_DTYPE, Bank
 from himatch_med.config import ReadOptions, Settings
 from himatch_med.detect import batches, device_of_extractor, reference_patches
@@ -145,9 +146,11 @@ def build_bank_folder(references: list[Path], labels: Path | None, settings: Set
         bar.close()
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
+    check = check_record(check_references(bank, outlier_z=settings.reference_outlier_z))
     bank = replace(bank, info=replace(bank.info, created_by=f"himatch-med {__version__}", warnings=tuple(warnings),
                                       build_seconds=round(time.perf_counter() - started, 2),
-                                      excluded=None if exclude is None else tuple(str(p.resolve()) for p in removed)))
+                                      excluded=None if exclude is None else tuple(str(p.resolve()) for p in removed),
+                                      reference_check=check))
     return io.write_bank(bank.tensors(), bank.metadata, folder)
 
 
