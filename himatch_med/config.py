@@ -97,6 +97,10 @@ class Settings:
     stages: tuple[int, ...] = _setting((), "transformer blocks (1-based) whose patch tokens are matched; empty: "
                                        "4 evenly spaced ending at the last", bank=True)
     axis: str = _setting("axial", "slice axis in RAS: axial, coronal or sagittal", AXES, bank=True, built=True)
+    planes: tuple[str, ...] = _setting((), "tri-planar detection: the slice planes scored, each against references "
+                                       "of its own plane, and fused (axial coronal sagittal, or all); every plane's "
+                                       "slices go to the backbone at their physical aspect; empty: --axis only",
+                                       bank=True, built=True)
     foreground: str | None = _setting(None, "foreground mode: border (all but the constant value filling the "
                                       "volume's border; Otsu when there is none), nonzero, body (CT > -500 HU), otsu, "
                                       "all; empty: the modality's default (mri border, ct body, oct otsu)",
@@ -184,6 +188,16 @@ class Settings:
             raise ValueError(f"stages={self.stages}: blocks are numbered from 1")
         # One order for a set of stages: a bank and its queries compare them as recorded.
         object.__setattr__(self, "stages", tuple(sorted(set(self.stages))))
+        planes = AXES if "all" in self.planes else tuple(self.planes)
+        unknown = [p for p in planes if p not in AXES]
+        if unknown:
+            raise ValueError(f"planes={self.planes}: {unknown[0]!r} is not one of {', '.join(AXES)} or all")
+        planes = tuple(p for p in AXES if p in planes)
+        if planes and self.axis not in planes:
+            raise ValueError(f"planes={planes} leaves out axis={self.axis!r}, the plane whose slices the outputs "
+                             f"show; add it, or pass --axis {planes[0]}")
+        # One plane is the plane of --axis: the default path, exactly.
+        object.__setattr__(self, "planes", () if planes == (self.axis,) else planes)
 
     def resolved(self) -> Settings:
         """The same settings with the modality's defaults filled in for those left at ``None``."""
@@ -204,7 +218,8 @@ class Settings:
 
     def calibration_fields(self) -> dict:
         """The settings a bank records with its calibration: those it depends on and those fixed at building."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata["calibrated"] or f.metadata["built"]}
+        return {f.name: list(value) if isinstance(value := getattr(self, f.name), tuple) else value
+                for f in fields(self) if f.metadata["calibrated"] or f.metadata["built"]}
 
     def results_fields(self) -> dict:
         """Every setting that can change a result (all but the ``speed`` ones), as plain values."""

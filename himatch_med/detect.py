@@ -46,7 +46,9 @@ class Prepared:
 
     ``slices`` (S, H, W) in [0, 1]; ``foreground`` (S, H, W); ``scored`` (S,) slices with enough foreground;
     ``positions`` (S,) relative positions along the foreground; ``axis`` the canonical slice axis; ``notes`` what a
-    user should know about how the foreground was found.
+    user should know about how the foreground was found; ``pixel_aspect``: row over column spacing of the slices, by
+    which they are stretched on their way to the backbone (1 unless tri-planar); ``others``: the same volume cut
+    along the other planes of tri-planar detection (``settings.planes``).
     """
 
     slices: torch.Tensor
@@ -55,6 +57,8 @@ class Prepared:
     positions: torch.Tensor
     axis: int
     notes: tuple[str, ...] = ()
+    pixel_aspect: float = 1.0
+    others: tuple[Prepared, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -64,7 +68,8 @@ class Detection:
     ``anomaly`` and ``uncertainty`` (S, H, W): the fused maps F and U of the display-oriented slices cut along the
     canonical ``axis``, as the picture and the metrics use them (:meth:`canonical` stacks them into the canonical
     volume); ``slice_scores`` and ``slice_percentiles`` (S,); ``scored`` (S,) the slices that were scored;
-    ``volume_score`` and ``volume_percentile``.
+    ``volume_score`` and ``volume_percentile``; ``planes``: with tri-planar detection, each plane's own canonical
+    anomaly map ``(X, Y, Z)`` by plane name, before their fusion into ``anomaly``.
     """
 
     anomaly: torch.Tensor
@@ -75,6 +80,7 @@ class Detection:
     scored: torch.Tensor
     volume_score: float
     volume_percentile: float
+    planes: dict[str, torch.Tensor] | None = None
 
     def canonical(self, name: str) -> torch.Tensor:
         """The map ``name`` (``anomaly`` or ``uncertainty``) as a canonical volume ``(X, Y, Z)``."""
@@ -84,15 +90,17 @@ class Detection:
 
 
 def prepare(canonical: torch.Tensor, settings: Settings, *, foreground: torch.Tensor | None = None,
-            excluded: torch.Tensor | None = None) -> Prepared:
+            excluded: torch.Tensor | None = None, spacing: tuple[float, float, float] | None = None) -> Prepared:
     """Scale intensities, find the foreground and cut a canonical volume ``(X, Y, Z)`` into slices.
 
     Args:
         canonical: raw intensities of the canonical volume.
-        settings: resolved settings (modality, window, foreground, axis, min_foreground).
+        settings: resolved settings (modality, window, foreground, axis, planes, min_foreground).
         foreground: a given foreground mask (overrides the foreground mode).
         excluded: voxels whose slices must not be scored nor used as references (lesion labels of annotated
             reference volumes).
+        spacing: the canonical voxel sizes in mm; with ``settings.planes``, each plane's slices are stretched to
+            their physical aspect on their way to the backbone (``None``: isotropic).
     """
     if foreground is not None:
         mask, notes = foreground, ()
@@ -101,12 +109,25 @@ def prepare(canonical: torch.Tensor, settings: Settings, *, foreground: torch.Te
         notes = foreground_notes(canonical, mask, mode=settings.foreground, modality=settings.modality)
     scaled = scale_intensity(canonical, mask, modality=settings.modality, window=settings.window,
                              intensity=settings.intensity)
-    axis = AXIS_INDEX[settings.axis]
-    slices, fg = to_slices(scaled, axis), to_slices(mask.bool(), axis)
-    scored = fg.flatten(1).float().mean(dim=1) >= max(settings.min_foreground, 1e-9)
-    if excluded is not None:
-        scored &= ~to_slices(excluded.bool(), axis).flatten(1).any(dim=1)
-    return Prepared(slices, fg, scored, relative_positions(fg.flatten(1).any(dim=1)), axis, notes)
+    if settings.planes and min(canonical.shape) < 2:
+        raise InputError(f"--planes {' '.join(settings.planes)}: a volume of shape {tuple(canonical.shape)} has no "
+                         "other plane to cut (a 2D image); leave --planes out")
+
+    def cut(plane: str) -> Prepared:
+        axis = AXIS_INDEX[plane]
+        slices, fg = to_slices(scaled, axis), to_slices(mask.bool(), axis)
+        scored = fg.flatten(1).float().mean(dim=1) >= max(settings.min_foreground, 1e-9)
+        if excluded is not None:
+            scored &= ~to_slices(excluded.bool(), axis).flatten(1).any(dim=1)
+        aspect = 1.0
+        if settings.planes and spacing is not None:
+            columns, rows = (a for a in range(3) if a != axis)  # to_slices puts the higher axis on the rows
+            aspect = float(spacing[rows]) / float(spacing[columns])
+        return Prepared(slices, fg, scored, relative_positions(fg.flatten(1).any(dim=1)), axis, notes, aspect)
+
+    prepared = cut(settings.axis)
+    others = tuple(cut(plane) for plane in settings.planes if plane != settings.axis)
+    return replace(prepared, others=others) if others else prepared
 
 
 def batches(extractor: Extractor, prepared: Prepared, settings: Settings, device: torch.device,
@@ -116,7 +137,8 @@ def batches(extractor: Extractor, prepared: Prepared, settings: Settings, device
     Slices whose patch grid holds no foreground patch (a sliver of foreground) are left out.
     """
     height, width = prepared.slices.shape[1:]
-    size = backbone_size(height, width, image_size=settings.image_size, patch_size=extractor.patch_size)
+    size = backbone_size(height * prepared.pixel_aspect, width, image_size=settings.image_size,
+                         patch_size=extractor.patch_size)
     grid = (size[0] // extractor.patch_size, size[1] // extractor.patch_size)
     indices = torch.nonzero(prepared.scored).flatten()
     for part in indices.split(settings.batch_size):
@@ -147,7 +169,8 @@ def reference_batches(extractor: Extractor, references: Iterable[tuple[str, Prep
 
     def flush():
         height, width = pending[0][2].slices.shape[1:]
-        size = backbone_size(height, width, image_size=settings.image_size, patch_size=extractor.patch_size)
+        size = backbone_size(height * pending[0][2].pixel_aspect, width, image_size=settings.image_size,
+                             patch_size=extractor.patch_size)
         grid = (size[0] // extractor.patch_size, size[1] // extractor.patch_size)
         pieces, patches, images = [], [], []
         with timer("preprocess"):
@@ -169,7 +192,8 @@ def reference_batches(extractor: Extractor, references: Iterable[tuple[str, Prep
 
     count = 0
     for number, (source, prepared) in enumerate(references):
-        if pending and pending[0][2].slices.shape[1:] != prepared.slices.shape[1:]:
+        if pending and (pending[0][2].slices.shape[1:], pending[0][2].pixel_aspect) != (prepared.slices.shape[1:],
+                                                                                         prepared.pixel_aspect):
             if (batch := flush()) is not None:
                 yield batch
             count = 0
@@ -280,10 +304,16 @@ def fill_background(maps: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
     return torch.where(patches, maps, low[:, None, None])
 
 
-def slice_sigma(settings: Settings, height: int, width: int, patch_size: int) -> float:
-    """The smoothing sigma in slice pixels (the setting is in backbone-image pixels)."""
-    size = backbone_size(height, width, image_size=settings.image_size, patch_size=patch_size)
-    return settings.smoothing_sigma * height / size[0]
+def slice_sigma(settings: Settings, height: int, width: int, patch_size: int, aspect: float = 1.0) -> float:
+    """The smoothing sigma in slice pixels (the setting is in backbone-image pixels).
+
+    With a ``pixel_aspect`` other than 1 the slice is stretched unequally; the sigma follows its columns (the finer
+    direction when the rows are coarse, as in a coronal cut of thick axial slices), so the maps are not over-smoothed.
+    """
+    size = backbone_size(height * aspect, width, image_size=settings.image_size, patch_size=patch_size)
+    if aspect == 1.0:
+        return settings.smoothing_sigma * height / size[0]
+    return settings.smoothing_sigma * width / size[1]
 
 
 def slice_maps(maps: list[torch.Tensor | None], size: tuple[int, int], sigma: float, chunk: int = 64
@@ -346,6 +376,8 @@ class Detector:
                 several settings on the same features); computed here otherwise.
             timer: charged with the time of each phase (benchmarks).
         """
+        if prepared.others:
+            return self._detect_planes(prepared, progress=progress, computed=computed, timer=timer)
         bank, settings = self.bank, self.settings
         count, height, width = prepared.slices.shape
         grid_maps: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -373,7 +405,7 @@ class Detector:
         with timer("resample"):
             scored = torch.zeros(count, dtype=torch.bool)
             scored[list(grid_maps)] = True
-            sigma = slice_sigma(settings, height, width, self.extractor.patch_size)
+            sigma = slice_sigma(settings, height, width, self.extractor.patch_size, prepared.pixel_aspect)
             anomaly = slice_maps([grid_maps.get(i, (None, None))[0] for i in range(count)], (height, width), sigma)
             uncertainty = slice_maps([grid_maps.get(i, (None, None))[1] for i in range(count)], (height, width),
                                      sigma)
@@ -396,6 +428,46 @@ class Detector:
             anomaly=anomaly, uncertainty=uncertainty, axis=prepared.axis, slice_scores=scores,
             slice_percentiles=percentile(scores, calibration[0]), scored=scored, volume_score=score,
             volume_percentile=float(percentile(torch.tensor([score]), calibration[1])[0]))
+
+
+    def _detect_planes(self, prepared: Prepared, *, progress: Progress | None,
+                       computed: Iterable[tuple[torch.Tensor, Features, torch.Tensor]] | None,
+                       timer: Timer) -> Detection:
+        """Tri-planar detection: each plane against its own references, the canonical maps fused as the stages are.
+
+        The planes' maps ``(P, X, Y, Z)`` (the outputs' plane last, so that ``fusion="last"`` keeps it alone) are
+        fused with ``settings.fusion``: with ``uncertainty``, a plane whose references disagree at a voxel counts
+        less there. Scores are those of the fused map on the outputs' plane; their percentiles are against that
+        plane's calibration (the fused map's own is not calibrated, so they are approximate).
+        """
+        settings = self.settings
+        if settings.method != "himatch":
+            raise ValueError(f"method={settings.method!r} scores one plane; leave --planes out for a baseline")
+        names = {index: name for name, index in AXIS_INDEX.items()}
+        maps: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for other in prepared.others:
+            plane = names[other.axis]
+            # Progress counts the outputs' plane (its slices are the total); the others take as long again each.
+            found = replace(self, bank=self.bank.of_plane(plane), settings=replace(settings, axis=plane)).detect(
+                other, timer=timer)
+            maps[plane] = (found.canonical("anomaly"), found.canonical("uncertainty"))
+        own = self.detect(replace(prepared, others=()), progress=progress, computed=computed, timer=timer)
+        maps[names[prepared.axis]] = (own.canonical("anomaly"), own.canonical("uncertainty"))
+        with timer("fusion"):
+            anomaly, uncertainty = fuse(torch.stack([a for a, _ in maps.values()]),
+                                        torch.stack([u for _, u in maps.values()]), mode=settings.fusion,
+                                        temperature=settings.temperature)
+            anomaly, uncertainty = to_slices(anomaly, prepared.axis), to_slices(uncertainty, prepared.axis)
+            foreground, scored = prepared.foreground, own.scored
+            scores = slice_scores(anomaly, foreground, scored, settings.top_fraction)
+            score = volume_score(anomaly, foreground, scored, settings.top_fraction) if scored.any() else 0.0
+        bank = self.bank
+        return Detection(
+            anomaly=anomaly.contiguous(), uncertainty=uncertainty.contiguous(), axis=prepared.axis,
+            slice_scores=scores, slice_percentiles=percentile(scores, bank.calibration_slice_scores), scored=scored,
+            volume_score=score,
+            volume_percentile=float(percentile(torch.tensor([score]), bank.calibration_volume_scores)[0]),
+            planes={plane: anomaly_map for plane, (anomaly_map, _) in maps.items()})
 
 
 def device_of(name: str) -> torch.device:

@@ -50,6 +50,7 @@ class Sample:
     position: float
     group: int
     row: int
+    aspect: float = 1.0
 
 
 class BankBuilder:
@@ -83,7 +84,7 @@ class BankBuilder:
 
     def add(self, cls: torch.Tensor, layout: torch.Tensor, grids: tuple[torch.Tensor, ...],
             patch_foreground: torch.Tensor, foreground: torch.Tensor, positions: torch.Tensor,
-            groups: list[object], sources: list[dict]) -> None:
+            groups: list[object], sources: list[dict], aspects: list[float] | None = None) -> None:
         """Add ``B`` reference slices, of one reference or of several consecutive ones (a batch of 2D images).
 
         Args:
@@ -93,6 +94,7 @@ class BankBuilder:
             positions: relative slice positions ``(B,)``.
             groups: one key per slice of the reference it comes from (a reference's slices come consecutively).
             sources: one record per slice (file, slice index) for the bank's metadata.
+            aspects: each slice's pixel aspect (:attr:`himatch_med.detect.Prepared.pixel_aspect`; default 1).
         """
         # All stages of the batch in one call: they share the foreground and the seeded initial choice.
         centroids, sizes = spherical_kmeans(torch.stack([grid.flatten(1, 2) for grid in grids]),
@@ -116,7 +118,8 @@ class BankBuilder:
                 self.current.append(Sample(cls[row].cpu(), layout[row].cpu(),
                                            tuple(grid[row].to("cpu", STORAGE_DTYPE) for grid in grids),
                                            patch_foreground[row].cpu(), foreground[row].cpu(),
-                                           float(positions[row]), index, self.rows))
+                                           float(positions[row]), index, self.rows,
+                                           1.0 if aspects is None else float(aspects[row])))
             self.offered += 1
             self.rows += 1
             if len(self.current) > self.capacity:
@@ -163,6 +166,7 @@ def bank_settings(settings: Settings, extractor: Extractor) -> dict:
     """
     fingerprint = getattr(extractor, "fingerprint", None)
     return {**settings.bank_fields(), "model": extractor.model_id, "stages": list(extractor.stages),
+            "planes": list(settings.planes),
             **({"model_fingerprint": fingerprint} if fingerprint else {})}
 
 
@@ -186,7 +190,8 @@ def build_bank(extractor: Extractor, references: Iterable[tuple[str, Prepared]],
                         torch.cat([prepared.foreground[part] for _, _, prepared, part in pieces]),
                         torch.cat([prepared.positions[part] for _, _, prepared, part in pieces]),
                         [number for number, _, _, part in pieces for _ in range(len(part))],
-                        [{"source": source, "slice": i} for _, source, _, part in pieces for i in part.tolist()])
+                        [{"source": source, "slice": i} for _, source, _, part in pieces for i in part.tolist()],
+                        [prepared.pixel_aspect for _, _, prepared, part in pieces for _ in range(len(part))])
         if progress:
             progress(len(patches))
     info = BankInfo(settings=bank_settings(settings, extractor),
@@ -230,7 +235,8 @@ def calibrate_bank(bank: Bank, samples: list[Sample], settings: Settings, patch_
         anomaly, _ = fused_maps(stage_maps, per_reference, calibrated, settings)
         anomaly = fill_background(anomaly, sample.patch_foreground[None].to(anomaly.device)).cpu()
         height, width = sample.foreground.shape
-        slice_map = maps_to_slices(anomaly, (height, width), sigma=slice_sigma(settings, height, width, patch_size))[0]
+        sigma = slice_sigma(settings, height, width, patch_size, sample.aspect)
+        slice_map = maps_to_slices(anomaly, (height, width), sigma=sigma)[0]
         values = slice_map[sample.foreground]
         slice_values.append(float(top_mean(values, settings.top_fraction)))
         normal.add(values)

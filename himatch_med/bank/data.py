@@ -93,7 +93,9 @@ class Bank:
     """References ``N`` with ``L`` stages of ``c`` centroids each, the calibration of their stage maps, and ``info``.
 
     ``calibration_volume_groups`` (V,): the reference volume of each calibration volume score; ``None`` in a bank
-    built before it was recorded.
+    built before it was recorded. ``others``: for tri-planar detection, the banks of the other planes (each its own
+    references and calibration; stored in the same files, their arrays prefixed ``<plane>.``, their description under
+    ``planes`` in ``bank.json``).
     """
 
     cls: torch.Tensor
@@ -108,6 +110,7 @@ class Bank:
     calibration_volume_scores: torch.Tensor
     info: BankInfo = field(default_factory=BankInfo)
     calibration_volume_groups: torch.Tensor | None = None
+    others: tuple[Bank, ...] = ()
 
     @classmethod
     def from_stored(cls, tensors: dict[str, torch.Tensor], meta: dict, *, source: str) -> Bank:
@@ -119,8 +122,13 @@ class Bank:
         problem = array_problem(tensors)
         if problem:
             raise InputError(f"{source}: its arrays are inconsistent ({problem}); rebuild the bank")
+        others = []
+        for plane, description in (meta.get("planes") or {}).items():
+            prefix = f"{plane}."
+            others.append(cls.from_stored({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)},
+                                          description, source=f"{source} ({plane} plane)"))
         return cls(**{name: tensors[name] for name in ARRAYS}, info=info,
-                   **{name: tensors[name] for name in OPTIONAL_ARRAYS if name in tensors})
+                   **{name: tensors[name] for name in OPTIONAL_ARRAYS if name in tensors}, others=tuple(others))
 
     @property
     def id(self) -> str:
@@ -131,8 +139,29 @@ class Bank:
         return len(self.cls)
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """The arrays by name, as stored (the optional ones when present)."""
-        return {name: getattr(self, name) for name in (*ARRAYS, *OPTIONAL_ARRAYS) if getattr(self, name) is not None}
+        """The arrays by name, as stored (the optional ones when present; the other planes' prefixed by their name)."""
+        own = {name: getattr(self, name) for name in (*ARRAYS, *OPTIONAL_ARRAYS) if getattr(self, name) is not None}
+        for other in self.others:
+            own.update({f"{other.plane}.{name}": tensor for name, tensor in other.tensors().items()})
+        return own
+
+    @property
+    def plane(self) -> str | None:
+        """The slice plane (axis) of this bank's references, as recorded."""
+        return self.info.settings.get("axis")
+
+    @property
+    def planes(self) -> tuple[str, ...]:
+        """The planes this bank holds references of: its own, then the others'."""
+        return tuple(p for p in (self.plane, *(o.plane for o in self.others)) if p is not None)
+
+    def of_plane(self, plane: str, *, source: str = "the bank") -> Bank:
+        """The bank of ``plane``'s references; :class:`InputError` when this bank holds none."""
+        for bank in (self, *self.others):
+            if bank.plane == plane:
+                return bank
+        raise InputError(f"{source} holds references of the {', '.join(self.planes)} plane(s), not {plane}; build it "
+                         f"with --planes {plane} (or all) for tri-planar detection")
 
     def calibration(self) -> dict:
         """The calibration as ``bank.json`` records it: the settings, the sampled slices and volumes."""
@@ -147,6 +176,8 @@ class Bank:
         calibration = {**self.calibration(), **({"findings": info.findings} if info.findings else {})}
         meta = {"settings": info.settings, "calibration": calibration, "patch_size": info.patch_size,
                 "format_version": info.format_version, "sources": list(info.sources)}
+        if self.others:
+            meta["planes"] = {other.plane: other.metadata() for other in self.others}
         stored = {"created_by": info.created_by, "warnings": None if info.warnings is None else list(info.warnings),
                   "build_seconds": info.build_seconds, "arrays_sha256": arrays_sha256 or info.arrays_sha256,
                   "excluded": None if info.excluded is None else list(info.excluded),
@@ -169,8 +200,11 @@ class Bank:
                  if name != "centroids"}
         if (self.cls.numel() + self.layout.numel()) * 4 <= descriptor_budget:
             moved["cls"], moved["layout"] = moved["cls"].float(), moved["layout"].float()
+        moved = {name: tensor for name, tensor in moved.items() if "." not in name}  # the other planes': below
         fits = on_host or self.centroids.numel() * self.centroids.element_size() <= centroid_budget
-        return replace(self, **moved, centroids=self.centroids.to(device) if fits else self.centroids)
+        others = tuple(other.to(device, centroid_budget=centroid_budget, descriptor_budget=descriptor_budget)
+                       for other in self.others)
+        return replace(self, **moved, centroids=self.centroids.to(device) if fits else self.centroids, others=others)
 
     def memory(self, indices: torch.Tensor, device: torch.device) -> torch.Tensor:
         """Centroids of the references ``indices`` ``(B, K)`` as float32 ``(L, B, K, c, D)`` on ``device``."""
@@ -189,6 +223,8 @@ class Bank:
                              "build a new bank with these")
         # Weights are known by their fingerprint: another spelling of their path is the same model.
         skip = {"model", "model_fingerprint"} if all(fingerprints) else {"model_fingerprint"}
+        # A setting newer than the bank (e.g. planes) that the run leaves empty is the one the bank was built with.
+        skip |= {key for key, value in expected.items() if key not in recorded and _plain(value) in ([], None)}
         wrong = [f"{key}: bank has {recorded.get(key)!r}, this run asks for {value!r}"
                  for key, value in expected.items() if key not in skip and _plain(recorded.get(key)) != _plain(value)]
         if wrong:

@@ -35,6 +35,8 @@ def open_bank(folder: Path, settings: Settings, extractor: Extractor) -> Bank:
     tensors, meta = io.read_bank(folder)
     bank = Bank.from_stored(tensors, meta, source=str(folder))
     bank.check(bank_settings(settings, extractor), source=str(folder))
+    for plane in settings.planes:
+        bank.of_plane(plane, source=str(folder))
     # On a GPU the bank moves there once; on the CPU it stays memory-mapped.
     return bank.to(device_of_extractor(extractor))
 
@@ -138,6 +140,12 @@ def build_bank_folder(references: list[Path], labels: Path | None, settings: Set
     try:
         bank = build_bank(extractor, reference_volumes(references, labels, settings, options, warnings.append),
                           settings, progress=bar.update)
+        # Tri-planar: each other plane's references from the same files, cut along it, with its own calibration.
+        others = tuple(build_bank(extractor, reference_volumes(references, labels, replace(settings, axis=plane),
+                                                               options), replace(settings, axis=plane),
+                                  progress=bar.update)
+                       for plane in settings.planes if plane != settings.axis)
+        bank = replace(bank, others=others)
     except InputError as error:
         if warnings:
             raise InputError(f"{error}. Skipped references:\n  " + "\n  ".join(warnings)) from error
@@ -218,13 +226,19 @@ def recalibrated(bank: Bank, rows: list[Settings], extractor: Extractor, *, refe
         return [bank] * len(rows), []
     samples = calibration_samples(bank, rows[0], extractor, references=references, options=options,
                                   progress=progress)
+    # Tri-planar: every plane's bank is recalibrated from its own sample.
+    plane_samples = {other.plane: calibration_samples(other, replace(rows[0], axis=other.plane), extractor,
+                                                      references=references, options=options, progress=progress)
+                     for other in bank.others}
     device = device_of_extractor(extractor)
     banks = []
     for i, row in enumerate(rows):
         if i not in differ:
             banks.append(bank)
             continue
-        calibrated = calibrate_bank(bank, samples, row, extractor.patch_size, device)
+        others = tuple(calibrate_bank(other, plane_samples[other.plane], replace(row, axis=other.plane),
+                                      extractor.patch_size, device) for other in bank.others)
+        calibrated = replace(calibrate_bank(bank, samples, row, extractor.patch_size, device), others=others)
         info = replace(calibrated.info, calibrated_with={**calibrated.info.calibrated_with,
                                                          **{k: getattr(row, k) for k in keys}}, recalibrated=True)
         banks.append(replace(calibrated, info=info))
@@ -270,5 +284,5 @@ def calibration_samples(bank: Bank, settings: Settings, extractor: Extractor, *,
                                       tuple(g[position].to("cpu", STORAGE_DTYPE) for g in features.grids),
                                       patches[position].cpu(), prepared.foreground[index].cpu(),
                                       float(prepared.positions[index]), int(bank.groups[slices[index]]),
-                                      slices[index]))
+                                      slices[index], prepared.pixel_aspect))
     return samples

@@ -26,7 +26,7 @@ from himatch_med.features import Extractor
 from himatch_med.metrics import PixelMetrics, average_precision, image_auroc
 from himatch_med.volume import from_slices, to_slices
 
-ABLATION_AXES = ("stages", "method", "fusion", "references_k", "cls_weight")
+ABLATION_AXES = ("stages", "planes", "method", "fusion", "references_k", "cls_weight")
 """Settings that take several values in one evaluation, outermost first (``stages`` varies the slowest)."""
 HIMATCH_ONLY = ("fusion", "references_k", "cls_weight")
 """Ablated settings a baseline (``method`` other than ``himatch``) does not use: its rows keep the base values."""
@@ -57,9 +57,10 @@ def ablation_rows(base: Settings, **values: list | None) -> list[Settings]:
     rows: list[Settings] = []
     for combination in itertools.product(*choices):
         changes = dict(zip(ABLATION_AXES, combination, strict=True))
-        changes["stages"] = tuple(changes["stages"])
+        changes["stages"], changes["planes"] = tuple(changes["stages"]), tuple(changes["planes"])
         if changes["method"] != "himatch":
-            changes.update({axis: getattr(base, axis) for axis in HIMATCH_ONLY})
+            # A baseline scores one plane.
+            changes.update({axis: getattr(base, axis) for axis in HIMATCH_ONLY}, planes=())
         row = replace(base, **changes)
         if row not in rows:
             rows.append(row)
