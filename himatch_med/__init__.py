@@ -25,7 +25,28 @@ the maps back on the file's grid with :mod:`~himatch_med.report`'s report and pi
 matters for; :mod:`~himatch_med.cli` and ``run``, :mod:`~himatch_med.screening`, :mod:`~himatch_med.distributed`,
 :mod:`~himatch_med.viewer` and :mod:`himatch_med.evaluation` are the applications.
 
+The Python API (:mod:`~himatch_med.api`): ``open_detector``, ``build_detector``, ``detect_image`` and its
+``Result``, with ``Detector`` and ``Settings``, are names of this package, imported on first use::
+
+    import himatch_med as hm
+    result = hm.detect_image(hm.open_detector("brain_bank/"), "patient.nii.gz")
+
 This module imports nothing heavy so that ``--help`` stays instant.
 """
 
 __version__ = "0.2.0"
+
+API = {"open_detector": "api", "build_detector": "api", "detect_image": "api", "Result": "api",
+       "Detector": "detect", "Settings": "config", "ReadOptions": "config"}
+"""The names of the Python API and the modules they come from (imported on first use: torch loads with them)."""
+
+__all__ = ["__version__", *API]
+
+
+def __getattr__(name: str):
+    """The Python API's names, imported from their modules on first use."""
+    if name in API:
+        import importlib
+
+        return getattr(importlib.import_module(f"himatch_med.{API[name]}"), name)
+    raise AttributeError(f"module 'himatch_med' has no attribute {name!r}")

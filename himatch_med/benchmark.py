@@ -8,7 +8,9 @@ say nothing about detection quality and none is reported), or real weights from 
    throughput and peak memory.
 2. Bank building at each size of ``--bank-slices`` (default 100; add 2000 10000 for the growth): preprocessing,
    backbone, k-means, calibration and writing, the ratio of the whole to the backbone, and peak memory.
-3. With ``--large-bank-slices N``: a synthetic ViT-B bank of N slices (disk size, open time, query time and memory).
+3. With ``--screen-volumes N``: a cohort of N volumes screened (reading and writing overlapped with the backbone),
+   its throughput against the backbone alone on the same slices.
+4. With ``--large-bank-slices N``: a synthetic ViT-B bank of N slices (disk size, open time, query time and memory).
 
 Progress goes to stderr, a summary of each part too; the last line of stdout is one JSON object (also written to
 ``--json FILE``).
@@ -57,6 +59,9 @@ def parser() -> argparse.ArgumentParser:
                         help="slices of each of the 2 reference volumes of the end-to-end bank (default: --slices)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
     parser.add_argument("--batch-size", type=int, default=None, help="default: 16 on CPU, 64 on CUDA")
+    parser.add_argument("--precision", choices=("auto", "float32", "bfloat16"), default=None,
+                        help="the backbone's arithmetic (default: the package's, auto: bf16 on CUDA and on CPUs "
+                             "with native bf16)")
     parser.add_argument("--calibration-slices", type=int, default=None, help="default: the method's (512)")
     parser.add_argument("--repeats", type=int, default=3, help="timed end-to-end runs of each; the fastest counts")
     parser.add_argument("--bank-slices", type=int, nargs="*", default=[100], metavar="N",
@@ -65,7 +70,12 @@ def parser() -> argparse.ArgumentParser:
                         help="also build banks of N 2D images (one-slice references, like a 2D set) by phase")
     parser.add_argument("--large-bank-slices", type=int, default=0,
                         help="slices of the synthetic large bank (e.g. 10000; default 0: skipped)")
-    parser.add_argument("--skip-end-to-end", action="store_true", help="only the bank parts")
+    parser.add_argument("--screen-volumes", type=int, default=0, metavar="N",
+                        help="also screen a cohort of N synthetic volumes of --slices slices (reading and writing "
+                             "overlapped with the backbone by --workers processes) against the backbone-only "
+                             "throughput of the same slices (default 0: skipped; e.g. 32)")
+    parser.add_argument("--workers", type=int, default=2, help="reader processes of the screening part (default: 2)")
+    parser.add_argument("--skip-end-to-end", action="store_true", help="only the bank and screening parts")
     parser.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write the figures here")
     return parser
 
@@ -78,6 +88,8 @@ def check(args: argparse.Namespace) -> None:
         folder = args.json.resolve().parent
         if not folder.is_dir() or not os.access(folder, os.W_OK):
             sys.exit(f"error: --json {args.json}: its folder {folder} does not exist or cannot be written")
+    if args.screen_volumes < 0 or args.workers < 0:
+        sys.exit("error: --screen-volumes, --workers: use 0 or more")
     for name in ("image_size", "slices", "in_plane", "repeats"):
         if getattr(args, name) < 1:
             sys.exit(f"error: --{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
@@ -335,6 +347,70 @@ def bank_building(args, settings, device, work: Path, slices: int, extractor, *,
     return result
 
 
+def screening_throughput(args, settings, device, work: Path, extractor) -> dict:
+    """Screen ``--screen-volumes`` synthetic volumes; the backbone alone on the same slices, for the ratio.
+
+    Screening reads the next volumes in ``--workers`` processes and writes each study's files while the backbone
+    works on the next, so its throughput should come close to the backbone's: the ratio shows how much of the I/O
+    stays hidden.
+    """
+    import torch
+
+    from himatch_med import jobs, screening
+    from himatch_med.bank.build import build_bank
+    from himatch_med.detect import Detector
+    from himatch_med.transforms import to_backbone_images
+    from himatch_med.volume import backbone_size
+
+    timer_sync = synchronizer(device)
+    count = args.screen_volumes
+    cohort = work / "cohort"
+    cohort.mkdir()
+    shape = (args.in_plane, args.in_plane, args.slices)
+    say(f"screening: writing {count} volumes of {shape} and a bank of 2 references")
+    paths = [save(synthetic_brain(shape, 1000 + i), cohort / f"study{i:03d}.nii.gz") for i in range(count)]
+    references = [save(synthetic_brain(shape, seed), work / f"screen_normal{seed}.nii.gz") for seed in (1, 2)]
+    bank = build_bank(extractor, ((str(p), jobs.read(p, settings).prepared) for p in references), settings)
+    detector = Detector(extractor, bank.to(device), settings)
+    studies = screening.read_cohort([cohort])
+    if timer_sync:
+        timer_sync()
+    started = time.perf_counter()
+    result = screening.screen(studies, detector, work / "screening", workers=args.workers, progress=True)
+    if timer_sync:
+        timer_sync()
+    seconds = time.perf_counter() - started
+    if result.count("ok") != count:
+        raise RuntimeError(f"screening: only {result.count('ok')} of {count} studies were screened")
+
+    say("screening: the backbone alone on the same slices")
+    backbone_seconds, slices = 0.0, 0
+    for path in paths:
+        prepared = jobs.read(path, settings).prepared  # reading is not counted: only the backbone's own time
+        height, width = prepared.slices.shape[1:]
+        size = backbone_size(height, width, image_size=settings.image_size, patch_size=extractor.patch_size)
+        scored = torch.nonzero(prepared.scored).flatten()
+        images = [to_backbone_images(prepared.slices[part].to(device), size)
+                  for part in scored.split(settings.batch_size)]
+        slices += len(scored)
+        if timer_sync:
+            timer_sync()
+        begun = time.perf_counter()
+        for batch in images:
+            extractor(batch)
+        if timer_sync:
+            timer_sync()
+        backbone_seconds += time.perf_counter() - begun
+    figures = {"volumes": count, "volume_shape": list(shape), "scored_slices": slices, "workers": args.workers,
+               "seconds": round(seconds, 3), "backbone_only_seconds": round(backbone_seconds, 3),
+               "volumes_per_second": round(count / seconds, 3), "slices_per_second": round(slices / seconds, 2),
+               "backbone_slices_per_second": round(slices / backbone_seconds, 2),
+               "throughput_ratio_to_backbone": round(backbone_seconds / seconds, 3)}
+    say(f"screening: {count} volumes in {seconds:.2f} s ({figures['slices_per_second']} slices/s), backbone alone "
+        f"{backbone_seconds:.2f} s: throughput {figures['throughput_ratio_to_backbone']} x the backbone's")
+    return figures
+
+
 def large_bank(args, device, work: Path) -> dict:
     """A synthetic ViT-B bank: size on disk, open time, query time and memory against a bank of 1,000."""
     import torch
@@ -439,8 +515,15 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(folder)
         model = args.model or random_dinov3(args.backbone_size, work / "model")
         options = {} if args.calibration_slices is None else {"calibration_slices": args.calibration_slices}
+        if args.precision is not None:  # not passed otherwise: an older checkout has no such setting
+            options["precision"] = args.precision
         settings = Settings(model=str(model), image_size=args.image_size, batch_size=batch, **options).resolved()
         result["calibration_slices"] = settings.calibration_slices
+        result["precision"] = getattr(settings, "precision", "float32 (no precision setting)")
+        if hasattr(settings, "precision"):
+            from himatch_med.backbone import arithmetic
+
+            result["arithmetic"] = arithmetic(settings.precision, device)
         if not args.skip_end_to_end:
             result["end_to_end"] = end_to_end(args, settings, device, work)
         if args.bank_slices or args.bank_images:
@@ -450,6 +533,9 @@ def main(argv: list[str] | None = None) -> int:
                                        for n in args.bank_slices]
             result["bank_building"] += [bank_building(args, settings, device, work, n, extractor, images=True)
                                         for n in args.bank_images]
+        if args.screen_volumes:
+            extractor = load_extractor(settings, str(device))
+            result["screening"] = screening_throughput(args, settings, device, work, extractor)
         if args.large_bank_slices:
             result["large_bank"] = large_bank(args, device, work)
     result["peak_host_mib"] = round(peak_host_mib(), 1)

@@ -1,18 +1,60 @@
-"""What the command lines share: ``run``, ``bank``, ``pipelines/screen.py`` and ``pipelines/evaluate.py``.
+"""What the command lines share: ``himatch-med run``, ``bank``, ``screen`` and ``evaluate``.
 
 One option per setting of :class:`himatch_med.config.Settings` (with its default shown), the read options, the bank
 source, and :func:`guarded`, which turns every error into one line and an exit code. Heavy libraries are imported
 only inside functions, after the arguments are parsed, so that ``--help`` is instant.
+
+What a command says goes three ways: results on stdout (so that scripts can parse them), warnings and notes through
+:mod:`logging` (the ``himatch_med`` logger; on stderr as ``warning: ...`` and ``note: ...`` while a command runs),
+progress bars through tqdm on stderr. ``-q`` keeps warnings and errors only and no progress bars; ``-v`` adds
+``debug: ...`` lines (what was loaded, the settings, timings).
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from dataclasses import MISSING, fields
 from pathlib import Path
 
+from himatch_med import __version__
 from himatch_med.config import AXES, NAN_POLICIES, ReadOptions, Settings
+
+LOGGER = logging.getLogger("himatch_med")
+"""The package's logger: warnings and notes of the library and of the commands."""
+PREFIXES = {logging.DEBUG: "debug", logging.INFO: "note", logging.WARNING: "warning", logging.ERROR: "error",
+            logging.CRITICAL: "error"}
+"""How a command's stderr line starts, by level (``note: ...``, ``warning: ...``)."""
+
+
+class StderrLines(logging.Handler):
+    """Log records as ``<prefix>: <message>`` lines on whatever ``sys.stderr`` is when each is emitted.
+
+    A record with ``extra={"bare": True}`` is written without the prefix (a traceback, a closing line).
+    """
+
+    def emit(self, record: logging.LogRecord) -> None:
+        """Write one record."""
+        try:
+            text = record.getMessage()
+            line = text if getattr(record, "bare", False) else f"{PREFIXES.get(record.levelno, 'note')}: {text}"
+            sys.stderr.write(line + "\n")
+            sys.stderr.flush()
+        except Exception:  # a logging failure must not end the job (logging's own rule)
+            self.handleError(record)
+
+
+def verbosity(args: argparse.Namespace) -> int:
+    """The logging level of ``-q`` (warnings), the default (notes), ``-v`` or ``--debug`` (debug lines)."""
+    if getattr(args, "verbose", False) or getattr(args, "debug", False):
+        return logging.DEBUG
+    return logging.WARNING if getattr(args, "quiet", False) else logging.INFO
+
+
+def progress_shown(args: argparse.Namespace) -> bool:
+    """Whether progress bars are shown: not with ``-q``."""
+    return not getattr(args, "quiet", False)
 
 
 def add_settings(parser: argparse.ArgumentParser, several: tuple[str, ...] = ()) -> None:
@@ -70,7 +112,8 @@ def bank_defaults(folder: Path) -> dict:
 
 
 def add_common(parser: argparse.ArgumentParser, several: tuple[str, ...] = ()) -> None:
-    """Add the options every command has: device, read options, ``--debug`` and the settings."""
+    """Add the options every command has: device, read options, verbosity, ``--debug``, ``--version``, settings."""
+    add_verbosity(parser)
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
     parser.add_argument("--volume-index", type=int, default=None, help="volume to take from a 4D NIfTI")
     parser.add_argument("--series", default=None, help="SeriesInstanceUID to read from a DICOM folder with several")
@@ -81,6 +124,17 @@ def add_common(parser: argparse.ArgumentParser, several: tuple[str, ...] = ()) -
                         help="accept sheared affines (e.g. CT gantry tilt), slicing along the nearest voxel axes")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     add_settings(parser, several)
+
+
+def add_verbosity(parser: argparse.ArgumentParser) -> None:
+    """Add ``-q/--quiet``, ``-v/--verbose`` and ``--version``."""
+    chatter = parser.add_mutually_exclusive_group()
+    chatter.add_argument("-q", "--quiet", action="store_true",
+                         help="no progress bars and no notes: warnings and errors only on stderr (results stay on "
+                              "stdout)")
+    chatter.add_argument("-v", "--verbose", action="store_true",
+                         help="also debug lines on stderr: what was loaded, the settings, timings")
+    parser.add_argument("--version", action="version", version=f"himatch-med {__version__}")
 
 
 def read_options(args: argparse.Namespace) -> ReadOptions:
@@ -132,7 +186,7 @@ def bank_from(args: argparse.Namespace, settings: Settings, extractor):
     if args.bank is not None:
         return open_bank(args.bank, settings, extractor)
     return cached_bank(args.references, args.reference_labels, settings, extractor, args.bank_cache,
-                       options=read_options(args))
+                       options=read_options(args), progress=progress_shown(args))
 
 
 def quiet_itk() -> None:
@@ -159,6 +213,11 @@ def guarded(args: argparse.Namespace, job, *, with_settings: bool = True) -> int
 
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, terminate) if main_thread else None
+    # The command's lines on stderr for as long as it runs; a library user's own logging setup is left as it was.
+    handler, level, propagate = StderrLines(), LOGGER.level, LOGGER.propagate
+    LOGGER.addHandler(handler)
+    LOGGER.setLevel(verbosity(args))
+    LOGGER.propagate = False
     try:
         with warnings.catch_warnings():
             if not args.debug:
@@ -170,19 +229,21 @@ def guarded(args: argparse.Namespace, job, *, with_settings: bool = True) -> int
     except (InputError, WeightsUnavailableError, ValueError) as error:
         if args.debug:
             raise
-        print(f"error: {error}", file=sys.stderr)
+        LOGGER.error("%s", error)
         return 2
     except KeyboardInterrupt as interruption:
         terminated = isinstance(interruption, Terminated)
-        print(f"{'terminated (SIGTERM)' if terminated else 'interrupted'}; finished outputs are kept, nothing "
-              "half-written was left", file=sys.stderr)
+        LOGGER.error("%s; finished outputs are kept, nothing half-written was left",
+                     "terminated (SIGTERM)" if terminated else "interrupted", extra={"bare": True})
         return 143 if terminated else 130
     except Exception as error:  # anything unforeseen still ends in one line, with the way to the details
         if args.debug:
             raise
-        print(f"error: unexpected {type(error).__name__}: {error}; run again with --debug for the traceback",
-              file=sys.stderr)
+        LOGGER.error("unexpected %s: %s; run again with --debug for the traceback", type(error).__name__, error)
         return 2
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+        LOGGER.removeHandler(handler)
+        LOGGER.setLevel(level)
+        LOGGER.propagate = propagate

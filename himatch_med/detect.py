@@ -484,4 +484,5 @@ def load_extractor(settings: Settings, device: str = "auto") -> Extractor:
     """The backbone for ``settings.model`` and ``settings.stages`` on ``device`` (``auto``, ``cpu``, ``cuda:N``)."""
     from himatch_med.backbone import load_backbone
 
-    return load_backbone(settings.model, stages=settings.stages, device=device_of(device))
+    return load_backbone(settings.model, stages=settings.stages, device=device_of(device),
+                         precision=settings.precision)

@@ -103,12 +103,13 @@ def _evaluate(args: argparse.Namespace) -> int:
         dataset, rows, device=args.device, cache=args.bank_cache, options=cli.read_options(args),
         anomaly_labels=tuple(args.anomaly_labels) if getattr(args, "anomaly_labels", None) else None,
         pixel_range=tuple(args.pixel_range) if args.pixel_range else evaluation.PIXEL_RANGE,
-        bins=args.pixel_bins or evaluation.PIXEL_BINS, pictures=args.figures, strict=args.debug)
+        bins=args.pixel_bins or evaluation.PIXEL_BINS, pictures=args.figures, strict=args.debug,
+        progress=cli.progress_shown(args))
     written = evaluation.write_outputs(result, args.output)
     print(evaluation.table(result))
     print(f"{len(written)} files written to {args.output} in {result.timings['total_seconds']:.1f} s")
     for failure in result.failures:
-        print(f"error: {failure['error']}", file=sys.stderr)
+        cli.LOGGER.error("%s", failure["error"])
     if not result.failures:
         return 0
     return 1 if result.evaluated else 2

@@ -73,11 +73,17 @@ def label_findings(anomaly: np.ndarray, threshold: float, *, voxel_volume: float
         if foreground.shape != anomaly.shape:
             raise ValueError(f"foreground has shape {foreground.shape}, the map {anomaly.shape}")
         above &= foreground.astype(bool)
+    # Only the box around the voxels above the threshold is labelled: usually a small part of the volume, and its
+    # raster order is the volume's, so the regions and their numbering are the same.
+    whole = anomaly.shape
+    if not above.any():
+        return np.zeros(whole, dtype=np.uint8)
+    box = tuple(slice(int(hits[0]), int(hits[-1]) + 1)
+                for hits in (np.flatnonzero(above.any(axis=other)) for other in ((1, 2), (0, 2), (0, 1))))
+    above, anomaly = above[box], anomaly[box]
     regions, count = ndimage.label(above, structure=structure(connectivity))
-    if count == 0:
-        return np.zeros(anomaly.shape, dtype=np.uint8)
     index = np.arange(1, count + 1)
-    peaks = np.asarray(ndimage.maximum(anomaly, regions, index), dtype=np.float64)
+    peaks = region_peaks(anomaly, regions, count)
     if extent > 0:
         floor = np.concatenate([[np.inf], extent * np.maximum(peaks, 0)])
         regions = np.where(anomaly >= floor[regions], regions, 0)
@@ -87,7 +93,21 @@ def label_findings(anomaly: np.ndarray, threshold: float, *, voxel_volume: float
     order = index[keep][np.lexsort((index[keep], -sizes[keep], -peaks[keep]))]
     lookup = np.zeros(count + 1, dtype=_label_dtype(len(order)))
     lookup[order] = np.arange(1, len(order) + 1)
-    return lookup[regions]
+    labels = np.zeros(whole, dtype=lookup.dtype)
+    labels[box] = lookup[regions]
+    return labels
+
+
+def region_peaks(values: np.ndarray, regions: np.ndarray, count: int) -> np.ndarray:
+    """The maximum of ``values`` in each region 1..``count`` of a label map (float64), as ``ndimage.maximum`` gives.
+
+    Our own because ``ndimage.maximum`` with labels sorts the whole volume (3.3 s for a 240 x 240 x 155 map, the
+    largest cost of writing the outputs); this visits only the labelled voxels once. Equality is pinned in a test.
+    """
+    inside = regions > 0
+    peaks = np.full(count + 1, -np.inf)
+    np.maximum.at(peaks, regions[inside], values[inside].astype(np.float64))
+    return peaks[1:]
 
 
 def _label_dtype(count: int) -> np.dtype:

@@ -15,7 +15,7 @@ import errno
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +23,7 @@ import torch
 
 from himatch_med import exports, findings, io
 from himatch_med.config import ReadOptions, Settings
-from himatch_med.detect import Detector, Prepared, prepare
+from himatch_med.detect import Detection, Detector, Prepared, prepare
 from himatch_med.errors import InputError
 from himatch_med.report import make_report, overview_figure
 from himatch_med.scan import Scan, read_scan
@@ -149,14 +149,31 @@ def read(path: Path, settings: Settings, options: ReadOptions | None = None, *, 
         scan = read_scan(path, axis=settings.axis, options=options)
     excluded = scan.aligned(labels, "--reference-labels") if labels is not None else None
     foreground = scan.aligned(mask, "--mask") if mask is not None else None
+    job = job_of(scan, settings, foreground=foreground, excluded=excluded, source=source, timer=timer)
+    return replace(job, seconds=time.perf_counter() - started)
+
+
+def job_of(scan: Scan, settings: Settings, *, foreground: np.ndarray | None = None,
+           excluded: np.ndarray | None = None, source: dict | None = None, timer: Timer = NO_TIMER) -> Job:
+    """Prepare a scan (read from a file, or made in memory) for detection.
+
+    Args:
+        scan: the input.
+        settings: resolved settings (axis, preset, foreground).
+        foreground: a canonical foreground mask, instead of the foreground mode.
+        excluded: canonical voxels whose slices are neither scored nor used as references (lesion labels).
+        source: what identifies the input's content (:func:`himatch_med.io.source_identity`), for the report.
+        timer: charged with ``preprocess``.
+    """
+    started = time.perf_counter()
     with timer("preprocess"):
         prepared = prepare(torch.from_numpy(scan.canonical), settings,
                            foreground=None if foreground is None else torch.from_numpy(foreground),
                            excluded=None if excluded is None else torch.from_numpy(excluded),
                            spacing=scan.spacing() if settings.planes else None)
     if not prepared.scored.any():
-        how = "the --mask" if mask is not None else f"--foreground {settings.foreground}"
-        raise InputError(f"{path}: no slice has at least {settings.min_foreground:.0%} foreground under {how}; "
+        how = "the --mask" if foreground is not None else f"--foreground {settings.foreground}"
+        raise InputError(f"{scan.path}: no slice has at least {settings.min_foreground:.0%} foreground under {how}; "
                          "choose another --foreground (otsu, all) or --modality, or check the file")
     return Job(scan, prepared, time.perf_counter() - started, source)
 
@@ -167,8 +184,63 @@ def process(path: Path, detector: Detector, folder: Path, *, options: ReadOption
     return analyse(read(path, detector.settings, options, mask=mask), detector, folder, progress=progress)
 
 
+@dataclass(frozen=True, eq=False)
+class Outcome:
+    """What detection found for one input, in memory, before anything is written (:func:`examine`).
+
+    ``job`` the input; ``detection`` the detector's slice maps and scores; ``maps`` the canonical ``anomaly`` and
+    ``uncertainty`` volumes, 0 outside the scored slices' foreground; ``found`` the findings on the file's grid;
+    ``label_slices`` the findings cut into the prepared slices; ``report`` the report (its ``outputs`` name the files
+    :func:`analyse` writes); ``seconds`` the time detection and the findings took.
+    """
+
+    job: Job
+    detection: Detection
+    maps: dict[str, np.ndarray]
+    found: findings.Findings
+    label_slices: np.ndarray
+    report: dict
+    seconds: float = 0.0
+
+    def on_file_grid(self, name: str) -> np.ndarray:
+        """The map ``name`` (``anomaly``, ``uncertainty``) on the file's voxel grid, as :func:`analyse` writes it."""
+        return self.job.scan.to_file(self.maps[name])
+
+
+def examine(job: Job, detector: Detector, *, progress: bool = True, timer: Timer = NO_TIMER) -> Outcome:
+    """Detect anomalies in an input read by :func:`read` and find its findings, in memory; nothing is written.
+
+    Args:
+        job: the input read and prepared.
+        detector: the extractor, bank and settings.
+        progress: show a progress bar over the slices (stderr).
+        timer: charged with the detector's steps and ``save`` (benchmarks).
+    """
+    from tqdm.auto import tqdm
+
+    scan, prepared = job.scan, job.prepared
+    bar = tqdm(total=int(prepared.scored.sum()), unit="slice", desc=io.stem(scan.path), leave=False,
+               disable=not progress)
+    started = time.perf_counter()
+    try:
+        detection = detector.detect(prepared, progress=bar.update, timer=timer)
+    finally:
+        bar.close()  # before any message: an error must not print on the bar's line
+    with timer("save"):
+        report = make_report(scan, prepared, detection, detector, output_paths(scan.path, Path(".")))
+        # Findings and viewer-ready maps (issue 13): the logic is in findings.py and exports.py.
+        region = from_slices(prepared.foreground & detection.scored[:, None, None], prepared.axis).numpy()
+        maps = {name: np.where(region, detection.canonical(name).numpy(), np.float32(0))
+                for name in ("anomaly", "uncertainty")}
+        found = find_findings(scan.to_file(maps["anomaly"]), scan.to_file(region), scan, prepared, detector)
+        report.update(exports.report_block(found, detector.settings))
+        report["notes"] += list(found.notes)
+        label_slices = to_slices(torch.from_numpy(to_canonical(found.labels, scan.affine)[0]), prepared.axis).numpy()
+    return Outcome(job, detection, maps, found, label_slices, report, time.perf_counter() - started)
+
+
 def analyse(job: Job, detector: Detector, folder: Path, *, progress: bool = True, timer: Timer = NO_TIMER,
-            replaces: tuple[str, ...] = ()) -> dict:
+            replaces: tuple[str, ...] = (), outcome: Outcome | None = None) -> dict:
     """Detect anomalies in an input read by :func:`read` and write its outputs; returns the report.
 
     The outputs are written as one set while this process holds the input's lock in ``folder``: all of them
@@ -182,38 +254,26 @@ def analyse(job: Job, detector: Detector, folder: Path, *, progress: bool = True
         timer: charged with the detector's steps and ``save`` (benchmarks).
         replaces: names of other files in ``folder`` made from the outputs (a viewer page), removed when the
             outputs are replaced so that none is left showing the earlier ones.
+        outcome: what :func:`examine` found for this job with this detector, when already at hand (the Python
+            API's ``save``); examined here otherwise.
 
     Raises:
         InputError: another process is writing the outputs of this input into ``folder``.
     """
-    from tqdm.auto import tqdm
-
     scan, prepared = job.scan, job.prepared
     timings = {"read_prepare": job.seconds}
     paths = output_paths(scan.path, folder, detector.settings.planes)
     with io.write_set(paths, lock=lock_path(scan.path, folder), owner=str(scan.path),
                       replaces=tuple(folder / name for name in replaces)) as staged:
-        bar = tqdm(total=int(prepared.scored.sum()), unit="slice", desc=io.stem(scan.path), leave=False,
-                   disable=not progress)
-        started = time.perf_counter()
-        try:
-            detection = detector.detect(prepared, progress=bar.update, timer=timer)
-        finally:
-            bar.close()  # before any message: an error must not print on the bar's line
-        timings["detect"] = time.perf_counter() - started
+        outcome = outcome or examine(job, detector, progress=progress, timer=timer)
+        detection, maps, found, label_slices = outcome.detection, outcome.maps, outcome.found, outcome.label_slices
+        report = {**outcome.report, "notes": list(outcome.report["notes"]),
+                  "outputs": {k: p.name for k, p in paths.items()}}
+        timings["detect"] = outcome.seconds
         started = time.perf_counter()
         with timer("save"):
-            report = make_report(scan, prepared, detection, detector, paths)
-            # Findings and viewer-ready maps (issue 13): the logic is in findings.py and exports.py.
-            region = from_slices(prepared.foreground & detection.scored[:, None, None], prepared.axis).numpy()
-            maps = {name: np.where(region, detection.canonical(name).numpy(), np.float32(0))
-                    for name in ("anomaly", "uncertainty")}
-            found = find_findings(scan.to_file(maps["anomaly"]), scan.to_file(region), scan, prepared, detector)
-            report.update(exports.report_block(found, detector.settings))
             displays = {"anomaly": exports.anomaly_display(maps["anomaly"], found.threshold),
                         "uncertainty": exports.uncertainty_display(maps["uncertainty"])}
-            label_slices = to_slices(torch.from_numpy(to_canonical(found.labels, scan.affine)[0]),
-                                     prepared.axis).numpy()
             # gzip releases the GIL: the maps compress in parallel while the findings and the picture are written.
             with ThreadPoolExecutor(max_workers=2) as pool:
                 writes = [pool.submit(scan.write_map, maps[name], staged[name], display=displays[name])
@@ -221,6 +281,7 @@ def analyse(job: Job, detector: Detector, folder: Path, *, progress: bool = True
                 writes.append(pool.submit(scan.write_map, exports.overlay_map(maps["anomaly"], found.threshold),
                                           staged["anomaly_overlay"], display=displays["anomaly"]))
                 # Tri-planar: each plane's own map, for inspection, on the same grid as the fused one.
+                region = from_slices(prepared.foreground & detection.scored[:, None, None], prepared.axis).numpy()
                 writes.extend(pool.submit(scan.write_map, np.where(region, plane_map.numpy(), np.float32(0)),
                                           staged[f"anomaly_{plane}"], display=displays["anomaly"])
                               for plane, plane_map in (detection.planes or {}).items())
@@ -232,7 +293,7 @@ def analyse(job: Job, detector: Detector, folder: Path, *, progress: bool = True
                     heat_slices=detection.anomaly.numpy(), label_slices=label_slices)
                 report["outputs"].update({key: paths[key].name if key in paths else path.name
                                           for key, path in written.items()})
-                report["notes"] += list(found.notes) + notes
+                report["notes"] += notes
                 figure = overview_figure(prepared, detection, report, aspect=scan.pixel_aspect(prepared.axis),
                                          findings=label_slices)
                 io.write_figure(figure, staged["overview"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 from himatch_med.config import Settings
@@ -35,14 +36,20 @@ def folder(path: Path, hint: str) -> None:
 def writable(folder: Path, option: str = "-o") -> None:
     """Raise :class:`InputError` when ``folder`` (or, if it does not exist yet, its nearest parent) is not writable.
 
-    Judged from permissions only (``os.access``: read-only file systems included); the output folder's own check
-    writes a probe file later.
+    Judged from permissions (``os.access``: read-only file systems included), then by a probe file created and
+    removed at once in the nearest existing folder: permissions say nothing to root, nor of folders like ``/proc``.
     """
     folder = Path(folder).absolute()
     existing_part = next((p for p in (folder, *folder.parents) if p.exists()), None)
     if existing_part is None or not existing_part.is_dir() or not os.access(existing_part, os.W_OK | os.X_OK):
         raise InputError(f"{folder}: the output folder cannot be written (permission denied); choose another with "
                          f"{option}")
+    try:
+        with tempfile.TemporaryFile(dir=existing_part, prefix=".himatch-probe-"):
+            pass
+    except OSError as error:
+        raise InputError(f"{folder}: the output folder cannot be written ({error.strerror or error}); choose "
+                         f"another with {option}") from error
 
 
 def model_folder(model: str) -> None:

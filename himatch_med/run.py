@@ -1,7 +1,9 @@
-"""Command line: ``python -m himatch_med.run VOLUME ... --bank BANK -o OUT`` (banks: ``python -m himatch_med.bank``).
+"""Command line: ``himatch-med run VOLUME ... --bank BANK -o OUT`` (also ``python -m himatch_med.run``).
 
-Parse, load, detect, save. Heavy libraries are imported only after the arguments are parsed, so ``--help`` is
-instant. Every setting of :class:`himatch_med.config.Settings` is an option with its default shown.
+Parse, load, detect, save: one line per input on stdout (its volume score, percentile and heatmap), warnings and
+notes on stderr through :mod:`logging` (:mod:`himatch_med.cli`). Heavy libraries are imported only after the
+arguments are parsed, so ``--help`` is instant. Every setting of :class:`himatch_med.config.Settings` is an option
+with its default shown.
 """
 
 from __future__ import annotations
@@ -57,26 +59,30 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     if args.references:
         jobs.check_outside_references(args.output, args.references)
     jobs.check_output_folder(args.output, inputs)
+    cli.LOGGER.debug("settings: %s", settings)
     extractor = load_extractor(settings, args.device)
+    cli.LOGGER.debug("model %s on %s", extractor.model_id, getattr(extractor, "device", "cpu"))
     detector = Detector(extractor, cli.bank_from(args, settings, extractor), settings)
+    cli.LOGGER.debug("bank %s: %d references", detector.bank.id, len(detector.bank))
     options = cli.read_options(args)
     failures = 0
     for path in inputs:
         earlier = [p for p in jobs.output_paths(path, args.output).values() if p.exists()]
         try:
-            outputs = jobs.process(path, detector, args.output, options=options, mask=args.mask)
+            outputs = jobs.process(path, detector, args.output, options=options, mask=args.mask,
+                                   progress=cli.progress_shown(args))
             for note in outputs["notes"]:
-                print(f"warning: {path}: {note}", file=sys.stderr)
+                cli.LOGGER.warning("%s: %s", path, note)
             if earlier:
-                print(f"note: {path}: replaced the earlier outputs {io.stem(path)}_* in {args.output}",
-                      file=sys.stderr)
+                cli.LOGGER.info("%s: replaced the earlier outputs %s_* in %s", path, io.stem(path), args.output)
+            cli.LOGGER.debug("%s: %s", path, ", ".join(f"{k} {v:.2f} s" for k, v in outputs["timings_seconds"].items()))
             print(f"{path}: volume score {outputs['volume_score']:.2f} (percentile "
                   f"{_pct(outputs['volume_percentile'])}) -> {args.output / outputs['outputs']['anomaly']}")
         except Exception as error:  # one failing volume must not lose the others
             if args.debug:
                 raise
             failures += 1
-            print(f"error: {jobs.describe_error(path, error)}", file=sys.stderr)
+            cli.LOGGER.error("%s", jobs.describe_error(path, error))
     # 1: some inputs failed and the others are written; 2: nothing could be done.
     return 2 if failures == len(inputs) else 1 if failures else 0
 

@@ -116,7 +116,16 @@ def read_scan(path: str | Path, *, axis: str, options: ReadOptions | None = None
         InputError: naming the file and the fix, for anything that cannot be read or analysed.
     """
     options = options or ReadOptions()
-    image = io.read_image(path, volume_index=options.volume_index, series=options.series)
+    return scan_of(io.read_image(path, volume_index=options.volume_index, series=options.series), axis=axis,
+                   options=options)
+
+
+def scan_of(image: io.Image, *, axis: str, options: ReadOptions | None = None) -> Scan:
+    """Check that an image (read from a file, or made in memory) can be analysed, and reorient it to RAS.
+
+    The checks of :func:`read_scan` after reading; ``options`` gives the NaN policy and whether shear is allowed.
+    """
+    options = options or ReadOptions()
     image = check_values(image, nan_policy=options.nan_policy)
     check_geometry(image, axis, allow_shear=options.allow_shear)
     canonical, orientation = to_canonical(image.array, image.affine)

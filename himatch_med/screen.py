@@ -38,7 +38,6 @@ def parser() -> argparse.ArgumentParser:
                         help="processes reading the next volumes while one is analysed; 0 reads in the main process "
                              "(default: 2; with --engine ray: studies read at a time, default 2 per actor)")
     result.add_argument("--force", action="store_true", help="redo every study, even those already complete")
-    result.add_argument("--quiet", action="store_true", help="no progress bars")
     cluster = result.add_argument_group("cluster (--engine ray; pip install 'himatch-med[distributed]')")
     cluster.add_argument("--engine", choices=("local", "ray"), default="local",
                          help="local: this process and its readers; ray: a Ray cluster, one model actor per GPU "
@@ -100,16 +99,16 @@ def _screen(args: argparse.Namespace, settings: Settings) -> int:
                                     actors=args.actors, gpus=gpus, workers=args.workers,
                                     retries=distributed.RETRIES if args.retries is None else args.retries,
                                     address=args.address, options=options, force=args.force, labels=labels,
-                                    progress=not args.quiet)
+                                    progress=cli.progress_shown(args))
     else:
         result = screening.screen(studies, detector, args.output, options=options,
                                   workers=2 if args.workers is None else args.workers, force=args.force,
-                                  labels=labels, progress=not args.quiet)
+                                  labels=labels, progress=cli.progress_shown(args))
     failed = [r for r in result.results if r.status == "failed"]
     for failure in failed:
-        print(f"error: {failure.error}", file=sys.stderr)
+        cli.LOGGER.error("%s", failure.error)
         if args.debug and failure.details:
-            print(failure.details, file=sys.stderr)
+            cli.LOGGER.error("%s", failure.details, extra={"bare": True})
     print(f"screened {len(result.results)} studies in {result.seconds:.1f} s: {result.count('ok')} done, "
           f"{result.count('skipped')} skipped (complete from an earlier run), {len(failed)} failed"
           + (f"; {result.rate:.1f} studies/min" if result.count("ok") else ""))

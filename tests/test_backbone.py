@@ -2,13 +2,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from himatch_med import backbone as backbone_module
 from himatch_med.backbone import load_backbone
 from himatch_med.errors import WeightsUnavailableError
 from himatch_med.features import describe, layout_descriptor
 
 
 def test_tiny_dinov3_loads_through_the_product_path_and_drops_registers(tiny_dinov3):
-    backbone = load_backbone(str(tiny_dinov3))
+    backbone = load_backbone(str(tiny_dinov3), precision="float32")
     assert backbone.prefix == 1 + 4
     assert backbone.stages == (1, 2, 3, 4)
     images = torch.randn(2, 3, 48, 80)  # non-square: 3 x 5 patches
@@ -23,6 +24,24 @@ def test_tiny_dinov3_loads_through_the_product_path_and_drops_registers(tiny_din
     torch.testing.assert_close(grids[-1][:, 1, 2], F.normalize(tokens[:, 5 + 1 * 5 + 2], dim=-1))
     torch.testing.assert_close(grids[0], F.normalize(backbone.model.norm(hidden[1])[:, 5:], dim=-1).unflatten(1, (3, 5)))
     assert torch.allclose(grids[1].norm(dim=-1), torch.ones(2, 3, 5))
+
+
+def test_bfloat16_is_the_same_features_within_its_rounding_and_auto_follows_the_device(tiny_dinov3, monkeypatch):
+    exact = load_backbone(str(tiny_dinov3), precision="float32")
+    half = load_backbone(str(tiny_dinov3), precision="bfloat16")
+    images = torch.randn(2, 3, 48, 80, generator=torch.Generator().manual_seed(0))
+    (cls32, grids32), (cls16, grids16) = exact(images), half(images)
+    assert cls16.dtype == torch.float32 and not torch.equal(cls16, cls32)  # computed in bf16, returned as float32
+    for a, b in zip((cls32, *grids32), (cls16, *grids16)):
+        assert F.cosine_similarity(a, b, dim=-1).min() > 0.99
+    monkeypatch.setattr(backbone_module, "native_cpu_bf16", lambda: False)
+    assert backbone_module.arithmetic("auto", torch.device("cpu")) == "float32"
+    assert backbone_module.arithmetic("auto", torch.device("cuda")) == "bfloat16"
+    assert backbone_module.arithmetic("bfloat16", torch.device("cpu")) == "bfloat16"
+    monkeypatch.setattr(backbone_module, "native_cpu_bf16", lambda: True)
+    assert backbone_module.arithmetic("auto", torch.device("cpu")) == "bfloat16"
+    with pytest.raises(ValueError, match="precision='half' is not one of"):
+        load_backbone(str(tiny_dinov3), precision="half")
 
 
 def test_chosen_stages_and_bad_stages(tiny_dinov3):
@@ -62,7 +81,7 @@ def test_layout_descriptor_is_unit_cells_of_the_pooled_grid():
 
 
 def test_cls_comes_from_the_last_block_whatever_the_stages(tiny_dinov3):
-    backbone = load_backbone(str(tiny_dinov3), stages=(2, 1))
+    backbone = load_backbone(str(tiny_dinov3), stages=(2, 1), precision="float32")
     assert backbone.stages == (1, 2)
     images = torch.randn(1, 3, 32, 48)
     cls, grids = backbone(images)

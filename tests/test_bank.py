@@ -111,13 +111,15 @@ def test_reference_labels_remove_the_lesion_slices_from_the_bank(annotated, stan
     assert len(labelled) == len(plain) - len(LABELLED)
 
 
-def test_a_reference_without_its_label_is_skipped_with_a_warning(annotated, stand_in, tmp_path, capsys):
+def test_a_reference_without_its_label_is_skipped_with_a_warning(annotated, stand_in, tmp_path, caplog):
     labels = tmp_path / "labels"
     labels.mkdir()
     (labels / "case0_seg.nii.gz").write_bytes((annotated / "labels" / "case0_seg.nii.gz").read_bytes())
     bank = cached_bank([annotated / "refs"], labels, SETTINGS, stand_in, tmp_path / "cache")
     assert sliced(bank, "case1.nii.gz") == set() and sliced(bank, "case0.nii.gz")
-    assert "skipping reference" in capsys.readouterr().err and "no label named like it" in bank.info.warnings[0]
+    # A warning of the himatch_med logger (the commands show it on stderr as "warning: ...").
+    assert [r.levelname for r in caplog.records if "skipping reference" in r.getMessage()] == ["WARNING"]
+    assert "no label named like it" in bank.info.warnings[0]
 
 
 def test_the_cache_ignores_speed_settings_only(annotated, stand_in, tmp_path):
@@ -223,3 +225,18 @@ def test_volumes_share_batches_and_calibrate_in_batches_like_one_slice_at_a_time
     assert len(counting.calls) == -(-scored // 8)  # the remainder of a volume fills up with the next one's slices
     one_by_one = build_bank(stand_in, volumes, replace(SETTINGS, batch_size=1))
     assert_banks_close(batched, one_by_one)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_finite_finds_one_nan_or_infinity_anywhere_as_isfinite_does(dtype):
+    from himatch_med.bank.data import finite
+
+    generator = torch.Generator().manual_seed(0)
+    values = torch.randn(70, 4, 8, 16, generator=generator).to(dtype)
+    assert finite(values, chunk=16) and finite(values[:0])
+    for position in (0, 1, 511, 4096, values.numel() - 1):
+        for bad in (float("nan"), float("inf"), -float("inf")):
+            broken = values.clone()
+            broken.view(-1)[position] = bad
+            assert finite(broken, chunk=16) is False
+            assert bool(torch.isfinite(broken).all()) is False

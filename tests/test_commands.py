@@ -110,3 +110,38 @@ def test_the_installed_command_is_the_dispatcher():
     text = (ROOT / "pyproject.toml").read_text(encoding="utf-8")  # tomllib is Python 3.11+; the package is 3.10+
     scripts = text.split("[project.scripts]\n", 1)[1].split("\n\n", 1)[0]
     assert scripts == 'himatch-med = "himatch_med.__main__:main"'
+
+
+def test_quiet_and_verbose_change_stderr_only(cohort, tiny_dinov3, tmp_path, capsys):
+    from conftest import FAST
+
+    from himatch_med.run import main as run
+
+    query = cohort / "query.nii.gz"
+    args = [str(query), "--references", str(cohort / "refs"), "--model", str(tiny_dinov3), "--device", "cpu",
+            "--bank-cache", str(tmp_path / "cache"), "-o", str(tmp_path / "out"), *FAST]
+    assert run([*args, "-q"]) == 0
+    quiet = capsys.readouterr()
+    assert quiet.out.startswith(f"{query}: volume score ") and len(quiet.out.splitlines()) == 1
+    # The query's qform and sform differ: that warning stays; no progress bar, no note.
+    assert quiet.err and all(line.startswith("warning: ") for line in quiet.err.splitlines()), quiet.err
+    assert "\r" not in quiet.err
+    assert run(args) == 0
+    plain = capsys.readouterr()
+    assert plain.out.split(" (percentile")[0] == quiet.out.split(" (percentile")[0]
+    assert f"note: {query}: replaced the earlier outputs query_* in {tmp_path / 'out'}" in plain.err
+    assert "\r" in plain.err and "debug:" not in plain.err  # tqdm's bar
+    assert run([*args, "-v"]) == 0
+    verbose = capsys.readouterr()
+    assert verbose.out == plain.out
+    assert "debug: settings: Settings(model=" in verbose.err and "debug: model " in verbose.err
+    assert "note: " in verbose.err and f"debug: {query}: read_prepare " in verbose.err
+
+
+def test_quiet_and_verbose_exclude_each_other_and_every_command_has_version():
+    code, _, err, _ = launch(["-m", "himatch_med"], ["run", "x.nii.gz", "--bank", "b", "-q", "-v"])
+    assert code == 2 and "not allowed with argument" in err
+    for argv in (["run", "--version"], ["bank", "build", "--version"], ["screen", "--version"],
+                 ["evaluate", "bmad", "--version"]):
+        code, out, err, heavy = launch(["-m", "himatch_med"], argv)
+        assert (code, out.strip(), heavy) == (0, f"himatch-med {himatch_med.__version__}", []), (argv, err)

@@ -246,3 +246,54 @@ def test_a_run_on_a_stored_bank_takes_its_false_positive_fraction(planted):
     recorded = bank_defaults(folder)
     assert recorded["finding_false_positive_fraction"] == bank.info.findings["false_positive_fraction"]
     assert "findings" not in recorded and "finding_threshold" not in recorded
+
+
+def test_region_peaks_equal_scipys_maximum_per_label():
+    from scipy import ndimage
+
+    from himatch_med.findings import region_peaks
+
+    generator = np.random.default_rng(0)
+    values = generator.normal(size=(30, 20, 10)).astype(np.float32)
+    regions, count = ndimage.label(values > 1.0)
+    assert count > 20
+    expected = np.asarray(ndimage.maximum(values, regions, np.arange(1, count + 1)), dtype=np.float64)
+    np.testing.assert_array_equal(region_peaks(values, regions, count), expected)
+
+
+def _labels_of_the_whole_volume(anomaly, threshold, *, voxel_volume, min_volume, connectivity, extent):
+    """The labelling as it was before the box: the whole volume at once (the reference the box must equal)."""
+    from scipy import ndimage
+
+    from himatch_med.findings import structure
+
+    regions, count = ndimage.label(anomaly > threshold, structure=structure(connectivity))
+    index = np.arange(1, count + 1)
+    peaks = np.asarray(ndimage.maximum(anomaly, regions, index), dtype=np.float64)
+    if extent > 0:
+        floor = np.concatenate([[np.inf], extent * np.maximum(peaks, 0)])
+        regions = np.where(anomaly >= floor[regions], regions, 0)
+    sizes = np.bincount(regions.ravel(), minlength=count + 1)[1:]
+    keep = sizes * voxel_volume >= min_volume * (1 - 1e-9)
+    order = index[keep][np.lexsort((index[keep], -sizes[keep], -peaks[keep]))]
+    lookup = np.zeros(count + 1, dtype=np.int64)
+    lookup[order] = np.arange(1, len(order) + 1)
+    return lookup[regions]
+
+
+@pytest.mark.parametrize("connectivity,extent,min_volume", [(26, 0.0, 0.0), (6, 0.5, 3.0), (18, 0.0, 2.0)])
+def test_labelling_the_box_of_the_voxels_above_equals_labelling_the_whole_volume(connectivity, extent, min_volume):
+    from scipy import ndimage
+
+    generator = np.random.default_rng(3)
+    anomaly = ndimage.gaussian_filter(generator.normal(size=(40, 36, 30)), 1.5).astype(np.float32) * 8
+    anomaly[:5] = anomaly[-4:] = -1  # nothing above near the edges: the box is smaller than the volume
+    anomaly[:, :3] = -1
+    anomaly[20, 20, 20] = anomaly.max()  # a tie of peaks between regions
+    labels = label_findings(anomaly, 1.0, voxel_volume=1.0, min_volume=min_volume, connectivity=connectivity,
+                            extent=extent)
+    expected = _labels_of_the_whole_volume(anomaly, 1.0, voxel_volume=1.0, min_volume=min_volume,
+                                           connectivity=connectivity, extent=extent)
+    assert labels.max() > 5
+    np.testing.assert_array_equal(labels, expected)
+    assert not label_findings(np.zeros((4, 4, 4), np.float32), 1.0, voxel_volume=1.0, min_volume=0.0).any()

@@ -37,6 +37,14 @@ def test_an_output_folder_under_a_file_is_refused_and_a_new_one_is_not(tmp_path)
         preflight.writable(tmp_path / "file" / "out")
 
 
+def test_a_folder_that_refuses_files_is_found_before_the_heavy_imports_even_for_root(tmp_path):
+    # /proc grants root every permission bit but takes no new file: only the probe can tell.
+    with pytest.raises(InputError, match="/proc/out: the output folder cannot be written.*-o"):
+        preflight.writable(Path("/proc/out"))
+    preflight.writable(tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []  # the probe leaves nothing behind
+
+
 def test_a_model_path_that_is_not_a_folder_is_refused(tmp_path):
     preflight.model_folder("facebook/dinov2-base")
     preflight.model_folder(str(tmp_path))

@@ -171,7 +171,10 @@ def test_a_crafted_bank_with_bad_arrays_is_refused_on_open(tiny_bank, tmp_path):
     from himatch_med.errors import InputError
 
     tensors, meta = io.read_bank(tiny_bank)
+    one_bad_centroid = tensors["centroids"].clone()
+    one_bad_centroid[-1, 1, 2, 3] = float("inf")
     for broken in ({**tensors, "cls": torch.full_like(tensors["cls"], float("nan"))},
+                   {**tensors, "centroids": one_bad_centroid},
                    {**tensors, "layout": tensors["layout"][..., :5].contiguous()}):
         with pytest.raises(InputError, match="rebuild"):
             Bank.from_stored(broken, meta, source="crafted")

@@ -73,7 +73,8 @@ def _build(args: argparse.Namespace, settings: Settings) -> int:
         excluded_references(references, exclude)  # a name matching nothing stops before the model loads
     extractor = load_extractor(settings, args.device)
     folder = build_bank_folder(references, args.reference_labels, settings, extractor, args.output,
-                               options=cli.read_options(args), exclude=exclude)
+                               options=cli.read_options(args), progress=cli.progress_shown(args),
+                               exclude=exclude)
     print(f"bank written to {folder}")
     bank = stored_bank(folder)
     if bank.info.excluded:

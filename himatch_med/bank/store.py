@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -114,10 +114,12 @@ def label_for(path: Path, labels: Path) -> Path:
 
 
 def build_bank_folder(references: list[Path], labels: Path | None, settings: Settings, extractor: Extractor,
-                      folder: Path, *, options: ReadOptions | None = None, exclude: list[str] | None = None) -> Path:
+                      folder: Path, *, options: ReadOptions | None = None, progress: bool = True,
+                      exclude: list[str] | None = None) -> Path:
     """Build a bank from reference files and write it to ``folder``; skipped references are warned about.
 
-    ``exclude``: references to leave out (:func:`excluded_references`), recorded in the bank.
+    ``progress``: show a progress bar over the slices (stderr). ``exclude``: references to leave out
+    (:func:`excluded_references`), recorded in the bank.
     """
     from tqdm.auto import tqdm
 
@@ -135,7 +137,7 @@ def build_bank_folder(references: list[Path], labels: Path | None, settings: Set
     jobs.check_outside_references(folder, references)
     warnings: list[str] = [f"left out {path}: a himatch-med output, not a reference" for path in left_out]
     jobs.check_output_folder(folder.parent, [])
-    bar = tqdm(total=None, unit="slice", desc="building bank", leave=False)
+    bar = tqdm(total=None, unit="slice", desc="building bank", leave=False, disable=not progress)
     started = time.perf_counter()
     try:
         bank = build_bank(extractor, reference_volumes(references, labels, settings, options, warnings.append),
@@ -153,7 +155,7 @@ def build_bank_folder(references: list[Path], labels: Path | None, settings: Set
     finally:
         bar.close()
     for warning in warnings:
-        print(f"warning: {warning}", file=sys.stderr)
+        logging.getLogger("himatch_med").warning("%s", warning)
     check = check_record(check_references(bank, outlier_z=settings.reference_outlier_z))
     bank = replace(bank, info=replace(bank.info, created_by=f"himatch-med {__version__}", warnings=tuple(warnings),
                                       build_seconds=round(time.perf_counter() - started, 2),
@@ -181,7 +183,7 @@ def reference_memory(references: list[Path], labels: Path | None, settings: Sett
 
 
 def cached_bank(references: list[Path], labels: Path | None, settings: Settings, extractor: Extractor,
-                cache: Path | None, *, options: ReadOptions | None = None) -> Bank:
+                cache: Path | None, *, options: ReadOptions | None = None, progress: bool = True) -> Bank:
     """The bank of these references and settings, built on first use and reused from the cache afterwards."""
     files = jobs.expand_inputs(references)
     key = _cache_key(files, labels, settings, extractor)
@@ -194,7 +196,7 @@ def cached_bank(references: list[Path], labels: Path | None, settings: Settings,
                          "and pass it with --bank") from error
     folder = cache / key
     if not (folder / io.BANK_META).exists():
-        build_bank_folder(files, labels, settings, extractor, folder, options=options)
+        build_bank_folder(files, labels, settings, extractor, folder, options=options, progress=progress)
     return open_bank(folder, settings, extractor)
 
 
