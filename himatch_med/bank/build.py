@@ -10,7 +10,7 @@ files through :class:`himatch_med.io.Spill`; reading the references and storing 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -200,6 +200,21 @@ def build_bank(extractor: Extractor, references: Iterable[tuple[str, Prepared]],
     with timer("calibration"):
         return calibrate_bank(bank, builder.samples, settings, extractor.patch_size, device)
 
+
+
+def build_planes(extractor: Extractor, references: Callable[[Settings], Iterable[tuple[str, Prepared]]],
+                 settings: Settings, progress: Progress | None = None, timer: Timer = NO_TIMER) -> Bank:
+    """:func:`build_bank` for ``settings.axis``, holding one more bank per other plane of ``settings.planes``.
+
+    Args:
+        references: the references prepared with the settings it is given (whose ``axis`` is the plane to cut):
+            each other plane reads the same files again, cut along it, and gets its own calibration.
+        extractor, settings, progress, timer: as in :func:`build_bank`.
+    """
+    bank = build_bank(extractor, references(settings), settings, progress=progress, timer=timer)
+    planes = [replace(settings, axis=plane) for plane in settings.planes if plane != settings.axis]
+    others = tuple(build_bank(extractor, references(plane), plane, progress=progress, timer=timer) for plane in planes)
+    return replace(bank, others=others)
 
 def calibrate_bank(bank: Bank, samples: list[Sample], settings: Settings, patch_size: int,
                    device: torch.device) -> Bank:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from himatch_med import __version__, io, jobs
-from himatch_med.bank.build import Sample, bank_settings, build_bank, calibrate_bank
+from himatch_med.bank.build import Sample, bank_settings, build_planes, calibrate_bank
 from himatch_med.bank.check import check_record, check_references
 from himatch_med.bank.data import STORAGE_DTYPE, Bank
 from himatch_med.config import ReadOptions, Settings
@@ -140,14 +140,10 @@ def build_bank_folder(references: list[Path], labels: Path | None, settings: Set
     bar = tqdm(total=None, unit="slice", desc="building bank", leave=False, disable=not progress)
     started = time.perf_counter()
     try:
-        bank = build_bank(extractor, reference_volumes(references, labels, settings, options, warnings.append),
-                          settings, progress=bar.update)
-        # Tri-planar: each other plane's references from the same files, cut along it, with its own calibration.
-        others = tuple(build_bank(extractor, reference_volumes(references, labels, replace(settings, axis=plane),
-                                                               options), replace(settings, axis=plane),
-                                  progress=bar.update)
-                       for plane in settings.planes if plane != settings.axis)
-        bank = replace(bank, others=others)
+        # Skipped references and notes are reported once, from the plane the outputs show.
+        bank = build_planes(extractor, lambda plane: reference_volumes(
+            references, labels, plane, options, warnings.append if plane is settings else None), settings,
+            progress=bar.update)
     except InputError as error:
         if warnings:
             raise InputError(f"{error}. Skipped references:\n  " + "\n  ".join(warnings)) from error
