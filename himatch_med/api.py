@@ -35,7 +35,7 @@ import nibabel as nib
 import numpy as np
 
 from himatch_med import cli, io, jobs, preflight
-from himatch_med.bank.build import build_bank
+from himatch_med.bank.build import build_planes
 from himatch_med.bank.store import build_bank_folder, open_bank, reference_volumes
 from himatch_med.config import ReadOptions, Settings
 from himatch_med.detect import Detector, load_extractor
@@ -117,7 +117,8 @@ def build_detector(references: list[str | Path] | str | Path, *, output: str | P
     files, left_out = jobs.split_outputs(files)
     for path in left_out:
         logger.warning("left out %s: a himatch-med output, not a reference", path)
-    bank = build_bank(extractor, reference_volumes(files, labels, chosen, options, logger.warning), chosen)
+    bank = build_planes(extractor, lambda plane: reference_volumes(
+        files, labels, plane, options, logger.warning if plane is chosen else None), chosen)
     return Detector(extractor, bank, chosen)
 
 

@@ -19,7 +19,7 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 
 from himatch_med import __version__
-from himatch_med.config import NAN_POLICIES, ReadOptions, Settings
+from himatch_med.config import AXES, NAN_POLICIES, ReadOptions, Settings
 
 LOGGER = logging.getLogger("himatch_med")
 """The package's logger: warnings and notes of the library and of the commands."""
@@ -70,7 +70,12 @@ def add_settings(parser: argparse.ArgumentParser, several: tuple[str, ...] = ())
         shown = "modality default" if default is None else ("4 evenly spaced" if default == () else default)
         help_text = f"{f.metadata['help']} (default: {shown})"
         many = f.name in several
-        if f.name == "stages":
+        if f.name == "planes":
+            group.add_argument(option, nargs="+", default=None, metavar="PLANE", choices=(*AXES, "all"),
+                               action="append" if many else "store",
+                               help=f"{f.metadata['help']} (default: --axis only)"
+                               + ("; repeat the option for several sets" if many else ""))
+        elif f.name == "stages":
             group.add_argument(option, type=int, nargs="+", default=None, metavar="BLOCK",
                                action="append" if many else "store",
                                help=help_text + ("; repeat the option for several sets" if many else ""))
@@ -91,8 +96,9 @@ def settings_from(args: argparse.Namespace) -> Settings:
     chosen = {f.name: getattr(args, f.name) for f in fields(Settings) if getattr(args, f.name) is not None}
     if getattr(args, "bank", None) is not None:
         chosen = {**bank_defaults(args.bank), **chosen}
-    if "stages" in chosen:
-        chosen["stages"] = tuple(chosen["stages"])
+    for name in ("stages", "planes"):
+        if name in chosen:
+            chosen[name] = tuple(chosen[name])
     return Settings(**chosen).resolved()
 
 
@@ -164,7 +170,11 @@ def check_early(args: argparse.Namespace, settings: Settings) -> None:
     these settings, ``--references`` exist, ``--reference-labels`` names labels in one of its forms.
     """
     from himatch_med import preflight
+    from himatch_med.errors import InputError
 
+    if settings.method != "himatch":
+        raise InputError(f"--method {settings.method} is a baseline for comparison, evaluated beside HiMatch-AD: "
+                         f"himatch-med evaluate ... --method himatch {settings.method}")
     preflight.model_folder(settings.model)
     if getattr(args, "bank", None) is not None:
         preflight.bank_fits(args.bank, settings)

@@ -36,8 +36,13 @@ FULL_FIELD = 0.98
 """A foreground covering this share of the field of view is noted as suspicious for MRI and CT."""
 AXES = ("axial", "coronal", "sagittal")
 FUSIONS = ("uncertainty", "mean", "max", "last")
+METHODS = ("himatch", "anomalydino", "dino-ad")
+"""``himatch``: this package's method (docs/method.md); ``anomalydino`` and ``dino-ad``: the published baselines on the
+same backbone features (:mod:`himatch_med.baselines`)."""
 NAN_POLICIES = ("refuse", "zero")
 FINDING_CONNECTIVITIES = (6, 18, 26)
+REFERENCE_CHECK_MIN_VOLUMES = 5
+"""The reference check flags nothing with fewer calibration volumes: a median and its spread need a few."""
 PRECISIONS = ("auto", "float32", "bfloat16")
 
 # Per-modality defaults for the settings left at ``None``. Preprocessed MRI has a constant background, but not always
@@ -59,14 +64,19 @@ FLAGS = {
     "speed": "changes speed and memory only, never a result",
     "findings": "changes only the findings (the bank records what its default finding threshold is computed from), "
                 "never a bank or a map",
+    "baseline": "chooses or tunes a baseline (--method); never changes a bank, and HiMatch-AD ignores the tuning",
+    "check": "changes only the check of the references (`bank check`, and its section of `bank build`'s output), "
+             "never a bank or a map",
 }
 """What each flag of a setting means."""
 
 
 def _setting(default, help: str, choices=None, *, bank: bool = False, calibrated: bool = False,  # noqa: A002
-             built: bool = False, speed: bool = False, findings: bool = False):
+             built: bool = False, speed: bool = False, findings: bool = False, check: bool = False,
+             baseline: bool = False):
     return field(default=default, metadata={"help": help, "choices": choices, "bank": bank, "calibrated": calibrated,
-                                            "built": built, "speed": speed, "findings": findings})
+                                            "built": built, "speed": speed, "findings": findings, "check": check,
+                                            "baseline": baseline})
 
 
 @dataclass(frozen=True)
@@ -88,6 +98,10 @@ class Settings:
     stages: tuple[int, ...] = _setting((), "transformer blocks (1-based) whose patch tokens are matched; empty: "
                                        "4 evenly spaced ending at the last", bank=True)
     axis: str = _setting("axial", "slice axis in RAS: axial, coronal or sagittal", AXES, bank=True, built=True)
+    planes: tuple[str, ...] = _setting((), "tri-planar detection: the slice planes scored, each against references "
+                                       "of its own plane, and fused (axial coronal sagittal, or all); every plane's "
+                                       "slices go to the backbone at their physical aspect; empty: --axis only",
+                                       bank=True, built=True)
     foreground: str | None = _setting(None, "foreground mode: border (all but the constant value filling the "
                                       "volume's border; Otsu when there is none), nonzero, body (CT > -500 HU), otsu, "
                                       "all; empty: the modality's default (mri border, ct body, oct otsu)",
@@ -111,6 +125,14 @@ class Settings:
     smoothing_sigma: float = _setting(4.0, "Gaussian smoothing of the maps, in backbone-image pixels", calibrated=True)
     top_fraction: float = _setting(0.01, "slice/volume score = mean of this top fraction of foreground values",
                                    calibrated=True)
+    # Baselines (issue 15): the published methods on the same backbone features, for comparison.
+    method: str = _setting("himatch", "himatch (this method), or a baseline on the same features: anomalydino "
+                           "(nearest reference patch, last stage, no retrieval, clustering, calibration or fusion; "
+                           "maps and scores in cosine distance) or dino-ad (one support slice by CLS similarity, "
+                           "distance to its k-means centroids, last stage)", METHODS, baseline=True)
+    memory_patches: int = _setting(65536, "anomalydino: the reference patches it matches against; a seeded random "
+                                   "subset of the references' foreground patches of the last stage when they are "
+                                   "more", baseline=True)
     # Findings (issue 13): connected regions of the fused map above the finding threshold.
     finding_false_positive_fraction: float = _setting(
         1e-4, "the default finding threshold is the fused-map value that this share of the normal references' "
@@ -140,6 +162,11 @@ class Settings:
                                               "each bank subset of the spread is calibrated with", built=True)
     spread_slices: int = _setting(8, "the spread is estimated on this many of the volume's most anomalous slices "
                                   "(where its top voxels are), run again against each bank subset")
+    # Reference check (issue 15): a reference volume that scores far above the others against them is suspect.
+    reference_outlier_z: float = _setting(
+        3.5, "a reference volume is flagged when its leave-own-volume-out score lies this many robust standard "
+        "deviations (1.4826 x the median absolute deviation of the calibration volumes' scores) above their median",
+        check=True)
     seed: int = _setting(0, "seed of every random choice (k-means, calibration sample)", built=True)
     batch_size: int = _setting(16, "slices per backbone batch", speed=True)
     precision: str = _setting("auto", "arithmetic of the backbone: bfloat16 (about twice as fast where the device has "
@@ -154,7 +181,7 @@ class Settings:
             if choices and value is not None and value not in choices:
                 raise ValueError(f"{f.name}={value!r} is not one of {', '.join(map(str, choices))}")
         for name in ("image_size", "layout_cells", "centroids", "kmeans_iterations", "references_k", "batch_size",
-                     "chunk_size", "calibration_slices", "spread_slices",
+                     "chunk_size", "calibration_slices", "memory_patches", "spread_slices",
                      "spread_calibration_slices"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
@@ -173,6 +200,9 @@ class Settings:
         if self.percentile_error <= 0 or self.spread_replicates < 0:
             raise ValueError(f"percentile_error={self.percentile_error} must be positive and spread_replicates="
                              f"{self.spread_replicates} not negative")
+        if not self.reference_outlier_z > 0:
+            raise ValueError(f"reference_outlier_z={self.reference_outlier_z} must be positive (3.5 is the usual "
+                             "modified z-score cut)")
         if self.temperature <= 0:
             raise ValueError(f"temperature={self.temperature} must be positive")
         if self.smoothing_sigma < 0:
@@ -181,6 +211,16 @@ class Settings:
             raise ValueError(f"stages={self.stages}: blocks are numbered from 1")
         # One order for a set of stages: a bank and its queries compare them as recorded.
         object.__setattr__(self, "stages", tuple(sorted(set(self.stages))))
+        planes = AXES if "all" in self.planes else tuple(self.planes)
+        unknown = [p for p in planes if p not in AXES]
+        if unknown:
+            raise ValueError(f"planes={self.planes}: {unknown[0]!r} is not one of {', '.join(AXES)} or all")
+        planes = tuple(p for p in AXES if p in planes)
+        if planes and self.axis not in planes:
+            raise ValueError(f"planes={planes} leaves out axis={self.axis!r}, the plane whose slices the outputs "
+                             f"show; add it, or pass --axis {planes[0]}")
+        # One plane is the plane of --axis: the default path, exactly.
+        object.__setattr__(self, "planes", () if planes == (self.axis,) else planes)
 
     def resolved(self) -> Settings:
         """The same settings with the modality's defaults filled in for those left at ``None``."""
@@ -201,7 +241,8 @@ class Settings:
 
     def calibration_fields(self) -> dict:
         """The settings a bank records with its calibration: those it depends on and those fixed at building."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata["calibrated"] or f.metadata["built"]}
+        return {f.name: list(value) if isinstance(value := getattr(self, f.name), tuple) else value
+                for f in fields(self) if f.metadata["calibrated"] or f.metadata["built"]}
 
     def results_fields(self) -> dict:
         """Every setting that can change a result (all but the ``speed`` ones), as plain values."""

@@ -13,13 +13,20 @@ from dataclasses import dataclass, replace
 import torch
 
 from himatch_med.bank.data import Bank
+from himatch_med.baselines import (
+    centroid_distances,
+    nearest_patch_distances,
+    patch_scores,
+    sample_patches,
+    support_slices,
+)
 from himatch_med.config import Settings
 from himatch_med.errors import InputError
 from himatch_med.features import Extractor, Features, describe
 from himatch_med.fusion import calibrate, fuse, stage_uncertainty
 from himatch_med.matching import reference_distances
 from himatch_med.retrieval import retrieve
-from himatch_med.scoring import percentile, slice_scores, sliver_slices, volume_score
+from himatch_med.scoring import percentile, slice_scores, sliver_slices, top_mean, volume_score
 from himatch_med.timing import NO_TIMER, Timer
 from himatch_med.transforms import (
     foreground_mask,
@@ -39,7 +46,9 @@ class Prepared:
 
     ``slices`` (S, H, W) in [0, 1]; ``foreground`` (S, H, W); ``scored`` (S,) slices with enough foreground;
     ``positions`` (S,) relative positions along the foreground; ``axis`` the canonical slice axis; ``notes`` what a
-    user should know about how the foreground was found.
+    user should know about how the foreground was found; ``pixel_aspect``: row over column spacing of the slices, by
+    which they are stretched on their way to the backbone (1 unless tri-planar); ``others``: the same volume cut
+    along the other planes of tri-planar detection (``settings.planes``).
     """
 
     slices: torch.Tensor
@@ -48,6 +57,8 @@ class Prepared:
     positions: torch.Tensor
     axis: int
     notes: tuple[str, ...] = ()
+    pixel_aspect: float = 1.0
+    others: tuple[Prepared, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -59,7 +70,9 @@ class Detection:
     volume); ``slice_scores`` and ``slice_percentiles`` (S,); ``scored`` (S,) the slices that were scored;
     ``volume_score`` and ``volume_percentile``; ``slivers`` (S,) the scored slices too small to rank or count in the
     volume score (:func:`himatch_med.scoring.sliver_slices`); ``replicate_scores`` the volume score against each of
-    the bank's subsets (:attr:`himatch_med.bank.data.Bank.replicates`; empty without them).
+    the bank's subsets (:attr:`himatch_med.bank.data.Bank.replicates`; empty without them); ``planes``: with
+    tri-planar detection, each plane's own canonical anomaly map ``(X, Y, Z)`` by plane name, before their fusion
+    into ``anomaly``.
     """
 
     anomaly: torch.Tensor
@@ -72,6 +85,7 @@ class Detection:
     volume_percentile: float
     slivers: torch.Tensor | None = None
     replicate_scores: tuple[float, ...] = ()
+    planes: dict[str, torch.Tensor] | None = None
 
     def canonical(self, name: str) -> torch.Tensor:
         """The map ``name`` (``anomaly`` or ``uncertainty``) as a canonical volume ``(X, Y, Z)``."""
@@ -81,15 +95,17 @@ class Detection:
 
 
 def prepare(canonical: torch.Tensor, settings: Settings, *, foreground: torch.Tensor | None = None,
-            excluded: torch.Tensor | None = None) -> Prepared:
+            excluded: torch.Tensor | None = None, spacing: tuple[float, float, float] | None = None) -> Prepared:
     """Scale intensities, find the foreground and cut a canonical volume ``(X, Y, Z)`` into slices.
 
     Args:
         canonical: raw intensities of the canonical volume.
-        settings: resolved settings (modality, window, foreground, axis, min_foreground).
+        settings: resolved settings (modality, window, foreground, axis, planes, min_foreground).
         foreground: a given foreground mask (overrides the foreground mode).
         excluded: voxels whose slices must not be scored nor used as references (lesion labels of annotated
             reference volumes).
+        spacing: the canonical voxel sizes in mm; with ``settings.planes``, each plane's slices are stretched to
+            their physical aspect on their way to the backbone (``None``: isotropic).
     """
     if foreground is not None:
         mask, notes = foreground, ()
@@ -98,12 +114,25 @@ def prepare(canonical: torch.Tensor, settings: Settings, *, foreground: torch.Te
         notes = foreground_notes(canonical, mask, mode=settings.foreground, modality=settings.modality)
     scaled = scale_intensity(canonical, mask, modality=settings.modality, window=settings.window,
                              intensity=settings.intensity)
-    axis = AXIS_INDEX[settings.axis]
-    slices, fg = to_slices(scaled, axis), to_slices(mask.bool(), axis)
-    scored = fg.flatten(1).float().mean(dim=1) >= max(settings.min_foreground, 1e-9)
-    if excluded is not None:
-        scored &= ~to_slices(excluded.bool(), axis).flatten(1).any(dim=1)
-    return Prepared(slices, fg, scored, relative_positions(fg.flatten(1).any(dim=1)), axis, notes)
+    if settings.planes and min(canonical.shape) < 2:
+        raise InputError(f"--planes {' '.join(settings.planes)}: a volume of shape {tuple(canonical.shape)} has no "
+                         "other plane to cut (a 2D image); leave --planes out")
+
+    def cut(plane: str) -> Prepared:
+        axis = AXIS_INDEX[plane]
+        slices, fg = to_slices(scaled, axis), to_slices(mask.bool(), axis)
+        scored = fg.flatten(1).float().mean(dim=1) >= max(settings.min_foreground, 1e-9)
+        if excluded is not None:
+            scored &= ~to_slices(excluded.bool(), axis).flatten(1).any(dim=1)
+        aspect = 1.0
+        if settings.planes and spacing is not None:
+            columns, rows = (a for a in range(3) if a != axis)  # to_slices puts the higher axis on the rows
+            aspect = float(spacing[rows]) / float(spacing[columns])
+        return Prepared(slices, fg, scored, relative_positions(fg.flatten(1).any(dim=1)), axis, notes, aspect)
+
+    prepared = cut(settings.axis)
+    others = tuple(cut(plane) for plane in settings.planes if plane != settings.axis)
+    return replace(prepared, others=others) if others else prepared
 
 
 def batches(extractor: Extractor, prepared: Prepared, settings: Settings, device: torch.device,
@@ -113,7 +142,8 @@ def batches(extractor: Extractor, prepared: Prepared, settings: Settings, device
     Slices whose patch grid holds no foreground patch (a sliver of foreground) are left out.
     """
     height, width = prepared.slices.shape[1:]
-    size = backbone_size(height, width, image_size=settings.image_size, patch_size=extractor.patch_size)
+    size = backbone_size(height * prepared.pixel_aspect, width, image_size=settings.image_size,
+                         patch_size=extractor.patch_size)
     grid = (size[0] // extractor.patch_size, size[1] // extractor.patch_size)
     indices = torch.nonzero(prepared.scored).flatten()
     for part in indices.split(settings.batch_size):
@@ -144,7 +174,8 @@ def reference_batches(extractor: Extractor, references: Iterable[tuple[str, Prep
 
     def flush():
         height, width = pending[0][2].slices.shape[1:]
-        size = backbone_size(height, width, image_size=settings.image_size, patch_size=extractor.patch_size)
+        size = backbone_size(height * pending[0][2].pixel_aspect, width, image_size=settings.image_size,
+                             patch_size=extractor.patch_size)
         grid = (size[0] // extractor.patch_size, size[1] // extractor.patch_size)
         pieces, patches, images = [], [], []
         with timer("preprocess"):
@@ -166,7 +197,8 @@ def reference_batches(extractor: Extractor, references: Iterable[tuple[str, Prep
 
     count = 0
     for number, (source, prepared) in enumerate(references):
-        if pending and pending[0][2].slices.shape[1:] != prepared.slices.shape[1:]:
+        if pending and (pending[0][2].slices.shape[1:], pending[0][2].pixel_aspect) != (prepared.slices.shape[1:],
+                                                                                         prepared.pixel_aspect):
             if (batch := flush()) is not None:
                 yield batch
             count = 0
@@ -228,16 +260,74 @@ def fused_maps(stage_maps: torch.Tensor, per_reference: torch.Tensor, bank: Bank
                 mode=settings.fusion, temperature=settings.temperature)
 
 
+def reference_patches(extractor: Extractor, references: Iterable[tuple[str, Prepared]], settings: Settings,
+                      device: torch.device, progress: Progress | None = None) -> torch.Tensor:
+    """AnomalyDINO's memory: the last stage's foreground patches of the references, at most ``memory_patches``.
+
+    When the references hold more, a uniform random subset is kept (:func:`himatch_med.baselines.sample_patches`);
+    each slice's keys come from a generator seeded by ``seed`` and the slice's place in the references, so the
+    subset does not depend on the batch size.
+
+    Returns:
+        Unit-norm patches ``(M, D)`` on ``device``, float32.
+    """
+    kept, keys = None, None
+    number = 0
+    for features, patches, _ in reference_batches(extractor, references, settings, device):
+        grid = features.grids[-1].float()
+        if kept is None:
+            kept = grid.new_zeros((0, grid.shape[-1]))
+            keys = torch.zeros(0, dtype=torch.float64)
+        for row in range(len(grid)):
+            generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + number)
+            found = grid[row][patches[row]]
+            kept, keys = sample_patches(kept, keys, found, torch.rand(len(found), generator=generator,
+                                                                       dtype=torch.float64),
+                                        settings.memory_patches)
+            number += 1
+        if progress:
+            progress(len(grid))
+    if kept is None or not len(kept):
+        raise InputError("no reference slice with foreground for the anomalydino memory; check the references")
+    return kept
+
+
+def baseline_maps(features: Features, patches: torch.Tensor, bank: Bank, settings: Settings,
+                  memory: torch.Tensor | None, timer: Timer = NO_TIMER) -> torch.Tensor:
+    """Patch maps ``(B, h, w)`` of a baseline (``settings.method``), in cosine distance, on the last stage.
+
+    ``memory``: the references' patches for ``anomalydino`` (:func:`reference_patches`).
+    """
+    grid = features.grids[-1].float()
+    with timer("matching"):
+        if settings.method == "anomalydino":
+            if memory is None:
+                raise ValueError("method='anomalydino' needs the references' patches: pass memory="
+                                 "reference_patches(...) to the Detector")
+            return nearest_patch_distances(grid, memory, chunk=settings.chunk_size)
+        if settings.method == "dino-ad":
+            support = support_slices(features.cls, bank.cls, chunk=settings.chunk_size)
+            centroids = bank.centroids[support.to(bank.centroids.device), -1]
+            return centroid_distances(grid, centroids.to(grid.device, torch.float32))
+    raise ValueError(f"method={settings.method!r} is not a baseline; choose anomalydino or dino-ad")
+
+
 def fill_background(maps: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
     """Patch maps ``(B, h, w)`` with background patches set to their slice's foreground minimum."""
     low = maps.masked_fill(~patches, torch.inf).flatten(1).amin(dim=1)
     return torch.where(patches, maps, low[:, None, None])
 
 
-def slice_sigma(settings: Settings, height: int, width: int, patch_size: int) -> float:
-    """The smoothing sigma in slice pixels (the setting is in backbone-image pixels)."""
-    size = backbone_size(height, width, image_size=settings.image_size, patch_size=patch_size)
-    return settings.smoothing_sigma * height / size[0]
+def slice_sigma(settings: Settings, height: int, width: int, patch_size: int, aspect: float = 1.0) -> float:
+    """The smoothing sigma in slice pixels (the setting is in backbone-image pixels).
+
+    With a ``pixel_aspect`` other than 1 the slice is stretched unequally; the sigma follows its columns (the finer
+    direction when the rows are coarse, as in a coronal cut of thick axial slices), so the maps are not over-smoothed.
+    """
+    size = backbone_size(height * aspect, width, image_size=settings.image_size, patch_size=patch_size)
+    if aspect == 1.0:
+        return settings.smoothing_sigma * height / size[0]
+    return settings.smoothing_sigma * width / size[1]
 
 
 def slice_maps(maps: list[torch.Tensor | None], size: tuple[int, int], sigma: float, chunk: int = 64
@@ -271,6 +361,8 @@ class Detector:
     extractor: Extractor
     bank: Bank
     settings: Settings
+    memory: torch.Tensor | None = None
+    """AnomalyDINO's reference patches (:func:`reference_patches`), for ``method="anomalydino"`` only."""
 
     @property
     def device(self) -> torch.device:
@@ -282,9 +374,9 @@ class Detector:
         """The features of a prepared volume's scored slices, batch by batch (see :func:`batches`)."""
         return batches(self.extractor, prepared, self.settings, self.device, timer)
 
-    def with_bank(self, bank: Bank, settings: Settings) -> Detector:
-        """The same extractor with another bank and settings (an evaluation row)."""
-        return replace(self, bank=bank, settings=settings)
+    def with_bank(self, bank: Bank, settings: Settings, memory: torch.Tensor | None = None) -> Detector:
+        """The same extractor with another bank and settings (an evaluation row), and AnomalyDINO's memory."""
+        return replace(self, bank=bank, settings=settings, memory=memory)
 
     def detect(self, prepared: Prepared, *, progress: Progress | None = None,
                computed: Iterable[tuple[torch.Tensor, Features, torch.Tensor]] | None = None,
@@ -299,47 +391,71 @@ class Detector:
                 otherwise.
             timer: charged with the time of each phase (benchmarks).
         """
+        if prepared.others:
+            return self._detect_planes(prepared, progress=progress, computed=computed, timer=timer)
         bank, settings = self.bank, self.settings
         count, height, width = prepared.slices.shape
         grid_maps: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        baseline = settings.method != "himatch"
+        patch_values: dict[int, tuple[float, torch.Tensor]] = {}  # baselines score on their patch distances
         pending = computed if computed is not None else self.batches(prepared, timer)
         # A volume of no more slices than the spread uses (a 2D image) keeps its features for it: no second pass.
         kept: list[tuple[torch.Tensor, Features, torch.Tensor]] | None = \
             [] if int(prepared.scored.sum()) <= settings.spread_slices else None
         for part, features, patches in pending:
-            if kept is not None:
-                kept.append((part, features, patches))
-            stage_maps, per_reference = stage_distances(features, bank, settings, prepared.positions[part],
-                                                        timer=timer)
-            with timer("fusion"):
-                anomaly, uncertainty = fused_maps(stage_maps, per_reference, bank, settings)
-                anomaly, uncertainty = fill_background(anomaly, patches), fill_background(uncertainty, patches)
+            if baseline:
+                anomaly = baseline_maps(features, patches, bank, settings, self.memory, timer)
+                uncertainty = torch.zeros_like(anomaly)
+                scores = patch_scores(anomaly, patches, settings.top_fraction)
                 for row, index in enumerate(part.tolist()):
-                    grid_maps[index] = (anomaly[row], uncertainty[row])
+                    patch_values[index] = (float(scores[row]), anomaly[row][patches[row]])
+                anomaly = fill_background(anomaly, patches)
+            else:
+                if kept is not None:
+                    kept.append((part, features, patches))
+                stage_maps, per_reference = stage_distances(features, bank, settings, prepared.positions[part],
+                                                            timer=timer)
+                with timer("fusion"):
+                    anomaly, uncertainty = fused_maps(stage_maps, per_reference, bank, settings)
+                    anomaly, uncertainty = fill_background(anomaly, patches), fill_background(uncertainty, patches)
+            for row, index in enumerate(part.tolist()):
+                grid_maps[index] = (anomaly[row], uncertainty[row])
             if progress:
                 progress(len(part))
         with timer("resample"):
             scored = torch.zeros(count, dtype=torch.bool)
             scored[list(grid_maps)] = True
-            sigma = slice_sigma(settings, height, width, self.extractor.patch_size)
+            sigma = slice_sigma(settings, height, width, self.extractor.patch_size, prepared.pixel_aspect)
             anomaly = slice_maps([grid_maps.get(i, (None, None))[0] for i in range(count)], (height, width), sigma)
             uncertainty = slice_maps([grid_maps.get(i, (None, None))[1] for i in range(count)], (height, width),
                                      sigma)
             foreground = prepared.foreground.to(anomaly.device)
-            scores = slice_scores(anomaly, foreground, scored.to(anomaly.device), settings.top_fraction).cpu()
-            slivers = sliver_slices(prepared.foreground, scored, settings.sliver_area).cpu()
-            ranked = scored & ~slivers
-            score = volume_score(anomaly, foreground, ranked.to(anomaly.device), settings.top_fraction) \
-                if scored.any() else 0.0
+            if baseline:
+                scores = torch.zeros(count)
+                for index, (value, _) in patch_values.items():
+                    scores[index] = value
+                score = float(top_mean(torch.cat([v for _, v in patch_values.values()]), settings.top_fraction)) \
+                    if patch_values else 0.0
+            else:
+                scores = slice_scores(anomaly, foreground, scored.to(anomaly.device), settings.top_fraction).cpu()
+                slivers = sliver_slices(prepared.foreground, scored, settings.sliver_area).cpu()
+                ranked = scored & ~slivers
+                score = volume_score(anomaly, foreground, ranked.to(anomaly.device), settings.top_fraction) \
+                    if scored.any() else 0.0
             anomaly, uncertainty = anomaly.cpu(), uncertainty.cpu()
-        with timer("spread"):
-            replicate_scores = self.subset_scores(prepared, score, scores, ranked, sigma, computed is not None,
-                                                  kept=kept)
+        replicate_scores = ()
+        if not baseline:
+            with timer("spread"):
+                replicate_scores = self.subset_scores(prepared, score, scores, ranked, sigma, computed is not None,
+                                                      kept=kept)
+        # A baseline's distances are not in the calibration's units: no percentile.
+        calibration = (torch.zeros(0), torch.zeros(0)) if baseline else (bank.calibration_slice_scores,
+                                                                          bank.calibration_volume_scores)
         return Detection(
             anomaly=anomaly, uncertainty=uncertainty, axis=prepared.axis, slice_scores=scores,
-            slice_percentiles=percentile(scores, bank.calibration_slice_scores), scored=scored, volume_score=score,
-            volume_percentile=float(percentile(torch.tensor([score]), bank.calibration_volume_scores)[0]),
-            slivers=slivers, replicate_scores=replicate_scores)
+            slice_percentiles=percentile(scores, calibration[0]), scored=scored, volume_score=score,
+            volume_percentile=float(percentile(torch.tensor([score]), calibration[1])[0]),
+            slivers=None if baseline else slivers, replicate_scores=replicate_scores)
 
     def subsets(self) -> list[tuple[torch.Tensor | None, Bank]]:
         """The bank subsets a volume score is recomputed against: ``(rows it may retrieve, bank calibrated so)``.
@@ -418,6 +534,49 @@ def _chosen(batches: list[tuple[torch.Tensor, Features, torch.Tensor]], chosen: 
             where = rows.to(features.cls.device)
             yield part[rows], Features(features.cls[where], features.layout[where],
                                        tuple(grid[where] for grid in features.grids)), patches[where]
+
+    def _detect_planes(self, prepared: Prepared, *, progress: Progress | None,
+                       computed: Iterable[tuple[torch.Tensor, Features, torch.Tensor]] | None,
+                       timer: Timer) -> Detection:
+        """Tri-planar detection: each plane against its own references, the canonical maps fused as the stages are.
+
+        The planes' maps ``(P, X, Y, Z)`` (the outputs' plane last, so that ``fusion="last"`` keeps it alone) are
+        fused with ``settings.fusion``: with ``uncertainty``, a plane whose references disagree at a voxel counts
+        less there. Scores are those of the fused map on the outputs' plane; their percentiles are against that
+        plane's calibration (the fused map's own is not calibrated, so they are approximate).
+        """
+        settings = self.settings
+        if settings.method != "himatch":
+            raise ValueError(f"method={settings.method!r} scores one plane; leave --planes out for a baseline")
+        names = {index: name for name, index in AXIS_INDEX.items()}
+        maps: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for other in prepared.others:
+            plane = names[other.axis]
+            # Progress counts the outputs' plane (its slices are the total); the others take as long again each.
+            # No spread for the planes: theirs would not be the fused score's.
+            found = replace(self, bank=self.bank.of_plane(plane),
+                            settings=replace(settings, axis=plane, spread_replicates=0)).detect(other, timer=timer)
+            maps[plane] = (found.canonical("anomaly"), found.canonical("uncertainty"))
+        own = replace(self, settings=replace(settings, spread_replicates=0)).detect(
+            replace(prepared, others=()), progress=progress, computed=computed, timer=timer)
+        maps[names[prepared.axis]] = (own.canonical("anomaly"), own.canonical("uncertainty"))
+        with timer("fusion"):
+            anomaly, uncertainty = fuse(torch.stack([a for a, _ in maps.values()]),
+                                        torch.stack([u for _, u in maps.values()]), mode=settings.fusion,
+                                        temperature=settings.temperature)
+            anomaly, uncertainty = to_slices(anomaly, prepared.axis), to_slices(uncertainty, prepared.axis)
+            foreground, scored = prepared.foreground, own.scored
+            scores = slice_scores(anomaly, foreground, scored, settings.top_fraction)
+            slivers = own.slivers if own.slivers is not None else torch.zeros_like(scored)
+            score = volume_score(anomaly, foreground, scored & ~slivers, settings.top_fraction) \
+                if scored.any() else 0.0
+        bank = self.bank
+        return Detection(
+            anomaly=anomaly.contiguous(), uncertainty=uncertainty.contiguous(), axis=prepared.axis,
+            slice_scores=scores, slice_percentiles=percentile(scores, bank.calibration_slice_scores), scored=scored,
+            volume_score=score,
+            volume_percentile=float(percentile(torch.tensor([score]), bank.calibration_volume_scores)[0]),
+            planes={plane: anomaly_map for plane, (anomaly_map, _) in maps.items()}, slivers=slivers)
 
 
 def device_of(name: str) -> torch.device:

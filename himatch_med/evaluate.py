@@ -21,7 +21,7 @@ from pathlib import Path
 
 from himatch_med import cli
 
-SEVERAL = ("stages", "fusion", "references_k", "cls_weight")
+SEVERAL = ("stages", "planes", "method", "fusion", "references_k", "cls_weight")
 
 
 def parser() -> argparse.ArgumentParser:

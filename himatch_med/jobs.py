@@ -49,16 +49,18 @@ class Job:
     source: dict | None = None
 
 
-def output_paths(path: Path, folder: Path) -> dict[str, Path]:
+def output_paths(path: Path, folder: Path, planes: tuple[str, ...] = ()) -> dict[str, Path]:
     """Where the outputs of one input go.
 
     ``<name>_anomaly.nii.gz``, ``<name>_uncertainty.nii.gz``, ``<name>_overview.png``, the findings
-    (:func:`himatch_med.exports.finding_paths`) and ``<name>_report.json``. DICOM and 2D inputs also get the files
-    their report lists (:func:`himatch_med.exports.write_findings`).
+    (:func:`himatch_med.exports.finding_paths`) and ``<name>_report.json``; with tri-planar detection (``planes``),
+    each plane's own map ``<name>_anomaly_<plane>.nii.gz``. DICOM and 2D inputs also get the files their report lists
+    (:func:`himatch_med.exports.write_findings`).
     """
     name = io.stem(path)
     anomaly = folder / f"{name}_anomaly.nii.gz"
     return {"anomaly": anomaly, "uncertainty": folder / f"{name}_uncertainty.nii.gz",
+            **{f"anomaly_{plane}": folder / f"{name}_anomaly_{plane}.nii.gz" for plane in planes},
             "overview": folder / f"{name}_overview.png", **exports.finding_paths(anomaly),
             "report": folder / f"{name}_report.json"}
 
@@ -85,7 +87,7 @@ def expand_inputs(paths: list[Path]) -> list[Path]:
 
 
 OUTPUT_SUFFIXES = ("_anomaly", "_uncertainty", "_findings", "_overview", "_anomaly_overlay", "_overlay",
-                   "_findings_seg", "_anomaly_pm")
+                   "_findings_seg", "_anomaly_pm", "_anomaly_axial", "_anomaly_coronal", "_anomaly_sagittal")
 """Name endings of the maps and pictures himatch-med writes: such files are never taken as references."""
 
 
@@ -167,7 +169,8 @@ def job_of(scan: Scan, settings: Settings, *, foreground: np.ndarray | None = No
     with timer("preprocess"):
         prepared = prepare(torch.from_numpy(scan.canonical), settings,
                            foreground=None if foreground is None else torch.from_numpy(foreground),
-                           excluded=None if excluded is None else torch.from_numpy(excluded))
+                           excluded=None if excluded is None else torch.from_numpy(excluded),
+                           spacing=scan.spacing() if settings.planes else None)
     if not prepared.scored.any():
         how = "the --mask" if foreground is not None else f"--foreground {settings.foreground}"
         raise InputError(f"{scan.path}: no slice has at least {settings.min_foreground:.0%} foreground under {how}; "
@@ -260,7 +263,7 @@ def analyse(job: Job, detector: Detector, folder: Path, *, progress: bool = True
     """
     scan, prepared = job.scan, job.prepared
     timings = {"read_prepare": job.seconds}
-    paths = output_paths(scan.path, folder)
+    paths = output_paths(scan.path, folder, detector.settings.planes)
     with io.write_set(paths, lock=lock_path(scan.path, folder), owner=str(scan.path),
                       replaces=tuple(folder / name for name in replaces)) as staged:
         outcome = outcome or examine(job, detector, progress=progress, timer=timer)
@@ -278,6 +281,11 @@ def analyse(job: Job, detector: Detector, folder: Path, *, progress: bool = True
                           for name in ("anomaly", "uncertainty")]
                 writes.append(pool.submit(scan.write_map, exports.overlay_map(maps["anomaly"], found.threshold),
                                           staged["anomaly_overlay"], display=displays["anomaly"]))
+                # Tri-planar: each plane's own map, for inspection, on the same grid as the fused one.
+                region = from_slices(prepared.foreground & detection.scored[:, None, None], prepared.axis).numpy()
+                writes.extend(pool.submit(scan.write_map, np.where(region, plane_map.numpy(), np.float32(0)),
+                                          staged[f"anomaly_{plane}"], display=displays["anomaly"])
+                              for plane, plane_map in (detection.planes or {}).items())
                 # The set's findings files go to their temporaries; the files only some kinds of input get (DICOM
                 # SEG and Parametric Map, 2D PNGs) are named after the final heatmap and written whole each.
                 written, notes = exports.write_findings(

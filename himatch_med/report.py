@@ -132,6 +132,8 @@ def spread_notes(bank: Bank, settings: Settings, spread: dict) -> list[str]:
     if spread["spread"] is not None or settings.spread_replicates == 0:
         return []
     volumes = int(bank.groups.max()) + 1 if len(bank) else 0
+    if bank.replicates:
+        return ["no spread was measured for this run (tri-planar detection, --planes, measures none)"]
     if volumes < 2:
         return ["the bank holds one normal volume: how much the score depends on the bank cannot be measured; build "
                 "it from more normal references"]

@@ -91,10 +91,15 @@ class Scan:
         flipped = self.orientation[file_axis, 1] < 0
         return file_axis, (self.shape[file_axis] - 1 - index) if flipped else index
 
-    def pixel_aspect(self, axis: int) -> float:
-        """Row over column spacing of the display-oriented slices cut along canonical ``axis``."""
+    def spacing(self) -> tuple[float, float, float]:
+        """The voxel sizes (mm) along the canonical axes."""
         zooms = np.zeros(3)
         zooms[self.orientation[:, 0].astype(int)] = np.linalg.norm(self.affine[:3, :3], axis=0)
+        return tuple(float(z) for z in zooms)
+
+    def pixel_aspect(self, axis: int) -> float:
+        """Row over column spacing of the display-oriented slices cut along canonical ``axis``."""
+        zooms = self.spacing()
         columns, rows = (a for a in range(3) if a != axis)  # to_slices puts the higher axis on the rows
         return float(zooms[rows] / zooms[columns])
 

@@ -173,6 +173,17 @@ def test_a_bank_built_written_and_opened_gives_the_same_detector(stand_in, refer
         hm.open_detector(tmp_path / "bank", extractor=stand_in, image_size=32)
 
 
+def test_a_triplanar_bank_built_in_memory_is_the_one_a_written_bank_holds(stand_in, references, planted, tmp_path):
+    built = hm.build_detector([references], extractor=stand_in, planes=("all",), **CHANGED)
+    written = hm.build_detector([references], output=tmp_path / "bank", extractor=stand_in, planes=("all",),
+                                **CHANGED)
+    assert built.bank.planes == written.bank.planes == ("axial", "coronal", "sagittal")
+    image = (as_stored(planted[0], OBLIQUE), OBLIQUE)
+    found = [hm.detect_image(d, image) for d in (built, written)]
+    assert found[0].volume_score == found[1].volume_score
+    assert set(found[0].outcome.detection.planes) == {"axial", "coronal", "sagittal"}
+
+
 def test_importing_the_package_stays_light():
     code = ("import sys, himatch_med as hm\nassert 'torch' not in sys.modules\n"
             "assert callable(hm.detect_image) and 'torch' in sys.modules\nprint(hm.__version__)")

@@ -242,7 +242,7 @@ def test_outputs_are_written_and_agree(brain_result):
     assert summary["rows"][0]["metrics"]["pixel_auroc"] == pytest.approx(result.tallies[0].metrics()["pixel_auroc"])
     assert summary["pixel_metrics"]["range_z"] == list(evaluation.PIXEL_RANGE)
     text = (out / "metrics.md").read_text()
-    assert "| # | stages | fusion | K | CLS weight | image AUROC |" in text and "pixel AUROC" in text
+    assert "| # | method | stages | planes | fusion | K | CLS weight | image AUROC |" in text and "pixel AUROC" in text
     with open(out / "scores.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 7 and {r["label"] for r in rows} == {"0", "1"}
@@ -289,7 +289,41 @@ def test_ablation_rows_share_features_and_get_their_own_calibration(brain_set, t
     metrics = [t.metrics() for t in result.tallies]
     assert all(m["cases"] == 7 and m["pixel_auroc"] >= 0.9 for m in metrics)
     lines = evaluation.table(result).splitlines()
-    assert len(lines) == 2 + 4 and "| 2 | 1,2,3 | uncertainty | 2 |" in lines[3]
+    assert len(lines) == 2 + 4 and "| 2 | himatch | 1,2,3 | axial | uncertainty | 2 |" in lines[3]
+
+
+def test_baselines_share_the_bank_and_features_in_one_table(volume_set, tmp_path):
+    dataset = evaluation.volume_dataset([volume_set / "images"], volume_set / "labels", [volume_set / "normals"])
+    single, several = [], []
+    evaluation.evaluate(dataset, [SETTINGS], cache=tmp_path / "a", load=loader(single), progress=False, pictures=0,
+                        anomaly_labels=(2,))
+    rows = evaluation.ablation_rows(SETTINGS, method=["himatch", "anomalydino", "dino-ad"], fusion=["uncertainty",
+                                                                                                   "mean"])
+    # A baseline has no fusion: one row each, not one per fusion.
+    assert [(r.method, r.fusion) for r in rows] == [("himatch", "uncertainty"), ("himatch", "mean"),
+                                                    ("anomalydino", "uncertainty"), ("dino-ad", "uncertainty")]
+    result = evaluation.evaluate(dataset, rows, cache=tmp_path / "b", load=loader(several), progress=False,
+                                 pictures=0, anomaly_labels=(2,))
+    group = result.timings["groups"][0]
+    assert len(result.timings["groups"]) == 1 and group["recalibrated_rows"] == [2]
+    # One backbone pass per test image for the whole table; the extra passes: the recalibration sample of the mean
+    # row, and AnomalyDINO's memory (every reference slice once).
+    references = group["references"]
+    calibration = min(SETTINGS.calibration_slices, references)
+    assert sum(several) == sum(single) + calibration + references
+    assert group["anomalydino_memory_patches"] > 0
+    for tally in result.tallies[2:]:
+        metrics = tally.metrics()
+        assert metrics["volume_auroc"] == 1.0 and metrics["voxel_auroc"] >= 0.9, tally.settings.method
+        assert metrics["pixels_outside_range"] == 0.0 and "lesions" not in metrics
+        assert all(r["percentile"] != r["percentile"] for r in tally.records)  # no calibration percentile
+    text = evaluation.markdown(result)
+    assert "| 3 | anomalydino | 3 | axial | - | - | - |" in text and "| 4 | dino-ad | 3 | axial | - | - | - |" in text
+    assert "Baselines on the same backbone features" in text
+    written = evaluation.write_outputs(result, tmp_path / "out")
+    summary = json.loads(written["metrics"].read_text())
+    assert [r["method"] for r in summary["rows"]] == ["himatch", "himatch", "anomalydino", "dino-ad"]
+    assert summary["ablation"]["method"] == ["himatch", "anomalydino", "dino-ad"]
 
 
 def test_recalibration_equals_a_bank_built_with_those_settings(brain_set, tmp_path):

@@ -10,7 +10,7 @@ files through :class:`himatch_med.io.Spill`; reading the references and storing 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -53,6 +53,7 @@ class Sample:
     position: float
     group: int
     row: int
+    aspect: float = 1.0
     area: float = 1.0
 
 
@@ -87,7 +88,8 @@ class BankBuilder:
 
     def add(self, cls: torch.Tensor, layout: torch.Tensor, grids: tuple[torch.Tensor, ...],
             patch_foreground: torch.Tensor, foreground: torch.Tensor, positions: torch.Tensor,
-            groups: list[object], sources: list[dict], areas: torch.Tensor | None = None) -> None:
+            groups: list[object], sources: list[dict], aspects: list[float] | None = None,
+            areas: torch.Tensor | None = None) -> None:
         """Add ``B`` reference slices, of one reference or of several consecutive ones (a batch of 2D images).
 
         Args:
@@ -98,6 +100,7 @@ class BankBuilder:
             groups: one key per slice of the reference it comes from (a reference's slices come consecutively).
             sources: one record per slice (file, slice index) for the bank's metadata.
             areas: each slice's foreground as a share of its volume's largest slice's ``(B,)`` (default 1).
+            aspects: each slice's pixel aspect (:attr:`himatch_med.detect.Prepared.pixel_aspect`; default 1).
         """
         # All stages of the batch in one call: they share the foreground and the seeded initial choice.
         centroids, sizes = spherical_kmeans(torch.stack([grid.flatten(1, 2) for grid in grids]),
@@ -122,7 +125,8 @@ class BankBuilder:
                                            tuple(grid[row].to("cpu", STORAGE_DTYPE) for grid in grids),
                                            patch_foreground[row].cpu(), foreground[row].cpu(),
                                            float(positions[row]), index, self.rows,
-                                           1.0 if areas is None else float(areas[row])))
+                                           1.0 if aspects is None else float(aspects[row]),
+                                           area=1.0 if areas is None else float(areas[row])))
             self.offered += 1
             self.rows += 1
             if len(self.current) > self.capacity:
@@ -169,6 +173,7 @@ def bank_settings(settings: Settings, extractor: Extractor) -> dict:
     """
     fingerprint = getattr(extractor, "fingerprint", None)
     return {**settings.bank_fields(), "model": extractor.model_id, "stages": list(extractor.stages),
+            "planes": list(settings.planes),
             **({"model_fingerprint": fingerprint} if fingerprint else {})}
 
 
@@ -193,6 +198,7 @@ def build_bank(extractor: Extractor, references: Iterable[tuple[str, Prepared]],
                         torch.cat([prepared.positions[part] for _, _, prepared, part in pieces]),
                         [number for number, _, _, part in pieces for _ in range(len(part))],
                         [{"source": source, "slice": i} for _, source, _, part in pieces for i in part.tolist()],
+                        [prepared.pixel_aspect for _, _, prepared, part in pieces for _ in range(len(part))],
                         torch.cat([foreground_shares(prepared.foreground)[part] for _, _, prepared, part in pieces]))
         if progress:
             progress(len(patches))
@@ -202,6 +208,21 @@ def build_bank(extractor: Extractor, references: Iterable[tuple[str, Prepared]],
     with timer("calibration"):
         return calibrate_bank(bank, builder.samples, settings, extractor.patch_size, device)
 
+
+
+def build_planes(extractor: Extractor, references: Callable[[Settings], Iterable[tuple[str, Prepared]]],
+                 settings: Settings, progress: Progress | None = None, timer: Timer = NO_TIMER) -> Bank:
+    """:func:`build_bank` for ``settings.axis``, holding one more bank per other plane of ``settings.planes``.
+
+    Args:
+        references: the references prepared with the settings it is given (whose ``axis`` is the plane to cut):
+            each other plane reads the same files again, cut along it, and gets its own calibration.
+        extractor, settings, progress, timer: as in :func:`build_bank`.
+    """
+    bank = build_bank(extractor, references(settings), settings, progress=progress, timer=timer)
+    planes = [replace(settings, axis=plane) for plane in settings.planes if plane != settings.axis]
+    others = tuple(build_bank(extractor, references(plane), plane, progress=progress, timer=timer) for plane in planes)
+    return replace(bank, others=others)
 
 def calibrate_bank(bank: Bank, samples: list[Sample], settings: Settings, patch_size: int,
                    device: torch.device) -> Bank:
@@ -233,7 +254,8 @@ def calibrate_bank(bank: Bank, samples: list[Sample], settings: Settings, patch_
         anomaly, _ = fused_maps(stage_maps, per_reference, calibrated, settings)
         anomaly = fill_background(anomaly, sample.patch_foreground[None].to(anomaly.device)).cpu()
         height, width = sample.foreground.shape
-        slice_map = maps_to_slices(anomaly, (height, width), sigma=slice_sigma(settings, height, width, patch_size))[0]
+        sigma = slice_sigma(settings, height, width, patch_size, sample.aspect)
+        slice_map = maps_to_slices(anomaly, (height, width), sigma=sigma)[0]
         values = slice_map[sample.foreground]
         normal.add(values)
         # Slivers neither rank nor count in a query's volume score: nor in the scores it is compared with.
@@ -248,6 +270,7 @@ def calibrate_bank(bank: Bank, samples: list[Sample], settings: Settings, patch_
     spread = spread_calibration(probe, samples, settings, mean, std) if not single else {}
     return replace(calibrated, calibration_slice_scores=torch.tensor(slice_values, dtype=torch.float32),
                    calibration_volume_scores=torch.tensor(volume_scores, dtype=torch.float32),
+                   calibration_volume_groups=torch.tensor(list(volume_values), dtype=torch.int64),
                    info=replace(calibrated.info, findings=findings), **spread)
 
 

@@ -5,10 +5,11 @@ Format (version 2), written by :func:`himatch_med.io.write_bank` as a folder wit
 - ``bank.safetensors``: ``cls`` (N, D) fp16, ``layout`` (N, g*g, D) fp16, ``centroids`` (N, L, c, D) fp16,
   ``sizes`` (N, L, c) int32, ``positions`` (N,) fp32, ``groups`` (N,) int64 (which reference volume a slice came
   from), ``calibration_mean`` and ``calibration_std`` (L,) fp32, ``calibration_slice_scores`` (M,) fp32,
-  ``calibration_volume_scores`` (V,) fp32; optionally (banks built since issue 18; a bank without them reports
-  no spread and needs no rebuilding) ``spread_draws`` (B, R) int32, how often each of the R reference volumes is
-  drawn in each of B bootstrap replicates, and ``spread_mean``, ``spread_std`` (B, L) fp32, each replicate's
-  calibration;
+  ``calibration_volume_scores`` (V,) fp32; optional (:data:`OPTIONAL_ARRAYS`, absent in banks built before it
+  existed, which stay readable): ``calibration_volume_groups`` (V,) int64, the reference volume (``groups`` value) of
+  each volume score, which ``python -m himatch_med.bank check`` reads; ``spread_draws`` (B, R) int32, how often each
+  of the R reference volumes is drawn in each of B bootstrap replicates, and ``spread_mean``, ``spread_std`` (B, L)
+  fp32, each replicate's calibration (a bank without them reports no spread);
 - ``bank.json``: :meth:`Bank.metadata`, the typed :class:`BankInfo`: ``format_version``, the settings a query must
   repeat (model, modality, window, image size, stages, ...), the settings it was calibrated with, the sources (file
   and slice of every reference), and ``arrays_sha256``: the SHA-256 of the SHA-256 digests of the arrays file's
@@ -30,6 +31,8 @@ ARRAYS = ("cls", "layout", "centroids", "sizes", "positions", "groups", "calibra
           "calibration_slice_scores", "calibration_volume_scores")
 SPREAD_ARRAYS = ("spread_draws", "spread_mean", "spread_std")
 """Optional arrays: the bank subsets a score is recomputed against for its spread (absent in older banks)."""
+OPTIONAL_ARRAYS = ("calibration_volume_groups", *SPREAD_ARRAYS)
+"""Arrays a bank of this format may lack (built by an earlier 0.2): what needs them asks for a rebuild."""
 STORAGE_DTYPE = torch.float16
 COUNTS = ("sampled_slices", "volumes", "recalibrated_for_evaluation")
 """Entries of ``bank.json``'s ``calibration`` that are not settings: they follow from the arrays (and a flag)."""
@@ -45,7 +48,9 @@ class BankInfo:
     ``{"source": file, "slice": index}`` per reference; ``recalibrated``: the calibration was redone for an
     evaluation row; ``findings``: the finding threshold and the normal values it comes from
     (:func:`himatch_med.findings.calibration_record`; ``None`` in a bank built before findings existed). Set when
-    stored: ``created_by``, ``warnings`` (skipped references), ``build_seconds``, ``arrays_sha256``.
+    stored: ``created_by``, ``warnings`` (skipped references), ``build_seconds``, ``arrays_sha256``; ``excluded``: the
+    references left out by ``bank build --exclude`` (``None`` when none was asked for); ``reference_check``: the check
+    of the references when the bank was built (:func:`himatch_med.bank.check.check_record`).
     """
 
     settings: dict = field(default_factory=dict)
@@ -59,6 +64,8 @@ class BankInfo:
     warnings: tuple[str, ...] | None = None
     build_seconds: float | None = None
     arrays_sha256: str | None = None
+    excluded: tuple[str, ...] | None = None
+    reference_check: dict | None = None
 
     @classmethod
     def from_json(cls, meta: dict, *, source: str) -> BankInfo:
@@ -80,12 +87,20 @@ class BankInfo:
                    patch_size=meta.get("patch_size"), sources=tuple(meta.get("sources", ())),
                    recalibrated=bool(calibration.get("recalibrated_for_evaluation", False)), format_version=version,
                    created_by=meta.get("created_by"), warnings=None if warnings is None else tuple(warnings),
-                   build_seconds=meta.get("build_seconds"), arrays_sha256=meta.get("arrays_sha256"))
+                   build_seconds=meta.get("build_seconds"), arrays_sha256=meta.get("arrays_sha256"),
+                   excluded=None if meta.get("excluded") is None else tuple(meta["excluded"]),
+                   reference_check=meta.get("reference_check"))
 
 
 @dataclass(frozen=True, eq=False)
 class Bank:
-    """References ``N`` with ``L`` stages of ``c`` centroids each, the calibration of their stage maps, and ``info``."""
+    """References ``N`` with ``L`` stages of ``c`` centroids each, the calibration of their stage maps, and ``info``.
+
+    ``calibration_volume_groups`` (V,): the reference volume of each calibration volume score; ``None`` in a bank
+    built before it was recorded. ``others``: for tri-planar detection, the banks of the other planes (each its own
+    references and calibration; stored in the same files, their arrays prefixed ``<plane>.``, their description under
+    ``planes`` in ``bank.json``).
+    """
 
     cls: torch.Tensor
     layout: torch.Tensor
@@ -98,9 +113,11 @@ class Bank:
     calibration_slice_scores: torch.Tensor
     calibration_volume_scores: torch.Tensor
     info: BankInfo = field(default_factory=BankInfo)
+    calibration_volume_groups: torch.Tensor | None = None
     spread_draws: torch.Tensor | None = None
     spread_mean: torch.Tensor | None = None
     spread_std: torch.Tensor | None = None
+    others: tuple[Bank, ...] = ()
 
     @classmethod
     def from_stored(cls, tensors: dict[str, torch.Tensor], meta: dict, *, source: str) -> Bank:
@@ -112,7 +129,13 @@ class Bank:
         problem = array_problem(tensors)
         if problem:
             raise InputError(f"{source}: its arrays are inconsistent ({problem}); rebuild the bank")
-        return cls(**{name: tensors[name] for name in (*ARRAYS, *SPREAD_ARRAYS) if name in tensors}, info=info)
+        others = []
+        for plane, description in (meta.get("planes") or {}).items():
+            prefix = f"{plane}."
+            others.append(cls.from_stored({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)},
+                                          description, source=f"{source} ({plane} plane)"))
+        return cls(**{name: tensors[name] for name in ARRAYS}, info=info,
+                   **{name: tensors[name] for name in OPTIONAL_ARRAYS if name in tensors}, others=tuple(others))
 
     @property
     def id(self) -> str:
@@ -123,8 +146,29 @@ class Bank:
         return len(self.cls)
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """The arrays by name, as stored (the spread's only when the bank has them)."""
-        return {name: getattr(self, name) for name in (*ARRAYS, *SPREAD_ARRAYS) if getattr(self, name) is not None}
+        """The arrays by name, as stored (the optional ones when present; the other planes' prefixed by their name)."""
+        own = {name: getattr(self, name) for name in (*ARRAYS, *OPTIONAL_ARRAYS) if getattr(self, name) is not None}
+        for other in self.others:
+            own.update({f"{other.plane}.{name}": tensor for name, tensor in other.tensors().items()})
+        return own
+
+    @property
+    def plane(self) -> str | None:
+        """The slice plane (axis) of this bank's references, as recorded."""
+        return self.info.settings.get("axis")
+
+    @property
+    def planes(self) -> tuple[str, ...]:
+        """The planes this bank holds references of: its own, then the others'."""
+        return tuple(p for p in (self.plane, *(o.plane for o in self.others)) if p is not None)
+
+    def of_plane(self, plane: str, *, source: str = "the bank") -> Bank:
+        """The bank of ``plane``'s references; :class:`InputError` when this bank holds none."""
+        for bank in (self, *self.others):
+            if bank.plane == plane:
+                return bank
+        raise InputError(f"{source} holds references of the {', '.join(self.planes)} plane(s), not {plane}; build it "
+                         f"with --planes {plane} (or all) for tri-planar detection")
 
     @property
     def replicates(self) -> int:
@@ -144,8 +188,12 @@ class Bank:
         calibration = {**self.calibration(), **({"findings": info.findings} if info.findings else {})}
         meta = {"settings": info.settings, "calibration": calibration, "patch_size": info.patch_size,
                 "format_version": info.format_version, "sources": list(info.sources)}
+        if self.others:
+            meta["planes"] = {other.plane: other.metadata() for other in self.others}
         stored = {"created_by": info.created_by, "warnings": None if info.warnings is None else list(info.warnings),
-                  "build_seconds": info.build_seconds, "arrays_sha256": arrays_sha256 or info.arrays_sha256}
+                  "build_seconds": info.build_seconds, "arrays_sha256": arrays_sha256 or info.arrays_sha256,
+                  "excluded": None if info.excluded is None else list(info.excluded),
+                  "reference_check": info.reference_check}
         return {**meta, **{key: value for key, value in stored.items() if value is not None}}
 
     def to(self, device: torch.device | str, *, centroid_budget: int = 8 << 30,
@@ -164,8 +212,11 @@ class Bank:
                  if name != "centroids"}
         if (self.cls.numel() + self.layout.numel()) * 4 <= descriptor_budget:
             moved["cls"], moved["layout"] = moved["cls"].float(), moved["layout"].float()
+        moved = {name: tensor for name, tensor in moved.items() if "." not in name}  # the other planes': below
         fits = on_host or self.centroids.numel() * self.centroids.element_size() <= centroid_budget
-        return replace(self, **moved, centroids=self.centroids.to(device) if fits else self.centroids)
+        others = tuple(other.to(device, centroid_budget=centroid_budget, descriptor_budget=descriptor_budget)
+                       for other in self.others)
+        return replace(self, **moved, centroids=self.centroids.to(device) if fits else self.centroids, others=others)
 
     def memory(self, indices: torch.Tensor, device: torch.device) -> torch.Tensor:
         """Centroids of the references ``indices`` ``(B, K)`` as float32 ``(L, B, K, c, D)`` on ``device``."""
@@ -184,6 +235,8 @@ class Bank:
                              "build a new bank with these")
         # Weights are known by their fingerprint: another spelling of their path is the same model.
         skip = {"model", "model_fingerprint"} if all(fingerprints) else {"model_fingerprint"}
+        # A setting newer than the bank (e.g. planes) that the run leaves empty is the one the bank was built with.
+        skip |= {key for key, value in expected.items() if key not in recorded and _plain(value) in ([], None)}
         wrong = [f"{key}: bank has {recorded.get(key)!r}, this run asks for {value!r}"
                  for key, value in expected.items() if key not in skip and _plain(recorded.get(key)) != _plain(value)]
         if wrong:
@@ -219,6 +272,10 @@ def array_problem(tensors: dict[str, torch.Tensor], *, chunk: int = 1024) -> str
     for name, shape in expected.items():
         if tuple(tensors[name].shape) != shape:
             return f"{name} has shape {tuple(tensors[name].shape)}, {shape} expected with cls {tuple(cls.shape)}"
+    groups = tensors.get("calibration_volume_groups")
+    if groups is not None and tuple(groups.shape) != tuple(tensors["calibration_volume_scores"].shape):
+        return (f"calibration_volume_groups has shape {tuple(groups.shape)}, one per calibration volume score "
+                f"{tuple(tensors['calibration_volume_scores'].shape)} expected")
     for name in ("cls", "layout", "positions", "calibration_mean", "calibration_std", "calibration_slice_scores",
                  "calibration_volume_scores", "centroids"):
         if not finite(tensors[name], chunk=chunk):

@@ -18,10 +18,11 @@ import numpy as np
 import torch
 
 from himatch_med import __version__, io, jobs
-from himatch_med.bank.build import Sample, bank_settings, build_bank, calibrate_bank
+from himatch_med.bank.build import Sample, bank_settings, build_planes, calibrate_bank
+from himatch_med.bank.check import check_record, check_references
 from himatch_med.bank.data import STORAGE_DTYPE, Bank
 from himatch_med.config import ReadOptions, Settings
-from himatch_med.detect import batches, device_of_extractor
+from himatch_med.detect import batches, device_of_extractor, reference_patches
 from himatch_med.errors import InputError
 from himatch_med.features import Extractor
 from himatch_med.scoring import foreground_shares
@@ -35,8 +36,52 @@ def open_bank(folder: Path, settings: Settings, extractor: Extractor) -> Bank:
     tensors, meta = io.read_bank(folder)
     bank = Bank.from_stored(tensors, meta, source=str(folder))
     bank.check(bank_settings(settings, extractor), source=str(folder))
+    for plane in settings.planes:
+        bank.of_plane(plane, source=str(folder))
     # On a GPU the bank moves there once; on the CPU it stays memory-mapped.
     return bank.to(device_of_extractor(extractor))
+
+
+def stored_bank(folder: Path) -> Bank:
+    """A stored bank as it is, checked for damage but not against a run's settings (to inspect it)."""
+    tensors, meta = io.read_bank(folder)
+    return Bank.from_stored(tensors, meta, source=str(folder))
+
+
+def read_name_list(path: Path) -> list[str]:
+    """The names in a list file: one per line; blank lines and lines starting with ``#`` are skipped."""
+    try:
+        text = io.read_text(path)
+    except (OSError, UnicodeDecodeError) as error:
+        raise InputError(f"{path}: the list of references to exclude cannot be read ({error}); pass a UTF-8 text "
+                         "file with one reference name or path per line") from error
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
+
+
+def excluded_references(references: list[Path], names: list[str]) -> tuple[list[Path], list[Path]]:
+    """Split references into those kept and those ``names`` exclude.
+
+    A name matches a reference by its path (as given or resolved), its file name, or its name without the image
+    suffix (:func:`himatch_med.io.stem`, the name ``bank check`` and the reports show).
+
+    Raises:
+        InputError: a name matches no reference, or a bare name matches several (give the path then).
+    """
+    chosen: set[Path] = set()
+    for name in names:
+        resolved = Path(name).expanduser().resolve()
+        matches = [p for p in references if p.resolve() == resolved or str(p) == name]
+        if not matches:
+            matches = [p for p in references if name in (p.name, io.stem(p))]
+        if not matches:
+            shown = ", ".join(io.stem(p) for p in references[:5]) + (" ..." if len(references) > 5 else "")
+            raise InputError(f"--exclude {name}: no reference is named so (the references are {shown}); give a "
+                             "reference's path, file name or name as `bank check` shows it")
+        if len(matches) > 1:
+            raise InputError(f"--exclude {name}: {len(matches)} references are named so ({matches[0]}, {matches[1]}"
+                             f"{' ...' if len(matches) > 2 else ''}); give the path of the one to exclude")
+        chosen.update(matches)
+    return [p for p in references if p not in chosen], [p for p in references if p in chosen]
 
 
 LABEL_PAIRS_COLUMNS = ("image", "label")
@@ -195,15 +240,19 @@ def label_for(path: Path, labels: Path) -> Path:
 
 
 def build_bank_folder(references: list[Path], labels: Path | ReferenceLabels | None, settings: Settings,
-                      extractor: Extractor, folder: Path, *, options: ReadOptions | None = None,
-                      progress: bool = True) -> Path:
+                      extractor: Extractor, folder: Path, *, options: ReadOptions | None = None, progress: bool = True,
+                      exclude: list[str] | None = None) -> Path:
     """Build a bank from reference files and write it to ``folder``; skipped references are warned about.
 
-    ``progress``: show a progress bar over the slices (stderr).
+    ``progress``: show a progress bar over the slices (stderr). ``exclude``: references to leave out
+    (:func:`excluded_references`), recorded in the bank.
     """
     from tqdm.auto import tqdm
 
     references, left_out = jobs.split_outputs(references)
+    removed: list[Path] = []
+    if exclude is not None:
+        references, removed = excluded_references(references, exclude)
     if not references:
         raise InputError("no reference files given" + (f" (left out {len(left_out)} himatch-med outputs)"
                                                        if left_out else ""))
@@ -219,8 +268,10 @@ def build_bank_folder(references: list[Path], labels: Path | ReferenceLabels | N
     bar = tqdm(total=None, unit="slice", desc="building bank", leave=False, disable=not progress)
     started = time.perf_counter()
     try:
-        bank = build_bank(extractor, reference_volumes(references, labels, settings, options, warnings.append),
-                          settings, progress=bar.update)
+        # Skipped references and notes are reported once, from the plane the outputs show.
+        bank = build_planes(extractor, lambda plane: reference_volumes(
+            references, labels, plane, options, warnings.append if plane is settings else None), settings,
+            progress=bar.update)
     except InputError as error:
         if warnings:
             raise InputError(f"{error}. Skipped references:\n  " + "\n  ".join(warnings)) from error
@@ -229,9 +280,30 @@ def build_bank_folder(references: list[Path], labels: Path | ReferenceLabels | N
         bar.close()
     for warning in warnings:
         logging.getLogger("himatch_med").warning("%s", warning)
+    check = check_record(check_references(bank, outlier_z=settings.reference_outlier_z))
     bank = replace(bank, info=replace(bank.info, created_by=f"himatch-med {__version__}", warnings=tuple(warnings),
-                                      build_seconds=round(time.perf_counter() - started, 2)))
+                                      build_seconds=round(time.perf_counter() - started, 2),
+                                      excluded=None if exclude is None else tuple(str(p.resolve()) for p in removed),
+                                      reference_check=check))
     return io.write_bank(bank.tensors(), bank.metadata, folder)
+
+
+def reference_memory(references: list[Path], labels: Path | None, settings: Settings, extractor: Extractor, *,
+                     options: ReadOptions | None = None, progress: bool = False) -> torch.Tensor:
+    """AnomalyDINO's memory from reference files: :func:`himatch_med.detect.reference_patches` over them.
+
+    A bank keeps clustered centroids, not patches, so the baseline reads its references again: one more backbone
+    pass over the references (not over the test images), and a HiMatch-AD bank stays as it is.
+    """
+    from tqdm.auto import tqdm
+
+    files, _ = jobs.split_outputs(jobs.expand_inputs(references))
+    bar = tqdm(total=None, unit="slice", desc="anomalydino memory", leave=False, disable=not progress)
+    try:
+        return reference_patches(extractor, reference_volumes(files, labels, settings, options), settings,
+                                 device_of_extractor(extractor), progress=bar.update)
+    finally:
+        bar.close()
 
 
 def cached_bank(references: list[Path], labels: Path | None, settings: Settings, extractor: Extractor,
@@ -257,8 +329,10 @@ def _cache_key(files: list[Path], labels: Path | None, settings: Settings, extra
     if labels is not None:
         stamp += [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns)
                   for p in ReferenceLabels.of(labels).files(files)]
-    # Findings settings change no reference: the bank records what any finding threshold is computed from.
-    relevant = {k: v for k, v in settings.results_fields().items() if k not in Settings.flagged("findings")}
+    # Findings, check and baseline settings change no reference: the bank records what any finding threshold is
+    # computed from, and a baseline reads the bank as it is.
+    ignored = {*Settings.flagged("findings"), *Settings.flagged("check"), *Settings.flagged("baseline")}
+    relevant = {k: v for k, v in settings.results_fields().items() if k not in ignored}
     text = json.dumps([stamp, relevant, list(extractor.stages), extractor.model_id], default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -279,6 +353,10 @@ def recalibrated(bank: Bank, rows: list[Settings], extractor: Extractor, *, refe
         return [bank] * len(rows), []
     samples = calibration_samples(bank, rows[0], extractor, references=references, options=options,
                                   progress=progress)
+    # Tri-planar: every plane's bank is recalibrated from its own sample.
+    plane_samples = {other.plane: calibration_samples(other, replace(rows[0], axis=other.plane), extractor,
+                                                      references=references, options=options, progress=progress)
+                     for other in bank.others}
     device = device_of_extractor(extractor)
     banks = []
     for i, row in enumerate(rows):
@@ -286,7 +364,10 @@ def recalibrated(bank: Bank, rows: list[Settings], extractor: Extractor, *, refe
             banks.append(bank)
             continue
         # An evaluation gives no spread: the subsets' calibrations would only cost time.
-        calibrated = calibrate_bank(bank, samples, replace(row, spread_replicates=0), extractor.patch_size, device)
+        quiet = replace(row, spread_replicates=0)
+        others = tuple(calibrate_bank(other, plane_samples[other.plane], replace(quiet, axis=other.plane),
+                                      extractor.patch_size, device) for other in bank.others)
+        calibrated = replace(calibrate_bank(bank, samples, quiet, extractor.patch_size, device), others=others)
         info = replace(calibrated.info, calibrated_with={**calibrated.info.calibrated_with,
                                                          **{k: getattr(row, k) for k in keys}}, recalibrated=True)
         banks.append(replace(calibrated, info=info))
@@ -333,5 +414,5 @@ def calibration_samples(bank: Bank, settings: Settings, extractor: Extractor, *,
                                       tuple(g[position].to("cpu", STORAGE_DTYPE) for g in features.grids),
                                       patches[position].cpu(), prepared.foreground[index].cpu(),
                                       float(prepared.positions[index]), int(bank.groups[slices[index]]),
-                                      slices[index], float(shares[index])))
+                                      slices[index], prepared.pixel_aspect, float(shares[index])))
     return samples

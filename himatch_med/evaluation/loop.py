@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from himatch_med import findings, io, jobs
-from himatch_med.bank.store import cached_bank, recalibrated
+from himatch_med.bank.store import cached_bank, recalibrated, reference_memory
 from himatch_med.config import ReadOptions, Settings
 from himatch_med.detect import Detection, Detector, Prepared, load_extractor
 from himatch_med.errors import InputError
@@ -26,10 +26,14 @@ from himatch_med.features import Extractor
 from himatch_med.metrics import PixelMetrics, average_precision, image_auroc
 from himatch_med.volume import from_slices, to_slices
 
-ABLATION_AXES = ("stages", "fusion", "references_k", "cls_weight")
+ABLATION_AXES = ("stages", "planes", "method", "fusion", "references_k", "cls_weight")
 """Settings that take several values in one evaluation, outermost first (``stages`` varies the slowest)."""
+HIMATCH_ONLY = ("fusion", "references_k", "cls_weight")
+"""Ablated settings a baseline (``method`` other than ``himatch``) does not use: its rows keep the base values."""
 PIXEL_RANGE = (-20.0, 100.0)
 """Histogram range of the pixel metrics, in z-units."""
+BASELINE_RANGE = (0.0, 2.0)
+"""Histogram range of a baseline row's pixel metrics: its maps are cosine distances."""
 PIXEL_BINS = 48_000
 GALLERY = ("detected", "missed", "false_alarm")
 """Picture categories: anomalous cases with the highest scores, anomalous with the lowest, normal with the highest."""
@@ -43,7 +47,8 @@ def ablation_rows(base: Settings, **values: list | None) -> list[Settings]:
         values: e.g. ``fusion=["mean", "max"]``, ``stages=[[3, 6, 9, 12], [12]]``.
 
     Returns:
-        Rows in product order (``stages`` varying slowest), duplicates dropped.
+        Rows in product order (``stages`` varying slowest), duplicates dropped; a baseline's row keeps the base's
+        values of :data:`HIMATCH_ONLY`, so it appears once per ``stages``.
     """
     unknown = sorted(set(values) - set(ABLATION_AXES))
     if unknown:
@@ -52,7 +57,10 @@ def ablation_rows(base: Settings, **values: list | None) -> list[Settings]:
     rows: list[Settings] = []
     for combination in itertools.product(*choices):
         changes = dict(zip(ABLATION_AXES, combination, strict=True))
-        changes["stages"] = tuple(changes["stages"])
+        changes["stages"], changes["planes"] = tuple(changes["stages"]), tuple(changes["planes"])
+        if changes["method"] != "himatch":
+            # A baseline scores one plane.
+            changes.update({axis: getattr(base, axis) for axis in HIMATCH_ONLY}, planes=())
         row = replace(base, **changes)
         if row not in rows:
             rows.append(row)
@@ -216,6 +224,8 @@ def case_lesions(detection: Detection, prepared: Prepared, truth: np.ndarray | N
                  voxel_volume: float) -> dict | None:
     """A case's findings at its row's threshold, matched with its mask; ``None`` without a mask or a threshold."""
     settings = detector.settings
+    if settings.method != "himatch":
+        return None  # the finding threshold is in HiMatch-AD's z-units
     threshold, _ = findings.threshold_of(detector.bank.info.findings, fraction=settings.finding_false_positive_fraction,
                                          override=settings.finding_threshold)
     if truth is None or threshold is None:
@@ -295,12 +305,14 @@ def evaluate(dataset: Dataset, rows: list[Settings], *, device: str = "auto", ca
     from tqdm.auto import tqdm
 
     started = time.perf_counter()
-    tallies = [Tally(row, volumes=dataset.volumes, pixel_range=pixel_range, bins=bins,
-                     pictures=pictures if number == 0 else 0) for number, row in enumerate(rows)]
+    tallies = [Tally(row, volumes=dataset.volumes, pixel_range=pixel_range if row.method == "himatch" else
+                     BASELINE_RANGE, bins=bins, pictures=pictures if number == 0 else 0)
+               for number, row in enumerate(rows)]
     failures = [{"path": path, "rows": "all", "error": reason} for path, reason in dataset.skipped]
     notes = list(dataset.notes)
     # Rows that differ only in calibrated settings share the features and the bank's references (recalibrated).
-    row_only = [axis for axis in ABLATION_AXES if axis in Settings.flagged("calibrated")]
+    # A baseline row reads the same bank and features as HiMatch-AD's rows.
+    row_only = [axis for axis in ABLATION_AXES if axis in Settings.flagged("calibrated") or axis == "method"]
     groups: dict[Settings, list[int]] = {}
     for number, row in enumerate(rows):
         groups.setdefault(replace(row, **{k: getattr(rows[0], k) for k in row_only}), []).append(number)
@@ -313,10 +325,21 @@ def evaluate(dataset: Dataset, rows: list[Settings], *, device: str = "auto", ca
                            options=options)
         banks, redone = recalibrated(bank, members_rows, extractor, references=list(dataset.references),
                                      options=options, progress=progress)
-        detectors = [Detector(extractor, row_bank, row) for row_bank, row in zip(banks, members_rows, strict=True)]
+        bank_seconds = round(time.perf_counter() - clock, 2)
+        memory, memory_seconds = None, 0.0
+        dino = [row for row in members_rows if row.method == "anomalydino"]
+        if dino:
+            clock = time.perf_counter()
+            memory = reference_memory(list(dataset.references), dataset.reference_labels, dino[0], extractor,
+                                      options=options, progress=progress)
+            memory_seconds = round(time.perf_counter() - clock, 2)
+        detectors = [Detector(extractor, row_bank, row, memory=memory if row.method == "anomalydino" else None)
+                     for row_bank, row in zip(banks, members_rows, strict=True)]
         group = {"rows": [i + 1 for i in members], "stages": list(extractor.stages), "references": len(bank),
                  "recalibrated_rows": [members[i] + 1 for i in redone],
-                 "bank_seconds": round(time.perf_counter() - clock, 2), "features_seconds": 0.0}
+                 "bank_seconds": bank_seconds, "features_seconds": 0.0}
+        if memory is not None:
+            group.update({"anomalydino_memory_patches": len(memory), "anomalydino_memory_seconds": memory_seconds})
         for i in members:
             tallies[i].stages = tuple(extractor.stages)
         unit = "volume" if dataset.volumes else "image"

@@ -8,7 +8,7 @@ from io import StringIO
 from pathlib import Path
 
 from himatch_med import io
-from himatch_med.evaluation.loop import ABLATION_AXES, Evaluation, Panel, Tally
+from himatch_med.evaluation.loop import ABLATION_AXES, BASELINE_RANGE, Evaluation, Panel, Tally
 from himatch_med.report import versions
 
 METRIC_COLUMNS = (
@@ -21,7 +21,8 @@ METRIC_COLUMNS = (
 
 def row_settings(tally: Tally) -> dict:
     """The ablated settings of a row, with the stages the backbone actually used."""
-    return {"stages": list(tally.stages), "fusion": tally.settings.fusion,
+    return {"stages": list(tally.stages), "planes": list(tally.settings.planes or (tally.settings.axis,)),
+            "method": tally.settings.method, "fusion": tally.settings.fusion,
             "references_k": tally.settings.references_k, "cls_weight": tally.settings.cls_weight}
 
 
@@ -65,12 +66,17 @@ def table(evaluation: Evaluation, metrics: list[dict] | None = None) -> str:
     """The markdown table of the rows: ablated settings, metrics in %, seconds."""
     metrics = metrics or [t.metrics() for t in evaluation.tallies]
     columns = [(key, title) for key, title in METRIC_COLUMNS if any(key in m for m in metrics)]
-    header = ["#", "stages", "fusion", "K", "CLS weight", *[title for _, title in columns], "cases", "seconds"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join([" ---: "] + [" --- "] * 2 + [" ---: "] *
-                                                                 (len(header) - 3)) + "|"]
+    header = ["#", "method", "stages", "planes", "fusion", "K", "CLS weight", *[title for _, title in columns],
+              "cases", "seconds"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join([" ---: "] + [" --- "] * 4 + [" ---: "] *
+                                                                 (len(header) - 5)) + "|"]
     for number, (tally, values) in enumerate(zip(evaluation.tallies, metrics, strict=True), 1):
-        cells = [str(number), ",".join(map(str, tally.stages)), tally.settings.fusion,
-                 str(tally.settings.references_k), f"{tally.settings.cls_weight:g}",
+        settings = tally.settings
+        # A baseline uses the last stage only, and no fusion, retrieval of K references or CLS weighting.
+        own = settings.method == "himatch"
+        cells = [str(number), settings.method, ",".join(map(str, tally.stages if own else tally.stages[-1:])),
+                 ",".join(settings.planes or (settings.axis,)), settings.fusion if own else "-",
+                 str(settings.references_k) if own else "-", f"{settings.cls_weight:g}" if own else "-",
                  *[_percent(values.get(key)) for key, _ in columns], str(values["cases"]), f"{tally.seconds:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -105,6 +111,12 @@ def markdown(evaluation: Evaluation) -> str:
              f"{evaluation.pixel_range[1]:g}] z" if dataset.has_masks else "")
         + ". Seconds: detection time of the row (features shared by several rows not included).",
     ]
+    if any(t.settings.method != "himatch" for t in evaluation.tallies):
+        lines += ["", "Baselines on the same backbone features (their maps and scores are cosine distances, their "
+                  f"pixel histograms over [{BASELINE_RANGE[0]:g}, {BASELINE_RANGE[1]:g}]; no percentile, no "
+                  "findings): anomalydino = distance to the nearest reference patch of the last stage (a seeded "
+                  "subset of at most memory_patches), top-1 % patch score; dino-ad = distance to the k-means "
+                  "centroids of the one reference slice most similar by CLS, last stage."]
     if any("lesions" in m for m in metrics):
         lines += ["", lesion_table(evaluation, metrics), "",
                   "Lesion-level detection at each row's finding threshold (the bank's, or --finding-threshold): a "
@@ -144,13 +156,14 @@ def _number(value: float) -> str:
 def scores_csv(evaluation: Evaluation) -> str:
     """Per-case scores of every row, and the failures, as CSV text."""
     buffer = StringIO()
-    fields = ["row", "stages", "fusion", "references_k", "cls_weight", "class", "name", "label", "score",
-              "percentile", "anomalous_pixels", "slices", "anomalous_slices", "findings", "lesions", "lesions_hit",
-              "false_positive_regions", "path", "error"]
+    fields = ["row", "stages", "planes", "method", "fusion", "references_k", "cls_weight", "class", "name", "label",
+              "score", "percentile", "anomalous_pixels", "slices", "anomalous_slices", "findings", "lesions",
+              "lesions_hit", "false_positive_regions", "path", "error"]
     writer = csv.DictWriter(buffer, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for number, tally in enumerate(evaluation.tallies, 1):
-        settings = {**row_settings(tally), "stages": " ".join(map(str, tally.stages))}
+        settings = {**row_settings(tally), "stages": " ".join(map(str, tally.stages)),
+                    "planes": " ".join(row_settings(tally)["planes"])}
         for record in tally.records:
             writer.writerow({"row": number, **settings, **record, "score": f"{record['score']:.5f}",
                              "percentile": f"{record['percentile']:.2f}"})
