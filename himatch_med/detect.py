@@ -380,7 +380,7 @@ class Detector:
 
     def detect(self, prepared: Prepared, *, progress: Progress | None = None,
                computed: Iterable[tuple[torch.Tensor, Features, torch.Tensor]] | None = None,
-               timer: Timer = NO_TIMER) -> Detection:
+               timer: Timer = NO_TIMER, spread: bool = True) -> Detection:
         """Anomaly and uncertainty maps and scores of one prepared volume against the bank.
 
         Args:
@@ -390,6 +390,7 @@ class Detector:
                 several settings on the same features, which needs no spread: none is computed then); computed here
                 otherwise.
             timer: charged with the time of each phase (benchmarks).
+            spread: measure the volume score's spread over the bank's subsets (an evaluation needs none).
         """
         if prepared.others:
             return self._detect_planes(prepared, progress=progress, computed=computed, timer=timer)
@@ -446,8 +447,8 @@ class Detector:
         replicate_scores = ()
         if not baseline:
             with timer("spread"):
-                replicate_scores = self.subset_scores(prepared, score, scores, ranked, sigma, computed is not None,
-                                                      kept=kept)
+                replicate_scores = self.subset_scores(prepared, score, scores, ranked, sigma,
+                                                      computed is not None or not spread, kept=kept)
         # A baseline's distances are not in the calibration's units: no percentile.
         calibration = (torch.zeros(0), torch.zeros(0)) if baseline else (bank.calibration_slice_scores,
                                                                           bank.calibration_volume_scores)
@@ -489,7 +490,8 @@ class Detector:
             scores: its slice scores ``(S,)``.
             ranked: the slices that count in the volume score ``(S,)``.
             sigma: the smoothing in slice pixels.
-            given: the features were handed to :meth:`detect` (an evaluation): no spread is computed.
+            given: the features were handed to :meth:`detect`, or it was asked for no spread (an evaluation): none
+                is computed.
             kept: the batches of :meth:`batches` over every scored slice, when at hand (then none is computed again).
         """
         subsets = self.subsets()
@@ -524,16 +526,6 @@ class Detector:
                                           count=count))
         return tuple(score + e - estimates[0] for e in estimates[1:])
 
-
-def _chosen(batches: list[tuple[torch.Tensor, Features, torch.Tensor]], chosen: torch.Tensor
-            ) -> Iterator[tuple[torch.Tensor, Features, torch.Tensor]]:
-    """The rows of ``batches`` (slice indices, features, patch foreground) whose slices are ``chosen`` ``(S,)``."""
-    for part, features, patches in batches:
-        rows = chosen[part]
-        if bool(rows.any()):
-            where = rows.to(features.cls.device)
-            yield part[rows], Features(features.cls[where], features.layout[where],
-                                       tuple(grid[where] for grid in features.grids)), patches[where]
 
     def _detect_planes(self, prepared: Prepared, *, progress: Progress | None,
                        computed: Iterable[tuple[torch.Tensor, Features, torch.Tensor]] | None,
@@ -577,6 +569,17 @@ def _chosen(batches: list[tuple[torch.Tensor, Features, torch.Tensor]], chosen: 
             volume_score=score,
             volume_percentile=float(percentile(torch.tensor([score]), bank.calibration_volume_scores)[0]),
             planes={plane: anomaly_map for plane, (anomaly_map, _) in maps.items()}, slivers=slivers)
+
+
+def _chosen(batches: list[tuple[torch.Tensor, Features, torch.Tensor]], chosen: torch.Tensor
+            ) -> Iterator[tuple[torch.Tensor, Features, torch.Tensor]]:
+    """The rows of ``batches`` (slice indices, features, patch foreground) whose slices are ``chosen`` ``(S,)``."""
+    for part, features, patches in batches:
+        rows = chosen[part]
+        if bool(rows.any()):
+            where = rows.to(features.cls.device)
+            yield part[rows], Features(features.cls[where], features.layout[where],
+                                       tuple(grid[where] for grid in features.grids)), patches[where]
 
 
 def device_of(name: str) -> torch.device:

@@ -383,7 +383,7 @@ def _score_case(case: Case, detectors: list[Detector], has_masks: bool, options:
     detections, seconds = [], []
     for detector in detectors:
         clock = time.perf_counter()
-        detections.append(detector.detect(prepared, computed=computed))
+        detections.append(detector.detect(prepared, computed=computed, spread=False))
         seconds.append(time.perf_counter() - clock)
     if truth is None and has_masks and case.label == 0:
         truth = np.zeros(job.scan.canonical.shape, dtype=bool)
