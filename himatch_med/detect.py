@@ -400,9 +400,13 @@ class Detector:
         baseline = settings.method != "himatch"
         patch_values: dict[int, tuple[float, torch.Tensor]] = {}  # baselines score on their patch distances
         pending = computed if computed is not None else self.batches(prepared, timer)
-        # A volume of no more slices than the spread uses (a 2D image) keeps its features for it: no second pass.
+        # The spread rescores the most anomalous slices: a volume of no more slices than it uses (a 2D image) keeps
+        # all its features, a larger one those of its likeliest top slices (twice as many, by their patch maps'
+        # peaks), so that the backbone seldom sees a slice twice.
         kept: list[tuple[torch.Tensor, Features, torch.Tensor]] | None = \
             [] if int(prepared.scored.sum()) <= settings.spread_slices else None
+        likely = Candidates(2 * settings.spread_slices) \
+            if kept is None and spread and computed is None and self.subsets() else None
         for part, features, patches in pending:
             if baseline:
                 anomaly = baseline_maps(features, patches, bank, settings, self.memory, timer)
@@ -418,6 +422,9 @@ class Detector:
                                                             timer=timer)
                 with timer("fusion"):
                     anomaly, uncertainty = fused_maps(stage_maps, per_reference, bank, settings)
+                    if likely is not None:
+                        likely.add(part, features, patches, anomaly.flatten(1).masked_fill(
+                            ~patches.flatten(1), -torch.inf).amax(dim=1))
                     anomaly, uncertainty = fill_background(anomaly, patches), fill_background(uncertainty, patches)
             for row, index in enumerate(part.tolist()):
                 grid_maps[index] = (anomaly[row], uncertainty[row])
@@ -448,7 +455,8 @@ class Detector:
         if not baseline:
             with timer("spread"):
                 replicate_scores = self.subset_scores(prepared, score, scores, ranked, sigma,
-                                                      computed is not None or not spread, kept=kept)
+                                                      computed is not None or not spread,
+                                                      kept=kept if likely is None else likely.batches())
         # A baseline's distances are not in the calibration's units: no percentile.
         calibration = (torch.zeros(0), torch.zeros(0)) if baseline else (bank.calibration_slice_scores,
                                                                           bank.calibration_volume_scores)
@@ -492,7 +500,8 @@ class Detector:
             sigma: the smoothing in slice pixels.
             given: the features were handed to :meth:`detect`, or it was asked for no spread (an evaluation): none
                 is computed.
-            kept: the batches of :meth:`batches` over every scored slice, when at hand (then none is computed again).
+            kept: batches of :meth:`batches` over some scored slices, when at hand: only the chosen slices not in
+                them go through the backbone again.
         """
         subsets = self.subsets()
         if not subsets or given or not bool(ranked.any()):
@@ -503,8 +512,13 @@ class Detector:
         chosen[order] = True
         count = int(prepared.foreground[ranked].sum())
         maps: list[dict[int, torch.Tensor]] = [{} for _ in range(len(subsets) + 1)]
-        for part, features, patches in (_chosen(kept, chosen) if kept is not None
-                                        else self.batches(replace(prepared, scored=chosen))):
+        missing = chosen.clone()
+        for part, _, _ in kept or ():
+            missing[part] = False
+        pending = list(_chosen(kept or [], chosen))
+        if bool(missing.any()):
+            pending += list(self.batches(replace(prepared, scored=missing)))
+        for part, features, patches in pending:
             positions = prepared.positions[part]
             whole = stage_distances(features, self.bank, settings, positions)
             for target, (allowed, calibrated) in zip(maps, [(None, self.bank), *subsets]):
@@ -569,6 +583,35 @@ class Detector:
             volume_score=score,
             volume_percentile=float(percentile(torch.tensor([score]), bank.calibration_volume_scores)[0]),
             planes={plane: anomaly_map for plane, (anomaly_map, _) in maps.items()}, slivers=slivers)
+
+
+class Candidates:
+    """The features of the ``size`` slices with the highest peaks seen so far, batch after batch.
+
+    Rows are copied out of their batches, so that the batches themselves are freed.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.rows: list[tuple[float, int, torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...], torch.Tensor]] = []
+
+    def add(self, part: torch.Tensor, features: Features, patches: torch.Tensor, peaks: torch.Tensor) -> None:
+        """Offer a batch's slices ``part`` with their peaks ``(B,)``; keeps the ``size`` highest (ties: first)."""
+        for row, (index, peak) in enumerate(zip(part.tolist(), peaks.tolist())):
+            self.rows.append((peak, index, features.cls[row].clone(), features.layout[row].clone(),
+                              tuple(grid[row].clone() for grid in features.grids), patches[row].clone()))
+        self.rows.sort(key=lambda r: (-r[0], r[1]))
+        del self.rows[self.size:]
+
+    def batches(self) -> list[tuple[torch.Tensor, Features, torch.Tensor]]:
+        """The kept slices as one batch (in slice order), as :meth:`Detector.batches` gives them; none when empty."""
+        if not self.rows:
+            return []
+        rows = sorted(self.rows, key=lambda r: r[1])
+        grids = tuple(torch.stack([r[4][stage] for r in rows]) for stage in range(len(rows[0][4])))
+        return [(torch.tensor([r[1] for r in rows]), Features(torch.stack([r[2] for r in rows]),
+                                                              torch.stack([r[3] for r in rows]), grids),
+                 torch.stack([r[5] for r in rows]))]
 
 
 def _chosen(batches: list[tuple[torch.Tensor, Features, torch.Tensor]], chosen: torch.Tensor
