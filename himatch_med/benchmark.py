@@ -229,7 +229,11 @@ def end_to_end(args, settings, device, work: Path) -> dict:
     # Warm-up: a short volume through the whole job (imports, first calls, allocator), so that neither timed run
     # pays for first-call costs.
     say("end to end: warm-up")
-    warm = save(synthetic_brain((args.in_plane, args.in_plane, settings.batch_size), 4), work / "warm.nii.gz")
+    # With --planes a thin warm-up volume would be cut into very wide coronal and sagittal slices: a small one of
+    # the query's proportions then.
+    warm_shape = ((args.in_plane, args.in_plane, settings.batch_size) if not getattr(settings, "planes", ())
+                  else (max(16, args.in_plane // 4),) * 2 + (max(16, args.slices // 4),))
+    warm = save(synthetic_brain(warm_shape, 4), work / "warm.nii.gz")
     jobs.analyse(jobs.read(warm, settings), detector, work / "warm", progress=False)
 
     if device.type == "cuda":
