@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -118,19 +119,28 @@ def test_a_normal_sliver_neither_tops_the_ranking_nor_drives_the_volume_score(ro
     assert lesion["volume_score"] > sliver["volume_score"] + 2
 
 
-def test_the_report_and_the_overview_name_the_slivers(root, stand_in, bank10, tmp_path, monkeypatch):
-    titles = []
-    real = jobs.overview_figure
+@contextmanager
+def overview_titles():
+    """The titles of the overview pictures made meanwhile (module fixtures cannot take ``monkeypatch``)."""
+    titles, real = [], jobs.overview_figure
 
     def captured(*args, **kwargs):
         figure = real(*args, **kwargs)
         titles.append(figure._suptitle.get_text())
         return figure
 
-    monkeypatch.setattr(jobs, "overview_figure", captured)
+    jobs.overview_figure = captured
+    try:
+        yield titles
+    finally:
+        jobs.overview_figure = real
+
+
+def test_the_report_and_the_overview_name_the_slivers(root, stand_in, bank10, tmp_path):
     detector = Detector(stand_in, bank10, SETTINGS)
     path = root / "queries" / "sliver.nii.gz"
-    report = jobs.process(path, detector, tmp_path, progress=False)
+    with overview_titles() as titles:
+        report = jobs.process(path, detector, tmp_path, progress=False)
     job = jobs.read(path, SETTINGS)
     files = [job.scan.file_slice_index(i, job.prepared.axis) for i in (0, len(job.prepared.slices) - 1)]
     assert report["slivers"]["slices"] == [0, 13] and report["slivers"]["sliver_area"] == 0.2
@@ -249,20 +259,9 @@ def screened(root, stand_in, bank2):
     table = root / "cohort.csv"
     table.write_text("id,path\npatient-007,cases/patient-007/flair.nii.gz\npatient-012,cases/patient-012/flair.nii.gz\n")
     studies = screening.read_cohort([table])
-    titles = []
-    real = jobs.overview_figure
-
-    def captured(*args, **kwargs):
-        figure = real(*args, **kwargs)
-        titles.append(figure._suptitle.get_text())
-        return figure
-
-    jobs.overview_figure = captured
-    try:
+    with overview_titles() as titles:
         result = screening.screen(studies, Detector(stand_in, bank2, SETTINGS), root / "out", workers=0,
                                   progress=False)
-    finally:
-        jobs.overview_figure = real
     return root / "out", result, titles
 
 
