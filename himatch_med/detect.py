@@ -220,19 +220,19 @@ def stage_distances(features: Features, bank: Bank, settings: Settings, position
                     allowed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Retrieve references for a batch and measure each stage against their centroids.
 
-    ``groups``: each query's reference volume, left out of its retrieval; ``allowed``: the bank rows a query may
-    retrieve ``(N,)`` (a subset of the bank), instead.
+    ``groups``: each query's reference volume, left out of its retrieval; ``allowed``: the bank rows any query may
+    retrieve ``(N,)`` (a subset of the bank; with ``groups``, each query leaves its own volume out of the subset).
 
     Returns:
         Stage maps ``A`` ``(L, B, h, w)`` and per-reference distances ``d`` ``(L, B, h, w, K)``.
     """
     device = features.cls.device
-    bank_groups = bank.groups
-    available = len(bank) - (int(torch.bincount(bank.groups).max()) if groups is not None else 0)
-    if allowed is not None:
-        # A bank subset: the rows left out form the one group that every query leaves out.
-        groups, bank_groups, available = torch.zeros(len(positions), dtype=torch.long), allowed.long(), \
-            int(allowed.sum())
+    if allowed is None:
+        available = len(bank) - (int(torch.bincount(bank.groups).max()) if groups is not None else 0)
+    elif groups is None:
+        available = int(allowed.sum())
+    else:  # the fewest rows any query of the batch has left in the subset
+        available = min(int((allowed & (bank.groups != group)).sum()) for group in groups.unique().tolist())
     with timer("retrieval"):
         k = min(settings.references_k, available)
         if k < 1:
@@ -242,7 +242,7 @@ def stage_distances(features: Features, bank: Bank, settings: Settings, position
                             query_positions=positions.to(device), bank_positions=bank.positions,
                             window=settings.position_window,
                             query_groups=None if groups is None else groups.to(device),
-                            bank_groups=None if groups is None else bank_groups)
+                            bank_groups=None if groups is None else bank.groups, allowed=allowed)
     with timer("matching"):
         memory = bank.memory(index, device)
         distances = torch.stack([reference_distances(grid.flatten(1, 2), memory[stage], chunk=settings.chunk_size)

@@ -31,7 +31,7 @@ def retrieve(
     query_cls: torch.Tensor, query_layout: torch.Tensor, bank_cls: torch.Tensor, bank_layout: torch.Tensor,
     *, k: int, cls_weight: float, chunk: int, query_positions: torch.Tensor | None = None,
     bank_positions: torch.Tensor | None = None, window: float = 0.0, query_groups: torch.Tensor | None = None,
-    bank_groups: torch.Tensor | None = None,
+    bank_groups: torch.Tensor | None = None, allowed: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices ``(Q, K)`` and similarities of the K most similar bank rows, best first, scanning the bank in chunks.
 
@@ -48,6 +48,7 @@ def retrieve(
         window: references farther than this in position are used only to fill up to K (0: no prior).
         query_groups, bank_groups: a query never retrieves a bank row of its own group (used to leave a
             reference volume out of its own calibration).
+        allowed: the bank rows any query may retrieve ``(N,)`` (a subset of the bank; default all).
     """
     if k > len(bank_cls):
         raise ValueError(f"k={k} references asked for but the bank holds {len(bank_cls)}; lower references_k")
@@ -62,15 +63,20 @@ def retrieve(
     def own(rows: slice) -> torch.Tensor:
         return query_groups[:, None] == bank_groups[rows].to(query_groups)
 
+    def barred(rows: slice) -> torch.Tensor:
+        return ~allowed[rows].to(device)[None]
+
     pieces = [slice(start, min(start + chunk, len(bank_cls))) for start in range(0, len(bank_cls), chunk)]
     if positioned:
         inside, candidates = torch.zeros(len(query_cls), dtype=torch.long, device=device), []
         for rows in pieces:
-            allowed = ~far(rows)
+            usable = ~far(rows)
             if grouped:
-                allowed &= ~own(rows)
-            inside += allowed.sum(dim=1)
-            candidates.append(torch.nonzero(allowed.any(dim=0)).flatten().cpu() + rows.start)
+                usable &= ~own(rows)
+            if allowed is not None:
+                usable &= ~barred(rows)
+            inside += usable.sum(dim=1)
+            candidates.append(torch.nonzero(usable.any(dim=0)).flatten().cpu() + rows.start)
         rows = torch.cat(candidates)
         runs = _runs(rows, chunk)
         # Runs shorter than a few rows on average (a bank not in slice order) cost more as many small products.
@@ -87,6 +93,8 @@ def retrieve(
             key = key - OUT_OF_WINDOW_PENALTY * far(rows)
         if grouped:
             key = key.masked_fill(own(rows), -torch.inf)
+        if allowed is not None:
+            key = key.masked_fill(barred(rows), -torch.inf)
         index = torch.arange(rows.start, rows.stop, device=device)
         merged_key = torch.cat([best_key, key], dim=1)
         best_key, order = merged_key.topk(min(k, merged_key.shape[1]), dim=1)

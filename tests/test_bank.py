@@ -173,6 +173,26 @@ def test_queries_answer_alike_with_descriptors_converted_or_not():
     assert torch.equal(stored[0], ready[0]) and torch.equal(stored[1], ready[1])
 
 
+def test_a_batch_of_several_volumes_leaves_each_its_own_out_of_a_subset():
+    """The spread's calibration queries samples of several volumes at once against a bank subset: each query gets
+    what it gets alone against the subset without its own volume (how they were queried before, volume by volume)."""
+    bank = stored_bank().to("cpu")  # 4 volumes of 10 slices
+    settings = Settings(model="m", references_k=4, position_window=0.2, chunk_size=7).resolved()
+    features = Features(unit_rows(6, 16, seed=5), unit_rows(6, 4, 16, seed=6),
+                        tuple(unit_rows(6, 2, 2, 16, seed=s) for s in (7, 8)))
+    positions = torch.linspace(0.1, 0.9, 6)
+    groups = torch.tensor([0, 0, 1, 2, 3, 3])
+    subset = torch.arange(len(bank)) % 4 != 1  # every fourth row out, as a bootstrap leaves volumes out
+    maps, per_reference = stage_distances(features, bank, settings, positions, groups, allowed=subset)
+    for row, group in enumerate(groups.tolist()):
+        alone = Features(features.cls[row:row + 1], features.layout[row:row + 1],
+                         tuple(grid[row:row + 1] for grid in features.grids))
+        expected = stage_distances(alone, bank, settings, positions[row:row + 1],
+                                   allowed=subset & (bank.groups != group))
+        torch.testing.assert_close(maps[:, row:row + 1], expected[0], rtol=0, atol=1e-6)
+        torch.testing.assert_close(per_reference[:, row:row + 1], expected[1], rtol=0, atol=1e-6)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # building in full backbone batches, calibrating in batches
 

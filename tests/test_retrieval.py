@@ -235,8 +235,11 @@ def test_retrieve_does_not_mutate_inputs():
 
 
 def scan_whole_bank(query_cls, query_layout, bank_cls, bank_layout, *, k, cls_weight, chunk, query_positions=None,
-                    bank_positions=None, window=0.0, query_groups=None, bank_groups=None):
-    """The implementation before 0.3 (every bank row scored, the window a penalty after), kept as the reference."""
+                    bank_positions=None, window=0.0, query_groups=None, bank_groups=None, allowed=None):
+    """The implementation before 0.3 (every bank row scored, the window a penalty after), kept as the reference.
+
+    ``allowed`` (added since) masks the rows outside the subset, like a query's own group.
+    """
     if k > len(bank_cls):
         raise ValueError(f"k={k} references asked for but the bank holds {len(bank_cls)}; lower references_k")
     best_key = query_cls.new_full((len(query_cls), 0), -torch.inf)
@@ -255,6 +258,8 @@ def scan_whole_bank(query_cls, query_layout, bank_cls, bank_layout, *, k, cls_we
         if query_groups is not None and bank_groups is not None:
             own = query_groups[:, None] == bank_groups[None, start:stop].to(query_groups)
             key = key.masked_fill(own, -torch.inf)
+        if allowed is not None:
+            key = key.masked_fill(~allowed[None, start:stop], -torch.inf)
         index = torch.arange(start, stop, device=sim.device).expand(len(sim), -1)
         merged_key = torch.cat([best_key, key], dim=1)
         best_key, order = merged_key.topk(min(k, merged_key.shape[1]), dim=1)
@@ -275,22 +280,29 @@ def positioned_bank(count: int, volumes: int, seed: int):
     return b_cls.half(), b_layout.half(), positions, groups
 
 
-@pytest.mark.parametrize(("window", "k", "chunk", "grouped"),
-                         [(0.1, 8, 64, False), (0.1, 8, 37, True), (0.05, 3, 1000, True), (0.3, 20, 50, True),
-                          (0.0, 8, 64, True), (0.005, 8, 64, True)])
-def test_retrieve_equals_scoring_the_whole_bank(window, k, chunk, grouped):
+@pytest.mark.parametrize(("window", "k", "chunk", "grouped", "subset"),
+                         [(0.1, 8, 64, False, False), (0.1, 8, 37, True, False), (0.05, 3, 1000, True, False),
+                          (0.3, 20, 50, True, False), (0.0, 8, 64, True, False), (0.005, 8, 64, True, False),
+                          (0.1, 8, 37, True, True), (0.0, 8, 64, False, True), (0.05, 3, 1000, True, True),
+                          (0.02, 5, 64, True, True)])
+def test_retrieve_equals_scoring_the_whole_bank(window, k, chunk, grouped, subset):
     """Same references in the same order and the same similarities, whether or not the window narrows the scan.
 
     The queries are a batch of consecutive slices (positions 0.3 to 0.45); with (0.005, k=8) some have fewer than K
-    rows inside their window, so the whole bank is scored.
+    rows inside their window, so the whole bank is scored. ``subset``: a bank subset of a score's spread (every
+    third row and all of volume 2 left out) may be retrieved only; with (0.02, k=5) the queries of volume 0 have K
+    rows in their window in the bank but not in the subset.
     """
     b_cls, b_layout, positions, groups = positioned_bank(300, 4, seed=30)
     q_cls, q_layout = bank(16, seed=31)
     q_positions = torch.linspace(0.3, 0.45, 16)
     q_groups = torch.tensor([0, 1, 2, 3] * 4)
     options = dict(k=k, cls_weight=0.5, chunk=chunk, query_positions=q_positions, bank_positions=positions,
-                   window=window, query_groups=q_groups if grouped else None, bank_groups=groups if grouped else None)
+                   window=window, query_groups=q_groups if grouped else None, bank_groups=groups if grouped else None,
+                   allowed=((torch.arange(300) % 3 > 0) & (groups != 2)) if subset else None)
     index, sims = retrieve(q_cls, q_layout, b_cls, b_layout, **options)
+    if subset:
+        assert bool(options["allowed"][index].all())
     expected_index, expected_sims = scan_whole_bank(q_cls, q_layout, b_cls, b_layout, **options)
     assert torch.equal(index, expected_index)
     torch.testing.assert_close(sims, expected_sims, rtol=0, atol=1e-6)

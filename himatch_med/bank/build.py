@@ -191,7 +191,12 @@ def build_bank(extractor: Extractor, references: Iterable[tuple[str, Prepared]],
     device = device_of_extractor(extractor)
     builder = BankBuilder(centroids=settings.centroids, iterations=settings.kmeans_iterations, seed=settings.seed,
                           calibration_slices=settings.calibration_slices)
+    shares: dict[int, torch.Tensor] = {}
     for features, patches, pieces in reference_batches(extractor, references, settings, device, timer):
+        # Each reference's foreground shares once, not once per batch of its slices (a volume's whole foreground
+        # is summed: 20 ms at 240 x 240 x 155, which was most of this phase). Only this batch's references are kept.
+        shares = {number: shares[number] if number in shares else foreground_shares(prepared.foreground)
+                  for number, _, prepared, _ in pieces}
         with timer("kmeans"):
             builder.add(features.cls, features.layout, features.grids, patches,
                         torch.cat([prepared.foreground[part] for _, _, prepared, part in pieces]),
@@ -199,7 +204,7 @@ def build_bank(extractor: Extractor, references: Iterable[tuple[str, Prepared]],
                         [number for number, _, _, part in pieces for _ in range(len(part))],
                         [{"source": source, "slice": i} for _, source, _, part in pieces for i in part.tolist()],
                         [prepared.pixel_aspect for _, _, prepared, part in pieces for _ in range(len(part))],
-                        torch.cat([foreground_shares(prepared.foreground)[part] for _, _, prepared, part in pieces]))
+                        torch.cat([shares[number][part] for number, _, _, part in pieces]))
         if progress:
             progress(len(patches))
     info = BankInfo(settings=bank_settings(settings, extractor),
@@ -304,13 +309,17 @@ def spread_calibration(probe: Bank, samples: list[Sample], settings: Settings, m
     means, stds = [], []
     for drawn in draws:
         kept = drawn.to(device)[probe.groups] > 0
+        # What each sample's volume has left of the subset once it leaves itself out: a run of samples shares it
+        # (capped at K), so that a batch of several volumes retrieves as many references as each volume alone.
+        left = (int(kept.sum()) - torch.bincount(probe.groups[kept], minlength=volumes)).clamp(
+            max=settings.references_k).tolist()
         values = []
-        for part in _runs(samples, settings.batch_size, by_group=True):
-            allowed = kept & (probe.groups != part[0].group)
-            if not bool(allowed.any()):
+        for part in _runs(samples, settings.batch_size, key=lambda sample: left[sample.group]):
+            if not left[part[0].group]:
                 continue
             stage_maps, _ = stage_distances(_features(part, device), probe, settings,
-                                            torch.tensor([s.position for s in part]), allowed=allowed)
+                                            torch.tensor([s.position for s in part]),
+                                            torch.tensor([s.group for s in part]), allowed=kept)
             values.extend(stage_maps[:, row][:, s.patch_foreground.to(device)] for row, s in enumerate(part))
         every = torch.cat(values, dim=1) if values else None
         means.append(mean if every is None else every.mean(dim=1).cpu().float())
@@ -324,15 +333,16 @@ def _features(part: list[Sample], device: torch.device) -> Features:
                           for stage in range(len(part[0].grids))))
 
 
-def _runs(samples: list[Sample], size: int, *, by_group: bool = False) -> Iterator[list[Sample]]:
+def _runs(samples: list[Sample], size: int, *, key: Callable[[Sample], object] | None = None
+          ) -> Iterator[list[Sample]]:
     """Consecutive samples in runs of at most ``size`` whose grids have one shape (so that they stack).
 
-    ``by_group``: each run holds the samples of one reference volume only.
+    ``key``: each run's samples also share its value.
     """
     run: list[Sample] = []
     for sample in samples:
         if run and (len(run) == size or run[0].grids[0].shape != sample.grids[0].shape
-                    or (by_group and run[0].group != sample.group)):
+                    or (key is not None and key(run[0]) != key(sample))):
             yield run
             run = []
         run.append(sample)
