@@ -265,12 +265,12 @@ def calibrate_bank(bank: Bank, samples: list[Sample], settings: Settings, patch_
         normal.add(values)
         # Slivers neither rank nor count in a query's volume score: nor in the scores it is compared with.
         sliver = sample.area < settings.sliver_area
-        if not sliver:
-            slice_values.append(float(top_mean(values, settings.top_fraction)))
-        volume_values.setdefault(sample.group, []).append((sliver, values))
-    volume_scores = [float(top_mean(torch.cat([x for sliver, x in v if not sliver] or [x for _, x in v]),
-                                    settings.top_fraction)) for v in volume_values.values()]
-    peaks = [max((float(x.max()) for _, x in v if x.numel()), default=-math.inf) for v in volume_values.values()]
+        score = None if sliver else float(top_mean(values, settings.top_fraction))
+        if score is not None:
+            slice_values.append(score)
+        volume_values.setdefault(sample.group, []).append((sliver, values, score))
+    volume_scores = [_volume_score(v, settings.top_fraction) for v in volume_values.values()]
+    peaks = [max((float(x.max()) for _, x, _ in v if x.numel()), default=-math.inf) for v in volume_values.values()]
     findings = calibration_record(normal, peaks, settings.finding_false_positive_fraction)
     spread = spread_calibration(probe, samples, settings, mean, std) if not single else {}
     return replace(calibrated, calibration_slice_scores=torch.tensor(slice_values, dtype=torch.float32),
@@ -325,6 +325,18 @@ def spread_calibration(probe: Bank, samples: list[Sample], settings: Settings, m
         means.append(mean if every is None else every.mean(dim=1).cpu().float())
         stds.append(std if every is None else every.std(dim=1).clamp(min=1e-6).cpu().float())
     return {"spread_draws": draws, "spread_mean": torch.stack(means), "spread_std": torch.stack(stds)}
+
+
+def _volume_score(entries: list[tuple[bool, torch.Tensor, float | None]], fraction: float) -> float:
+    """A calibration volume's score from its samples' ``(sliver, values, slice score)``, as a query's is computed.
+
+    The top mean over the slices that are not slivers (over all of them when every one is); a volume of one such
+    slice (a 2D image) has that slice's score, which is the same top mean, not computed again.
+    """
+    kept = [(values, score) for sliver, values, score in entries if not sliver]
+    if len(kept) == 1:
+        return kept[0][1]
+    return float(top_mean(torch.cat([values for values, _ in kept] or [values for _, values, _ in entries]), fraction))
 
 
 def _features(part: list[Sample], device: torch.device) -> Features:

@@ -220,9 +220,11 @@ class Bank:
 
     def memory(self, indices: torch.Tensor, device: torch.device) -> torch.Tensor:
         """Centroids of the references ``indices`` ``(B, K)`` as float32 ``(L, B, K, c, D)`` on ``device``."""
-        rows = self.centroids[indices.flatten().to(self.centroids.device)]
-        rows = rows.to(device=device, dtype=torch.float32)
-        return rows.unflatten(0, indices.shape).movedim(2, 0)
+        rows = self.centroids[indices.flatten().to(self.centroids.device)].to(device)
+        # Stage first and contiguous in the one copy that converts them, so that each stage's (B, K * c, D)
+        # view for the matching is free (moving the stage axis after converting copied them twice).
+        rows = rows.movedim(1, 0).to(torch.float32, memory_format=torch.contiguous_format)
+        return rows.unflatten(1, indices.shape)
 
     def check(self, expected: dict, *, source: str) -> None:
         """Raise :class:`InputError` unless the bank was built with the ``expected`` settings (model, stages, ...)."""
