@@ -1,6 +1,6 @@
 """Intensity presets, foreground masks, and slices to backbone images.
 
-Everything works on canonical volumes or slice stacks as tensors; MONAI does the intensity scaling.
+Everything works on canonical volumes or slice stacks as tensors.
 """
 
 from __future__ import annotations
@@ -9,9 +9,6 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
-from monai.transforms import ScaleIntensityRange
-from monai.utils import convert_to_tensor
-
 from himatch_med.config import (
     BODY_THRESHOLD_HU,
     BORDER_SHARE,
@@ -110,12 +107,16 @@ def intensity_range(volume: torch.Tensor, foreground: torch.Tensor, *, modality:
         top = HEADROOM_WINDOW_TOP if intensity == "headroom" else 1.0
         return level - width / 2, level - width / 2 + width / top
     everything = volume.flatten().cpu().numpy()
-    inside = volume[foreground].cpu().numpy() if foreground.any() else everything
+    # numpy's boolean indexing selects the same values in the same order 15 times faster than torch's on the CPU.
+    inside = everything[foreground.flatten().cpu().numpy()] if foreground.any() else everything
     if intensity == "headroom":
         # OCT's zero is the dark speckle around the retina (the image's 1st percentile): the Otsu foreground starts
         # just above it, and its own 1st percentile would saturate the bright layers.
-        low = float(np.percentile(everything if modality == "oct" else inside, HEADROOM_PERCENTILES[0]))
-        median = float(np.percentile(inside, HEADROOM_PERCENTILES[1]))
+        if modality == "oct":
+            low = float(np.percentile(everything, HEADROOM_PERCENTILES[0]))
+            median = float(np.percentile(inside, HEADROOM_PERCENTILES[1]))
+        else:  # both of one array in one partition
+            low, median = np.percentile(inside, HEADROOM_PERCENTILES).tolist()
         return low, low + (median - low) / HEADROOM_MEDIAN_LEVEL
     values = inside if modality == "mri" else everything
     low, high = np.percentile(values, CLIP_PERCENTILES[modality]).tolist()
@@ -137,8 +138,10 @@ def scale_intensity(volume: torch.Tensor, foreground: torch.Tensor, *, modality:
     low, high = intensity_range(volume, foreground, modality=modality, window=window, intensity=intensity)
     if high <= low:
         high = low + 1.0
-    scaled = ScaleIntensityRange(a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True)(volume)
-    return convert_to_tensor(scaled, track_meta=False)
+    # MONAI's ScaleIntensityRange(a_min=low, a_max=high, b_min=0, b_max=1, clip=True) does this arithmetic (and an
+    # identity * 1 + 0) through a MetaTensor: 80 ms against 30 for a 240 x 240 x 155 volume, a third of preparing it.
+    # tests/test_transforms.py pins the equality.
+    return ((volume - low) / (high - low)).clamp_(0.0, 1.0)
 
 
 def to_backbone_images(slices: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
