@@ -9,6 +9,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
+
 from himatch_med.config import (
     BODY_THRESHOLD_HU,
     BORDER_SHARE,
