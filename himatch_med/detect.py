@@ -26,7 +26,14 @@ from himatch_med.features import Extractor, Features, describe
 from himatch_med.fusion import calibrate, fuse, stage_uncertainty
 from himatch_med.matching import reference_distances
 from himatch_med.retrieval import retrieve
-from himatch_med.scoring import percentile, slice_scores, sliver_slices, top_mean, volume_score
+from himatch_med.scoring import (
+    foreground_counts,
+    percentile,
+    slice_scores,
+    sliver_slices,
+    top_mean,
+    volume_score,
+)
 from himatch_med.timing import NO_TIMER, Timer
 from himatch_med.transforms import (
     foreground_mask,
@@ -121,7 +128,7 @@ def prepare(canonical: torch.Tensor, settings: Settings, *, foreground: torch.Te
     def cut(plane: str) -> Prepared:
         axis = AXIS_INDEX[plane]
         slices, fg = to_slices(scaled, axis), to_slices(mask.bool(), axis)
-        scored = fg.flatten(1).float().mean(dim=1) >= max(settings.min_foreground, 1e-9)
+        scored = foreground_counts(fg).float() / fg[0].numel() >= max(settings.min_foreground, 1e-9)
         if excluded is not None:
             scored &= ~to_slices(excluded.bool(), axis).flatten(1).any(dim=1)
         aspect = 1.0

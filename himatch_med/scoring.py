@@ -16,6 +16,24 @@ def top_count(fraction: float, count: int | torch.Tensor):
     return max(1, math.ceil(round(fraction * count, 9)))
 
 
+def masked(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``values[mask]``: the same values in the same order.
+
+    On the CPU numpy selects them, about ten times faster than torch's boolean indexing there (62 against 7 ms for a
+    240 x 240 x 155 map, a cost every volume score paid).
+    """
+    if values.device.type == "cpu" and mask.device.type == "cpu" and values.dtype != torch.bfloat16:
+        return torch.from_numpy(values.numpy()[mask.numpy()])
+    return values[mask]
+
+
+def foreground_counts(mask: torch.Tensor) -> torch.Tensor:
+    """The true pixels of each slice of a mask ``(S, ...)`` as int64 ``(S,)`` (numpy's count on the CPU: 6x)."""
+    if mask.device.type == "cpu":
+        return torch.from_numpy(np.count_nonzero(mask.numpy().reshape(len(mask), -1), axis=1).astype(np.int64))
+    return mask.flatten(1).sum(dim=1)
+
+
 def top_mean(values: torch.Tensor, fraction: float) -> torch.Tensor:
     """Mean of the top ``fraction`` of ``values`` (at least one value); 0 for an empty tensor."""
     if values.numel() == 0:
@@ -56,11 +74,13 @@ def volume_score(maps: torch.Tensor, foreground: torch.Tensor, scored: torch.Ten
     ``count``: the number of voxels the fraction is of, when ``maps`` holds only some slices of a volume (the mean
     is then over as many voxels as the volume's top fraction, or all of these).
     """
-    inside = foreground & scored.to(maps.device)[:, None, None]
-    present = int(inside.sum())
+    rows = scored.to(maps.device)
+    if not bool(rows.all()):
+        maps, foreground = maps[rows], foreground[rows]
+    values = masked(maps, foreground).float()  # only foreground values: selection degrades on the many tied ones
+    present = values.numel()
     if present == 0:
         return 0.0
-    values = maps[inside].float()  # only foreground values: selection degrades on the many tied background ones
     k = min(top_count(fraction, present if count is None else count), present)
     if values.device.type == "cpu":
         # numpy's introselect is several times faster than torch.topk for a large k on the CPU.
@@ -80,7 +100,7 @@ def percentile(scores: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
 
 def foreground_shares(foreground: torch.Tensor) -> torch.Tensor:
     """Each slice's foreground area as a share of the largest slice's ``(S,)``, from the foreground ``(S, H, W)``."""
-    area = foreground.flatten(1).sum(dim=1).double()
+    area = foreground_counts(foreground).double()
     return (area / area.max().clamp(min=1)).float()
 
 

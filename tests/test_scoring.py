@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from himatch_med.scoring import percentile, slice_scores, top_mean, volume_score
+from himatch_med.scoring import foreground_counts, masked, percentile, slice_scores, top_mean, volume_score
 
 # --------------------------------------------------------------------------------------------------------------------
 # top_mean
@@ -101,6 +101,27 @@ def test_volume_score_over_scored_foreground_only():
     assert volume_score(maps, foreground, scored, 0.25) == pytest.approx(52.0)
     assert volume_score(maps, foreground, scored, 0.0) == pytest.approx(53.0)
     assert isinstance(volume_score(maps, foreground, scored, 0.25), float)
+
+
+def test_numpy_selection_equals_torch_boolean_indexing():
+    """masked and foreground_counts (numpy on the CPU, for speed) give what torch's indexing and sum give."""
+    generator = torch.Generator().manual_seed(5)
+    values = torch.randn(7, 9, 11, generator=generator).transpose(1, 2)  # not contiguous, as slices are cut
+    mask = (torch.rand(7, 9, 11, generator=generator) > 0.4).transpose(1, 2)
+    assert torch.equal(masked(values, mask), values[mask])
+    assert torch.equal(masked(values.bfloat16(), mask), values.bfloat16()[mask])
+    assert torch.equal(foreground_counts(mask), mask.flatten(1).sum(dim=1))
+    assert foreground_counts(mask).dtype == torch.int64
+
+
+def test_volume_score_equals_the_top_mean_of_the_scored_foreground():
+    generator = torch.Generator().manual_seed(6)
+    maps = torch.randn(12, 20, 20, generator=generator)
+    foreground = torch.rand(12, 20, 20, generator=generator) > 0.3
+    for scored in (torch.ones(12, dtype=torch.bool), torch.arange(12) % 3 > 0):
+        inside = foreground & scored[:, None, None]
+        expected = float(maps[inside].topk(math.ceil(0.05 * int(inside.sum()))).values.double().mean())
+        assert volume_score(maps, foreground, scored, 0.05) == pytest.approx(expected, rel=1e-12)
 
 
 def test_volume_score_nothing_scored_is_zero():
