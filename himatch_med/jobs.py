@@ -12,6 +12,7 @@ into place when all are written, the report last; a failure, Ctrl-C or SIGTERM r
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -279,13 +280,16 @@ def analyse(job: Job, detector: Detector, folder: Path, *, progress: bool = True
             with ThreadPoolExecutor(max_workers=2) as pool:
                 writes = [pool.submit(scan.write_map, maps[name], staged[name], display=displays[name])
                           for name in ("anomaly", "uncertainty")]
-                writes.append(pool.submit(scan.write_map, exports.overlay_map(maps["anomaly"], found.threshold),
-                                          staged["anomaly_overlay"], display=displays["anomaly"]))
+                # Made in the worker too: the main thread draws the picture meanwhile.
+                overlay = functools.partial(exports.overlay_map, maps["anomaly"], found.threshold)
+                writes.append(pool.submit(lambda: scan.write_map(overlay(), staged["anomaly_overlay"],
+                                                                 display=displays["anomaly"])))
                 # Tri-planar: each plane's own map, for inspection, on the same grid as the fused one.
-                region = from_slices(prepared.foreground & detection.scored[:, None, None], prepared.axis).numpy()
-                writes.extend(pool.submit(scan.write_map, np.where(region, plane_map.numpy(), np.float32(0)),
-                                          staged[f"anomaly_{plane}"], display=displays["anomaly"])
-                              for plane, plane_map in (detection.planes or {}).items())
+                if detection.planes:
+                    region = from_slices(prepared.foreground & detection.scored[:, None, None], prepared.axis).numpy()
+                    writes.extend(pool.submit(scan.write_map, np.where(region, plane_map.numpy(), np.float32(0)),
+                                              staged[f"anomaly_{plane}"], display=displays["anomaly"])
+                                  for plane, plane_map in detection.planes.items())
                 # The set's findings files go to their temporaries; the files only some kinds of input get (DICOM
                 # SEG and Parametric Map, 2D PNGs) are named after the final heatmap and written whole each.
                 written, notes = exports.write_findings(
