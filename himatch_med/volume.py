@@ -35,10 +35,15 @@ def to_canonical(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.
     return np.ascontiguousarray(nio.apply_orientation(array, to_ras)), orientation
 
 
-def from_canonical(array: np.ndarray, orientation: np.ndarray) -> np.ndarray:
-    """Undo :func:`to_canonical`: put a canonical ``(X', Y', Z')`` array back on the file's own voxel grid."""
+def from_canonical(array: np.ndarray, orientation: np.ndarray, *, order: str = "C") -> np.ndarray:
+    """Undo :func:`to_canonical`: put a canonical ``(X', Y', Z')`` array back on the file's own voxel grid.
+
+    ``order``: the memory order of the result, ``C`` or ``F`` (NIfTI's: a map written from an F-ordered array is
+    copied once, not reordered on the way to the file).
+    """
     back = nio.ornt_transform(nio.axcodes2ornt("RAS"), orientation)
-    return np.ascontiguousarray(nio.apply_orientation(array, back))
+    placed = nio.apply_orientation(array, back)
+    return np.asfortranarray(placed) if order == "F" else np.ascontiguousarray(placed)
 
 
 def to_slices(volume: torch.Tensor, axis: int) -> torch.Tensor:

@@ -60,6 +60,24 @@ def test_canonical_round_trip_is_exact(name, dtype):
 
 
 @pytest.mark.parametrize("name", list(AFFINES))
+def test_back_on_the_file_grid_in_nifti_order_is_the_same_array_and_the_same_file(name, tmp_path):
+    """Maps go back to the file's grid F-ordered, as NIfTI stores them: same values, same file bytes as C order."""
+    from himatch_med.io import write_map
+
+    array = unique_volume(dtype=np.float32)
+    canonical, orientation = to_canonical(array, AFFINES[name])
+    sliced = torch.from_numpy(canonical).permute(2, 1, 0).flip(1, 2).contiguous()  # as slices come back
+    canonical = sliced.flip(1, 2).permute(2, 1, 0).numpy()
+    c_order, f_order = from_canonical(canonical, orientation), from_canonical(canonical, orientation, order="F")
+    assert np.array_equal(f_order, c_order) and np.array_equal(f_order, array)
+    assert f_order.flags.f_contiguous and c_order.flags.c_contiguous
+    header = nib.Nifti1Image(array, AFFINES[name]).header
+    written = [write_map(a, header, tmp_path / f"{order}.nii.gz").read_bytes() for order, a in (("c", c_order),
+                                                                                                  ("f", f_order))]
+    assert written[0] == written[1]
+
+
+@pytest.mark.parametrize("name", list(AFFINES))
 def test_canonical_array_matches_nibabel_closest_canonical(name):
     array = unique_volume()
     affine = AFFINES[name]
