@@ -25,6 +25,7 @@ from himatch_med.config import ReadOptions, Settings
 from himatch_med.detect import batches, device_of_extractor, reference_patches
 from himatch_med.errors import InputError
 from himatch_med.features import Extractor
+from himatch_med.readahead import read_ahead
 from himatch_med.scoring import foreground_shares
 
 LABEL_SUFFIXES = ("", "_seg", "_label", "_mask")
@@ -268,9 +269,10 @@ def build_bank_folder(references: list[Path], labels: Path | ReferenceLabels | N
     bar = tqdm(total=None, unit="slice", desc="building bank", leave=False, disable=not progress)
     started = time.perf_counter()
     try:
-        # Skipped references and notes are reported once, from the plane the outputs show.
-        bank = build_planes(extractor, lambda plane: reference_volumes(
-            references, labels, plane, options, warnings.append if plane is settings else None), settings,
+        # Skipped references and notes are reported once, from the plane the outputs show. The next reference is
+        # read and prepared while the backbone works on this one.
+        bank = build_planes(extractor, lambda plane: read_ahead(reference_volumes(
+            references, labels, plane, options, warnings.append if plane is settings else None)), settings,
             progress=bar.update)
     except InputError as error:
         if warnings:
