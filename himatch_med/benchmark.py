@@ -12,8 +12,8 @@ say nothing about detection quality and none is reported), or real weights from 
    its throughput against the backbone alone on the same slices.
 4. With ``--large-bank-slices N``: a synthetic ViT-B bank of N slices (disk size, open time, query time and memory).
 
-Progress goes to stderr, a summary of each part too; the last line of stdout is one JSON object (also written to
-``--json FILE``).
+Progress goes to stderr, a summary of each part too (``-q``: none; ``-v``: also the settings and every run's phases);
+the last line of stdout is one JSON object (also written to ``--json FILE``).
 
     himatch-med benchmark --backbone-size s --image-size 224 --slices 155 --device cpu
     himatch-med benchmark --model ~/dinov3-vitb16 --image-size 448 --bank-slices 100 2000 10000 --json b.json
@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import logging
 import os
 import resource
 import sys
@@ -80,7 +81,20 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, default=2, help="reader processes of the screening part (default: 2)")
     parser.add_argument("--skip-end-to-end", action="store_true", help="only the bank and screening parts")
     parser.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write the figures here")
+    chatter = parser.add_mutually_exclusive_group()
+    chatter.add_argument("-q", "--quiet", action="store_true",
+                         help="no progress and no summaries on stderr (the figures stay on stdout)")
+    chatter.add_argument("-v", "--verbose", action="store_true",
+                         help="also the settings and the phases of every timed run on stderr")
+    parser.add_argument("--version", action="version", version=f"himatch-med {_version()}")
     return parser
+
+
+def _version() -> str:
+    # Read from the package being measured (``PYTHONPATH=old/``: the older one's), without importing torch.
+    from himatch_med import __version__
+
+    return __version__
 
 
 def check(args: argparse.Namespace) -> None:
@@ -100,9 +114,13 @@ def check(args: argparse.Namespace) -> None:
         sys.exit("error: --bank-slices, --bank-images: a bank needs at least 2 slices")
 
 
-def say(text: str) -> None:
-    """Write a line of progress to stderr (stdout carries only the JSON figures)."""
-    print(text, file=sys.stderr, flush=True)
+LOGGER = logging.getLogger("himatch_med.benchmark")
+"""The benchmark's lines on stderr (stdout carries only the JSON figures): progress and summaries at INFO."""
+
+
+def say(text: str, level: int = logging.INFO) -> None:
+    """Write a line of progress to stderr, unless ``-q`` (or, for ``logging.DEBUG``, without ``-v``)."""
+    LOGGER.log(level, text)
 
 
 def random_dinov3(size: str, folder: Path) -> Path:
@@ -114,7 +132,16 @@ def random_dinov3(size: str, folder: Path) -> Path:
     torch.manual_seed(0)
     config = DINOv3ViTConfig(hidden_size=hidden, intermediate_size=4 * hidden, num_attention_heads=heads,
                              num_hidden_layers=depth, num_register_tokens=4, patch_size=16)
-    DINOv3ViTModel(config).save_pretrained(folder)
+    from transformers.utils import logging as transformers_logging
+
+    # Saving a few MB of random weights is not progress worth a bar on the benchmark's stderr.
+    shown = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        DINOv3ViTModel(config).save_pretrained(folder)
+    finally:
+        if shown:
+            transformers_logging.enable_progress_bar()
     return folder
 
 
@@ -271,6 +298,7 @@ def end_to_end(args, settings, device, work: Path) -> dict:
                   for part in scored.split(settings.batch_size)]
         backbone_runs.append(timed(lambda images=images: [extractor(batch) for batch in images]))
         say(f"end to end: run {repeat + 1}/{args.repeats}: {runs[-1]:.2f} s, backbone alone {backbone_runs[-1]:.2f} s")
+        say(f"end to end: run {repeat + 1} phases {dict(timer.seconds)}", logging.DEBUG)
     total, backbone_only = min(runs), min(backbone_runs)
     timer = timers[runs.index(total)]
     report = outcome["report"]
@@ -339,7 +367,8 @@ def bank_building(args, settings, device, work: Path, slices: int, extractor, *,
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     kind = "images" if images else "slices"
-    bar = tqdm(total=slices, unit="slice", desc=f"bank of {slices} {kind}", file=sys.stderr, leave=False)
+    bar = tqdm(total=slices, unit="slice", desc=f"bank of {slices} {kind}", file=sys.stderr, leave=False,
+               disable=args.quiet)
     with PeakMemory() as memory:
         started = time.perf_counter()
         # Older versions of the package (before/after comparisons) take no timer: their phases are not split.
@@ -392,7 +421,8 @@ def screening_throughput(args, settings, device, work: Path, extractor) -> dict:
     if timer_sync:
         timer_sync()
     started = time.perf_counter()
-    result = screening.screen(studies, detector, work / "screening", workers=args.workers, progress=True)
+    result = screening.screen(studies, detector, work / "screening", workers=args.workers,
+                              progress=not args.quiet)
     if timer_sync:
         timer_sync()
     seconds = time.perf_counter() - started
@@ -514,6 +544,19 @@ def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; prints the figures as one JSON line on stdout and returns 0."""
     args = parser().parse_args(argv)
     check(args)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    LOGGER.addHandler(handler)
+    LOGGER.setLevel(logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO)
+    LOGGER.propagate = False
+    try:
+        return measure(args)
+    finally:
+        LOGGER.removeHandler(handler)
+
+
+def measure(args: argparse.Namespace) -> int:
+    """The benchmark's parts for parsed and checked options; prints the figures and returns 0."""
     say("loading torch and himatch-med")
     import torch
 
@@ -537,6 +580,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.planes is not None:
             options["planes"] = tuple(args.planes)
         settings = Settings(model=str(model), image_size=args.image_size, batch_size=batch, **options).resolved()
+        say(f"settings: {settings}", logging.DEBUG)
         result["calibration_slices"] = settings.calibration_slices
         result["planes"] = list(getattr(settings, "planes", ())) or ["axial"]
         result["precision"] = getattr(settings, "precision", "float32 (no precision setting)")

@@ -142,6 +142,25 @@ def test_quiet_and_verbose_exclude_each_other_and_every_command_has_version():
     code, _, err, _ = launch(["-m", "himatch_med"], ["run", "x.nii.gz", "--bank", "b", "-q", "-v"])
     assert code == 2 and "not allowed with argument" in err
     for argv in (["run", "--version"], ["bank", "build", "--version"], ["screen", "--version"],
-                 ["evaluate", "bmad", "--version"]):
+                 ["evaluate", "bmad", "--version"], ["benchmark", "--version"]):
         code, out, err, heavy = launch(["-m", "himatch_med"], argv)
         assert (code, out.strip(), heavy) == (0, f"himatch-med {himatch_med.__version__}", []), (argv, err)
+
+
+def test_the_benchmark_says_nothing_with_quiet_and_more_with_verbose(capfd):
+    """Its figures are the JSON line on stdout whatever the chatter; -q leaves stderr empty (no bar either)."""
+    import json
+
+    from himatch_med.benchmark import main as benchmark
+
+    tiny = ["--image-size", "32", "--slices", "8", "--in-plane", "64", "--repeats", "1", "--bank-slices", "8",
+            "--device", "cpu"]
+    assert benchmark([*tiny, "-q"]) == 0
+    quiet = capfd.readouterr()
+    figures = json.loads(quiet.out.splitlines()[-1])
+    assert figures["end_to_end"]["scored_slices"] >= 1 and figures["bank_building"][0]["slices"] >= 2
+    assert quiet.err == ""
+    assert benchmark([*tiny, "-v", "--skip-end-to-end"]) == 0
+    verbose = capfd.readouterr()
+    assert "settings: Settings(model=" in verbose.err and "x the backbone; phases" in verbose.err
+    assert "end_to_end" not in json.loads(verbose.out.splitlines()[-1])
