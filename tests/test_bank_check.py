@@ -126,3 +126,30 @@ def test_bank_build_ends_with_the_check_section(cohort, tiny_dinov3, tmp_path, c
     out = capsys.readouterr().out
     assert "reference check: 5 volume(s)" in out and "excluded 1 reference(s)" in out
     assert "normal4" not in out.split("excluded 1 reference(s)")[1].split("\n", 1)[1]
+
+
+def test_references_are_read_ahead_on_an_accelerator_only(cohort, stand_in, tmp_path, monkeypatch):
+    """On the CPU the backbone has every core: references are read in the building thread. With an accelerator the
+    next one is read in a background thread meanwhile; the bank is the same either way."""
+    import threading
+
+    from himatch_med import jobs
+    from himatch_med.bank import store
+
+    readers = []
+    read = jobs.read
+
+    def recording(*args, **kwargs):
+        readers.append(threading.current_thread())
+        return read(*args, **kwargs)
+
+    monkeypatch.setattr(jobs, "read", recording)
+    files = sorted(cohort.iterdir())[:3]
+    here = stored_bank(build_bank_folder(files, None, CHECKED, stand_in, tmp_path / "cpu"))
+    assert len(readers) == 3 and all(thread is threading.current_thread() for thread in readers)
+    readers.clear()
+    monkeypatch.setattr(store, "device_of_extractor", lambda extractor: torch.device("cuda"))
+    ahead = stored_bank(build_bank_folder(files, None, CHECKED, stand_in, tmp_path / "ahead"))
+    assert len(readers) == 3 and all(thread is not threading.current_thread() for thread in readers)
+    for name, tensor in here.tensors().items():
+        assert torch.equal(tensor, ahead.tensors()[name]), name

@@ -269,11 +269,14 @@ def build_bank_folder(references: list[Path], labels: Path | ReferenceLabels | N
     bar = tqdm(total=None, unit="slice", desc="building bank", leave=False, disable=not progress)
     started = time.perf_counter()
     try:
-        # Skipped references and notes are reported once, from the plane the outputs show. The next reference is
-        # read and prepared while the backbone works on this one.
+        # Skipped references and notes are reported once, from the plane the outputs show. On an accelerator the
+        # next reference is read and prepared while the backbone works on this one; on the CPU the backbone uses
+        # every core, and reading ahead only competes with it (8 volumes of 240 x 240 x 155 on 2 cores: 16.3-17.5 s
+        # without, 17.8-20.5 s with).
+        ahead = 0 if device_of_extractor(extractor).type == "cpu" else 1
         bank = build_planes(extractor, lambda plane: read_ahead(reference_volumes(
-            references, labels, plane, options, warnings.append if plane is settings else None)), settings,
-            progress=bar.update)
+            references, labels, plane, options, warnings.append if plane is settings else None), depth=ahead),
+            settings, progress=bar.update)
     except InputError as error:
         if warnings:
             raise InputError(f"{error}. Skipped references:\n  " + "\n  ".join(warnings)) from error
