@@ -546,6 +546,7 @@ def main(argv: list[str] | None = None) -> int:
     check(args)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
+    level, propagate = LOGGER.level, LOGGER.propagate
     LOGGER.addHandler(handler)
     LOGGER.setLevel(logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO)
     LOGGER.propagate = False
@@ -553,6 +554,8 @@ def main(argv: list[str] | None = None) -> int:
         return measure(args)
     finally:
         LOGGER.removeHandler(handler)
+        LOGGER.setLevel(level)
+        LOGGER.propagate = propagate
 
 
 def measure(args: argparse.Namespace) -> int:

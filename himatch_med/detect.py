@@ -239,7 +239,8 @@ def stage_distances(features: Features, bank: Bank, settings: Settings, position
     elif groups is None:
         available = int(allowed.sum())
     else:  # the fewest rows any query of the batch has left in the subset
-        available = min(int((allowed & (bank.groups != group)).sum()) for group in groups.unique().tolist())
+        subset = allowed.to(bank.groups.device)
+        available = min(int((subset & (bank.groups != group)).sum()) for group in groups.unique().tolist())
     with timer("retrieval"):
         k = min(settings.references_k, available)
         if k < 1:

@@ -22,14 +22,15 @@ def masked(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     On the CPU numpy selects them, about ten times faster than torch's boolean indexing there (62 against 7 ms for a
     240 x 240 x 155 map, a cost every volume score paid).
     """
-    if values.device.type == "cpu" and mask.device.type == "cpu" and values.dtype != torch.bfloat16:
+    if (values.device.type == "cpu" and mask.device.type == "cpu" and mask.dtype == torch.bool
+            and mask.shape == values.shape and values.dtype != torch.bfloat16 and not values.requires_grad):
         return torch.from_numpy(values.numpy()[mask.numpy()])
-    return values[mask]
+    return values[mask]  # torch's own checks and semantics for anything else
 
 
 def foreground_counts(mask: torch.Tensor) -> torch.Tensor:
     """The true pixels of each slice of a mask ``(S, ...)`` as int64 ``(S,)`` (numpy's count on the CPU: 6x)."""
-    if mask.device.type == "cpu":
+    if mask.device.type == "cpu" and mask.dtype == torch.bool and mask.numel():
         return torch.from_numpy(np.count_nonzero(mask.numpy().reshape(len(mask), -1), axis=1).astype(np.int64))
     return mask.flatten(1).sum(dim=1)
 

@@ -107,6 +107,9 @@ def intensity_range(volume: torch.Tensor, foreground: torch.Tensor, *, modality:
         level, width = CT_WINDOWS[window]
         top = HEADROOM_WINDOW_TOP if intensity == "headroom" else 1.0
         return level - width / 2, level - width / 2 + width / top
+    if foreground.dtype != torch.bool or foreground.shape != volume.shape:
+        raise ValueError(f"the foreground must be a boolean mask of the volume's shape {tuple(volume.shape)}, not "
+                         f"{foreground.dtype} {tuple(foreground.shape)}")
     everything = volume.flatten().cpu().numpy()
     # numpy's boolean indexing selects the same values in the same order 15 times faster than torch's on the CPU.
     inside = everything[foreground.flatten().cpu().numpy()] if foreground.any() else everything
@@ -140,8 +143,8 @@ def scale_intensity(volume: torch.Tensor, foreground: torch.Tensor, *, modality:
     if high <= low:
         high = low + 1.0
     # MONAI's ScaleIntensityRange(a_min=low, a_max=high, b_min=0, b_max=1, clip=True) does this arithmetic (and an
-    # identity * 1 + 0) through a MetaTensor: 80 ms against 30 for a 240 x 240 x 155 volume, a third of preparing it.
-    # tests/test_transforms.py pins the equality.
+    # identity * 1 + 0, which only turns a -0.0 into +0.0) through a MetaTensor: 80 ms against 30 for a
+    # 240 x 240 x 155 volume, a third of preparing it. tests/test_transforms.py pins the equal values.
     return ((volume - low) / (high - low)).clamp_(0.0, 1.0)
 
 

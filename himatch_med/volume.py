@@ -41,6 +41,8 @@ def from_canonical(array: np.ndarray, orientation: np.ndarray, *, order: str = "
     ``order``: the memory order of the result, ``C`` or ``F`` (NIfTI's: a map written from an F-ordered array is
     copied once, not reordered on the way to the file).
     """
+    if order not in ("C", "F"):
+        raise ValueError(f"order={order!r} is not C or F")
     back = nio.ornt_transform(nio.axcodes2ornt("RAS"), orientation)
     placed = nio.apply_orientation(array, back)
     return np.asfortranarray(placed) if order == "F" else np.ascontiguousarray(placed)

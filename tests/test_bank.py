@@ -193,6 +193,44 @@ def test_a_batch_of_several_volumes_leaves_each_its_own_out_of_a_subset():
         torch.testing.assert_close(per_reference[:, row:row + 1], expected[1], rtol=0, atol=1e-6)
 
 
+
+def test_the_spread_calibration_equals_querying_each_sample_alone():
+    """Batched across volumes, each replicate's calibration is what the samples give one by one against the subset
+    without their own volume, also where a volume has fewer than K references left (K is then its own count)."""
+    import math
+
+    from himatch_med.bank.build import Sample, spread_calibration
+    from himatch_med.scoring import bootstrap_draws
+
+    probe = stored_bank().to("cpu")  # 4 volumes of 10 slices: with K = 12, a subset of 2 volumes leaves one 10
+    settings = Settings(model="m", references_k=12, position_window=0.2, chunk_size=7, batch_size=16,
+                        spread_calibration_slices=40).resolved()
+    grids = [unit_rows(len(probe), 2, 2, 16, seed=s) for s in (11, 12)]
+    samples = [Sample(probe.cls[row].float(), probe.layout[row].float(), tuple(g[row] for g in grids),
+                      torch.ones(2, 2, dtype=torch.bool), torch.ones(4, 4, dtype=torch.bool),
+                      float(probe.positions[row]), int(probe.groups[row]), row) for row in range(len(probe))]
+    mean, std = torch.zeros(2), torch.ones(2)
+    spread = spread_calibration(probe, samples, settings, mean, std)
+    draws = bootstrap_draws(4, settings.spread_replicates, settings.seed)
+    assert torch.equal(spread["spread_draws"], draws)
+    short = 0
+    for replicate, drawn in enumerate(draws):
+        kept = drawn[probe.groups] > 0
+        values = []
+        for sample in samples:
+            allowed = kept & (probe.groups != sample.group)
+            if not bool(allowed.any()):
+                continue
+            short += int(allowed.sum()) < settings.references_k
+            alone = Features(sample.cls[None], sample.layout[None], tuple(grid[None] for grid in sample.grids))
+            maps, _ = stage_distances(alone, probe, settings, torch.tensor([sample.position]), allowed=allowed)
+            values.append(maps[:, 0].flatten(1))
+        if values:
+            every = torch.cat(values, dim=1)
+            torch.testing.assert_close(spread["spread_mean"][replicate], every.mean(dim=1), rtol=0, atol=1e-6)
+            torch.testing.assert_close(spread["spread_std"][replicate], every.std(dim=1), rtol=0, atol=1e-6)
+    assert short > 0 and math.isfinite(float(spread["spread_mean"].sum()))  # the case the runs are keyed for
+
 # --------------------------------------------------------------------------------------------------------------------
 # building in full backbone batches, calibrating in batches
 

@@ -62,6 +62,10 @@ def test_nothing_more_is_read_once_the_caller_stops():
     ahead = read_ahead(items(), depth=1)
     assert next(ahead) == 0
     ahead.close()
-    time.sleep(0.5)
+    # The thread ends: it does not stay blocked on the full queue (a thread that ignored the stop would).
+    deadline = time.monotonic() + 10
+    while any(t.name == "himatch-read-ahead" for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(t.name == "himatch-read-ahead" for t in threading.enumerate())
     # The one taken, one waiting in the queue, at most one being made when the stop came.
     assert len(made) <= 3

@@ -109,9 +109,15 @@ def test_numpy_selection_equals_torch_boolean_indexing():
     values = torch.randn(7, 9, 11, generator=generator).transpose(1, 2)  # not contiguous, as slices are cut
     mask = (torch.rand(7, 9, 11, generator=generator) > 0.4).transpose(1, 2)
     assert torch.equal(masked(values, mask), values[mask])
-    assert torch.equal(masked(values.bfloat16(), mask), values.bfloat16()[mask])
+    assert torch.equal(masked(values.bfloat16(), mask), values.bfloat16()[mask])  # numpy has no bf16: torch's path
     assert torch.equal(foreground_counts(mask), mask.flatten(1).sum(dim=1))
     assert foreground_counts(mask).dtype == torch.int64
+    assert foreground_counts(mask[:0]).tolist() == []
+    # What is not a boolean mask of the values' shape keeps torch's own meaning and errors.
+    with pytest.raises(IndexError):
+        masked(values, mask.flatten())
+    indices = mask.to(torch.long)  # integer indexing, not a mask, as in torch
+    assert torch.equal(masked(values, indices), values[indices])
 
 
 def test_volume_score_equals_the_top_mean_of_the_scored_foreground():

@@ -141,6 +141,13 @@ def test_scaling_equals_monai_scale_intensity_range(modality, intensity):
     assert 0 < float(scaled.max()) <= 1  # not all clipped away
 
 
+def test_a_foreground_that_is_not_a_mask_of_the_volume_is_refused():
+    volume = torch.randn(4, 5, 6)
+    for foreground in ((volume > 0).flatten(), (volume > 0).to(torch.uint8)):
+        with pytest.raises(ValueError, match="boolean mask of the volume's shape"):
+            intensity_range(volume, foreground, modality="mri", window="brain", intensity="headroom")
+
+
 def test_headroom_ct_window_leaves_a_third_of_the_width_above():
     hu = torch.tensor([-1024.0, 0.0, 40.0, 80.0, 100.0, 500.0])
     scaled = scale_intensity(hu, torch.ones(6, dtype=torch.bool), modality="ct", window="brain", intensity="headroom")

@@ -223,7 +223,9 @@ class Bank:
         rows = self.centroids[indices.flatten().to(self.centroids.device)].to(device)
         # Stage first and contiguous in the one copy that converts them, so that each stage's (B, K * c, D)
         # view for the matching is free (moving the stage axis after converting copied them twice).
-        rows = rows.movedim(1, 0).to(torch.float32, memory_format=torch.contiguous_format)
+        rows = rows.movedim(1, 0)
+        rows = rows.contiguous() if rows.dtype == torch.float32 else rows.to(torch.float32,
+                                                                             memory_format=torch.contiguous_format)
         return rows.unflatten(1, indices.shape)
 
     def check(self, expected: dict, *, source: str) -> None:

@@ -267,6 +267,7 @@ def build_bank_folder(references: list[Path], labels: Path | ReferenceLabels | N
     warnings: list[str] = [f"left out {path}: a himatch-med output, not a reference" for path in left_out]
     jobs.check_output_folder(folder.parent, [])
     bar = tqdm(total=None, unit="slice", desc="building bank", leave=False, disable=not progress)
+    readers: list = []
     started = time.perf_counter()
     try:
         # Skipped references and notes are reported once, from the plane the outputs show. On an accelerator the
@@ -274,14 +275,22 @@ def build_bank_folder(references: list[Path], labels: Path | ReferenceLabels | N
         # every core, and reading ahead only competes with it (8 volumes of 240 x 240 x 155 on 2 cores: 16.3-17.5 s
         # without, 17.8-20.5 s with).
         ahead = 0 if device_of_extractor(extractor).type == "cpu" else 1
-        bank = build_planes(extractor, lambda plane: read_ahead(reference_volumes(
-            references, labels, plane, options, warnings.append if plane is settings else None), depth=ahead),
-            settings, progress=bar.update)
+
+        def read(plane: Settings):
+            readers.append(read_ahead(reference_volumes(references, labels, plane, options,
+                                                        warnings.append if plane is settings else None), depth=ahead))
+            return readers[-1]
+
+        bank = build_planes(extractor, read, settings, progress=bar.update)
     except InputError as error:
+        for reader in readers:  # stopped before their warnings are read
+            reader.close()
         if warnings:
             raise InputError(f"{error}. Skipped references:\n  " + "\n  ".join(warnings)) from error
         raise
     finally:
+        for reader in readers:
+            reader.close()
         bar.close()
     for warning in warnings:
         logging.getLogger("himatch_med").warning("%s", warning)
