@@ -4,6 +4,7 @@ bank of stand-in references (with the settings every stand-in test uses)."""
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import nibabel as nib
@@ -14,6 +15,12 @@ import torch.nn.functional as F
 
 # Tests never reach the network: a Hub id fails at once instead of retrying. Set before transformers is imported.
 os.environ["HF_HUB_OFFLINE"] = "1"
+
+# A suite started in the background by a non-interactive shell (`bash .ci/run &`, nohup) begins with Ctrl-C ignored,
+# and Python then never turns SIGINT into KeyboardInterrupt: the tests that interrupt a run (here and in the commands
+# they start, which inherit the disposition) would wait forever. Python's own handler, as in a terminal.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 from himatch_med.config import Settings  # noqa: E402
 
