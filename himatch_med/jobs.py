@@ -12,7 +12,6 @@ into place when all are written, the report last; a failure, Ctrl-C or SIGTERM r
 from __future__ import annotations
 
 import errno
-import functools
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -280,10 +279,11 @@ def analyse(job: Job, detector: Detector, folder: Path, *, progress: bool = True
             with ThreadPoolExecutor(max_workers=2) as pool:
                 writes = [pool.submit(scan.write_map, maps[name], staged[name], display=displays[name])
                           for name in ("anomaly", "uncertainty")]
-                # Made in the worker too: the main thread draws the picture meanwhile.
-                overlay = functools.partial(exports.overlay_map, maps["anomaly"], found.threshold)
-                writes.append(pool.submit(lambda: scan.write_map(overlay(), staged["anomaly_overlay"],
-                                                                 display=displays["anomaly"])))
+                def write_overlay() -> Path:  # made in the worker too: the main thread draws the picture meanwhile
+                    return scan.write_map(exports.overlay_map(maps["anomaly"], found.threshold),
+                                          staged["anomaly_overlay"], display=displays["anomaly"])
+
+                writes.append(pool.submit(write_overlay))
                 # Tri-planar: each plane's own map, for inspection, on the same grid as the fused one.
                 if detection.planes:
                     region = from_slices(prepared.foreground & detection.scored[:, None, None], prepared.axis).numpy()

@@ -281,16 +281,16 @@ def build_bank_folder(references: list[Path], labels: Path | ReferenceLabels | N
                                                         warnings.append if plane is settings else None), depth=ahead))
             return readers[-1]
 
-        bank = build_planes(extractor, read, settings, progress=bar.update)
+        try:
+            bank = build_planes(extractor, read, settings, progress=bar.update)
+        finally:
+            for reader in readers:  # stopped before their warnings are read
+                reader.close()
     except InputError as error:
-        for reader in readers:  # stopped before their warnings are read
-            reader.close()
         if warnings:
             raise InputError(f"{error}. Skipped references:\n  " + "\n  ".join(warnings)) from error
         raise
     finally:
-        for reader in readers:
-            reader.close()
         bar.close()
     for warning in warnings:
         logging.getLogger("himatch_med").warning("%s", warning)
