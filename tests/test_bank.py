@@ -268,6 +268,8 @@ def test_a_2d_set_goes_through_the_backbone_in_batches(stand_in):
     batched = build_bank(counting, images_2d(10), replace(SETTINGS, batch_size=4))
     assert counting.calls == [4, 4, 2]
     assert len(batched) == 10 and batched.groups.tolist() == list(range(10))
+    # Each image is a calibration volume of one slice: its volume score is its slice score.
+    assert torch.equal(batched.calibration_volume_scores, batched.calibration_slice_scores)
     one_by_one = build_bank(stand_in, images_2d(10), replace(SETTINGS, batch_size=1))
     assert_banks_close(batched, one_by_one)
 

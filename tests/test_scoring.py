@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -118,6 +119,9 @@ def test_numpy_selection_equals_torch_boolean_indexing():
         masked(values, mask.flatten())
     indices = mask.to(torch.long)  # integer indexing, not a mask, as in torch
     assert torch.equal(masked(values, indices), values[indices])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch deprecates uint8 masks; numpy would take them for indices
+        assert torch.equal(masked(values, mask.to(torch.uint8)), values[mask.to(torch.uint8)])
 
 
 def test_volume_score_equals_the_top_mean_of_the_scored_foreground():
