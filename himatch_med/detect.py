@@ -1,8 +1,8 @@
 """Orchestration on tensors: prepare a volume, and the :class:`Detector` that finds its anomalies. Never touches files.
 
 A volume flows as: canonical volume -> :class:`Prepared` slices -> batches through the extractor -> retrieval and
-stage maps against the bank -> fused patch maps -> maps on the slice grid (:class:`Detection`). Only the patch maps
-of the whole volume are held at once; stage grids live for one batch.
+stage maps against the bank -> fused patch maps -> maps on the slice grid (:class:`Detection`). Only the maps of the
+whole volume are held at once; stage grids live for one batch.
 """
 
 from __future__ import annotations
@@ -338,18 +338,25 @@ def slice_sigma(settings: Settings, height: int, width: int, patch_size: int, as
     return settings.smoothing_sigma * width / size[1]
 
 
-def slice_maps(maps: list[torch.Tensor | None], size: tuple[int, int], sigma: float, chunk: int = 64
-                ) -> torch.Tensor:
+def slice_maps(maps: list[torch.Tensor | None], size: tuple[int, int], sigma: float, chunk: int = 64, *,
+               resampled: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
     """Patch maps of every slice (None where not scored) -> smoothed slice maps ``(S, H, W)``.
 
-    Slices that were not scored take the lowest value of the scored ones, so they read as normal.
+    Slices that were not scored take the lowest value of the scored ones, so they read as normal. ``resampled``: the
+    slice maps of some slices already made from their patch maps, by slice index (the same as made here:
+    :func:`maps_to_slices` treats each slice alone).
     """
     present = [m for m in maps if m is not None]
     if not present:
         return torch.zeros((len(maps), *size))
     low = torch.stack([m.min() for m in present]).min()
-    stack = torch.stack([m if m is not None else torch.full_like(present[0], low) for m in maps])
-    return torch.cat([maps_to_slices(part, size, sigma=sigma) for part in stack.split(chunk)])
+    resampled = resampled or {}
+    missing = [i for i in range(len(maps)) if i not in resampled]
+    made = {}
+    if missing:
+        stack = torch.stack([maps[i] if maps[i] is not None else torch.full_like(present[0], low) for i in missing])
+        made = dict(zip(missing, torch.cat([maps_to_slices(part, size, sigma=sigma) for part in stack.split(chunk)])))
+    return torch.stack([resampled[i] if i in resampled else made[i] for i in range(len(maps))])
 
 
 def device_of_extractor(extractor: Extractor) -> torch.device:
@@ -409,12 +416,16 @@ class Detector:
         patch_values: dict[int, tuple[float, torch.Tensor]] = {}  # baselines score on their patch distances
         pending = computed if computed is not None else self.batches(prepared, timer)
         # The spread rescores the most anomalous slices: a volume of no more slices than it uses (a 2D image) keeps
-        # all its features, a larger one those of its likeliest top slices (twice as many, by their patch maps'
-        # peaks), so that the backbone seldom sees a slice twice.
+        # all its features, a larger one those of its top slices (by slice score, as the spread ranks them), so that
+        # the backbone does not see a slice twice.
         kept: list[tuple[torch.Tensor, Features, torch.Tensor]] | None = \
             [] if int(prepared.scored.sum()) <= settings.spread_slices else None
-        likely = Candidates(2 * settings.spread_slices) \
+        likely = Candidates(settings.spread_slices) \
             if kept is None and spread and computed is None and self.subsets() else None
+        # The anomaly maps go to the slice grid batch by batch, for the candidates' slice scores.
+        sigma = slice_sigma(settings, height, width, self.extractor.patch_size, prepared.pixel_aspect)
+        resampled: dict[int, torch.Tensor] = {}
+        rankable = prepared.scored & ~sliver_slices(prepared.foreground, prepared.scored, settings.sliver_area)
         for part, features, patches in pending:
             if baseline:
                 anomaly = baseline_maps(features, patches, bank, settings, self.memory, timer)
@@ -430,10 +441,14 @@ class Detector:
                                                             timer=timer)
                 with timer("fusion"):
                     anomaly, uncertainty = fused_maps(stage_maps, per_reference, bank, settings)
-                    if likely is not None:
-                        likely.add(part, features, patches, anomaly.flatten(1).masked_fill(
-                            ~patches.flatten(1), -torch.inf).amax(dim=1))
                     anomaly, uncertainty = fill_background(anomaly, patches), fill_background(uncertainty, patches)
+            with timer("resample"):
+                smooth = maps_to_slices(anomaly, (height, width), sigma=sigma)
+                if likely is not None:
+                    likely.add(part, features, patches, slice_scores(
+                        smooth, prepared.foreground[part].to(smooth.device), rankable[part].to(smooth.device),
+                        settings.top_fraction).masked_fill(~rankable[part].to(smooth.device), -torch.inf))
+            resampled.update(zip(part.tolist(), smooth))
             for row, index in enumerate(part.tolist()):
                 grid_maps[index] = (anomaly[row], uncertainty[row])
             if progress:
@@ -441,8 +456,8 @@ class Detector:
         with timer("resample"):
             scored = torch.zeros(count, dtype=torch.bool)
             scored[list(grid_maps)] = True
-            sigma = slice_sigma(settings, height, width, self.extractor.patch_size, prepared.pixel_aspect)
-            anomaly = slice_maps([grid_maps.get(i, (None, None))[0] for i in range(count)], (height, width), sigma)
+            anomaly = slice_maps([grid_maps.get(i, (None, None))[0] for i in range(count)], (height, width), sigma,
+                                 resampled=resampled)
             uncertainty = slice_maps([grid_maps.get(i, (None, None))[1] for i in range(count)], (height, width),
                                      sigma)
             foreground = prepared.foreground.to(anomaly.device)
@@ -515,7 +530,8 @@ class Detector:
         if not subsets or given or not bool(ranked.any()):
             return ()
         settings = self.settings
-        order = [i for i in torch.argsort(scores, descending=True).tolist() if ranked[i]][:settings.spread_slices]
+        order = [i for i in torch.argsort(scores, descending=True, stable=True).tolist() if ranked[i]][
+            :settings.spread_slices]  # stable: of tied slices the first, as the candidates keep them
         chosen = torch.zeros_like(ranked)
         chosen[order] = True
         count = int(prepared.foreground[ranked].sum())
@@ -594,7 +610,7 @@ class Detector:
 
 
 class Candidates:
-    """The features of the ``size`` slices with the highest peaks seen so far, batch after batch.
+    """The features of the ``size`` slices with the highest scores seen so far, batch after batch.
 
     Rows are copied out of their batches, so that the batches themselves are freed.
     """
@@ -603,13 +619,18 @@ class Candidates:
         self.size = size
         self.rows: list[tuple[float, int, torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...], torch.Tensor]] = []
 
-    def add(self, part: torch.Tensor, features: Features, patches: torch.Tensor, peaks: torch.Tensor) -> None:
-        """Offer a batch's slices ``part`` with their peaks ``(B,)``; keeps the ``size`` highest (ties: first)."""
-        for row, (index, peak) in enumerate(zip(part.tolist(), peaks.tolist())):
-            self.rows.append((peak, index, features.cls[row].clone(), features.layout[row].clone(),
+    def add(self, part: torch.Tensor, features: Features, patches: torch.Tensor, scores: torch.Tensor) -> None:
+        """Offer a batch's slices ``part`` with their scores ``(B,)``; keeps the ``size`` highest (ties: first).
+
+        A slice scored ``-inf`` is never kept.
+        """
+        for row, (index, score) in enumerate(zip(part.tolist(), scores.tolist())):
+            if score == -float("inf") or (len(self.rows) >= self.size and score <= self.rows[-1][0]):
+                continue  # not among the highest: nothing copied
+            self.rows.append((score, index, features.cls[row].clone(), features.layout[row].clone(),
                               tuple(grid[row].clone() for grid in features.grids), patches[row].clone()))
-        self.rows.sort(key=lambda r: (-r[0], r[1]))
-        del self.rows[self.size:]
+            self.rows.sort(key=lambda r: (-r[0], r[1]))
+            del self.rows[self.size:]
 
     def batches(self) -> list[tuple[torch.Tensor, Features, torch.Tensor]]:
         """The kept slices as one batch (in slice order), as :meth:`Detector.batches` gives them; none when empty."""

@@ -480,3 +480,33 @@ def test_a_volume_goes_through_the_backbone_once_for_its_spread(root, stand_in, 
     assert sum(calls) == 8 + 7
     assert recomputed.replicate_scores == pytest.approx(again.replicate_scores, abs=1e-4)
     assert recomputed.volume_score == again.volume_score
+
+
+@pytest.mark.parametrize("spread_slices", [1, 2, 3, 5])
+def test_the_spread_keeps_the_features_of_exactly_the_slices_it_rescores(root, stand_in, bank2, spread_slices,
+                                                                          monkeypatch):
+    # The candidates are chosen by slice score, as the spread ranks slices: none goes through the backbone twice, so
+    # a volume costs its slices and no more whatever the spread uses, and no other slice's features are held.
+    calls, kept = [], []
+    rescore = Detector.subset_scores
+
+    def spying(self, prepared, score, scores, ranked, sigma, given=False, **options):
+        top = [i for i in torch.argsort(scores, descending=True).tolist() if ranked[i]][:spread_slices]
+        kept.append((sorted(int(i) for part, _, _ in options["kept"] for i in part), sorted(top)))
+        return rescore(self, prepared, score, scores, ranked, sigma, given, **options)
+
+    monkeypatch.setattr(Detector, "subset_scores", spying)
+
+    class Counting:
+        model_id, patch_size, stages, device = stand_in.model_id, stand_in.patch_size, stand_in.stages, stand_in.device
+
+        def __call__(self, images):
+            calls.append(len(images))
+            return stand_in(images)
+
+    for name in ("lesion", "normal"):
+        calls.clear()
+        prepared = jobs.read(root / "queries" / f"{name}.nii.gz", SETTINGS).prepared
+        found = Detector(Counting(), bank2, replace(SETTINGS, spread_slices=spread_slices)).detect(prepared)
+        assert sum(calls) == int(prepared.scored.sum()) and len(found.replicate_scores) == 8, name
+        assert kept[-1][0] == kept[-1][1], name
