@@ -421,18 +421,20 @@ class Detector:
         kept: list[tuple[torch.Tensor, Features, torch.Tensor]] | None = \
             [] if int(prepared.scored.sum()) <= settings.spread_slices else None
         likely = Candidates(settings.spread_slices) \
-            if kept is None and spread and computed is None and self.subsets() else None
-        # The anomaly maps go to the slice grid batch by batch, for the candidates' slice scores.
+            if not baseline and kept is None and spread and computed is None and self.subsets() else None
+        rankable = None if likely is None else \
+            prepared.scored & ~sliver_slices(prepared.foreground, prepared.scored, settings.sliver_area)
+        # The anomaly maps go to the slice grid, and are scored, batch by batch: the candidates are chosen by score.
         sigma = slice_sigma(settings, height, width, self.extractor.patch_size, prepared.pixel_aspect)
         resampled: dict[int, torch.Tensor] = {}
-        rankable = prepared.scored & ~sliver_slices(prepared.foreground, prepared.scored, settings.sliver_area)
+        scores = torch.zeros(count)
         for part, features, patches in pending:
             if baseline:
                 anomaly = baseline_maps(features, patches, bank, settings, self.memory, timer)
                 uncertainty = torch.zeros_like(anomaly)
-                scores = patch_scores(anomaly, patches, settings.top_fraction)
+                values = patch_scores(anomaly, patches, settings.top_fraction)
                 for row, index in enumerate(part.tolist()):
-                    patch_values[index] = (float(scores[row]), anomaly[row][patches[row]])
+                    patch_values[index] = (float(values[row]), anomaly[row][patches[row]])
                 anomaly = fill_background(anomaly, patches)
             else:
                 if kept is not None:
@@ -444,11 +446,14 @@ class Detector:
                     anomaly, uncertainty = fill_background(anomaly, patches), fill_background(uncertainty, patches)
             with timer("resample"):
                 smooth = maps_to_slices(anomaly, (height, width), sigma=sigma)
-                if likely is not None:
-                    likely.add(part, features, patches, slice_scores(
-                        smooth, prepared.foreground[part].to(smooth.device), rankable[part].to(smooth.device),
-                        settings.top_fraction).masked_fill(~rankable[part].to(smooth.device), -torch.inf))
-            resampled.update(zip(part.tolist(), smooth))
+                resampled.update(zip(part.tolist(), smooth))
+                if not baseline:  # each slice's score is of its own map: the same scored in any batch
+                    found = slice_scores(smooth, prepared.foreground[part].to(smooth.device),
+                                         torch.ones(len(part), dtype=torch.bool), settings.top_fraction)
+                    scores[part] = found.cpu()
+                    if likely is not None:
+                        likely.add(part, features, patches, found.masked_fill(~rankable[part].to(found.device),
+                                                                              -torch.inf))
             for row, index in enumerate(part.tolist()):
                 grid_maps[index] = (anomaly[row], uncertainty[row])
             if progress:
@@ -462,13 +467,11 @@ class Detector:
                                      sigma)
             foreground = prepared.foreground.to(anomaly.device)
             if baseline:
-                scores = torch.zeros(count)
                 for index, (value, _) in patch_values.items():
                     scores[index] = value
                 score = float(top_mean(torch.cat([v for _, v in patch_values.values()]), settings.top_fraction)) \
                     if patch_values else 0.0
             else:
-                scores = slice_scores(anomaly, foreground, scored.to(anomaly.device), settings.top_fraction).cpu()
                 slivers = sliver_slices(prepared.foreground, scored, settings.sliver_area).cpu()
                 ranked = scored & ~slivers
                 score = volume_score(anomaly, foreground, ranked.to(anomaly.device), settings.top_fraction) \

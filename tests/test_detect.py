@@ -98,6 +98,19 @@ def test_slices_without_foreground_are_not_scored(detector):
     assert not result.scored[:3].any() and (result.slice_scores[:3] == 0).all()
 
 
+def test_slice_scores_are_those_of_the_slice_maps_scored_whole(detector):
+    # Slices are scored batch by batch as their maps are made; the scores are those of the finished maps.
+    from himatch_med.scoring import slice_scores
+
+    array, _ = synthetic(3, lesion=LESION)
+    array[:, :, :3] = 0
+    query = prepared(array, np.diag([1.0, 1.0, 1.0, 1.0]))
+    for size in (1, 3, 64):
+        result = Detector(detector.extractor, detector.bank, replace(SETTINGS, batch_size=size)).detect(query)
+        whole = slice_scores(result.anomaly, query.foreground, result.scored, SETTINGS.top_fraction)
+        assert torch.equal(result.slice_scores, whole) and bool(result.slice_scores.any()), size
+
+
 def test_detection_keeps_the_slice_maps_the_picture_shows(detector):
     query = prepared(synthetic(13, lesion=LESION)[0], PERMUTED)
     result = detector.detect(query)
