@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import json
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -207,7 +208,8 @@ class Outcome:
         return self.job.scan.to_file(self.maps[name])
 
 
-def examine(job: Job, detector: Detector, *, progress: bool = True, timer: Timer = NO_TIMER) -> Outcome:
+def examine(job: Job, detector: Detector, *, progress: bool = True, timer: Timer = NO_TIMER,
+            maps_made: Callable[[dict[str, np.ndarray]], None] | None = None) -> Outcome:
     """Detect anomalies in an input read by :func:`read` and find its findings, in memory; nothing is written.
 
     Args:
@@ -215,6 +217,8 @@ def examine(job: Job, detector: Detector, *, progress: bool = True, timer: Timer
         detector: the extractor, bank and settings.
         progress: show a progress bar over the slices (stderr).
         timer: charged with the detector's steps and ``save`` (benchmarks).
+        maps_made: called with the outcome's ``maps`` as soon as they are made, before the findings are looked for
+            (:func:`analyse` starts writing them then).
     """
     from tqdm.auto import tqdm
 
@@ -232,6 +236,8 @@ def examine(job: Job, detector: Detector, *, progress: bool = True, timer: Timer
         region = from_slices(prepared.foreground & detection.scored[:, None, None], prepared.axis).numpy()
         maps = {name: np.where(region, detection.canonical(name).numpy(), np.float32(0))
                 for name in ("anomaly", "uncertainty")}
+        if maps_made is not None:
+            maps_made(maps)
         found = find_findings(scan.to_file(maps["anomaly"]), scan.to_file(region), scan, prepared, detector)
         report.update(exports.report_block(found, detector.settings))
         report["notes"] += list(found.notes)
@@ -264,51 +270,75 @@ def analyse(job: Job, detector: Detector, folder: Path, *, progress: bool = True
     scan, prepared = job.scan, job.prepared
     timings = {"read_prepare": job.seconds}
     paths = output_paths(scan.path, folder, detector.settings.planes)
+    threshold = run_threshold(detector)
     with io.write_set(paths, lock=lock_path(scan.path, folder), owner=str(scan.path),
-                      replaces=tuple(folder / name for name in replaces)) as staged:
-        outcome = outcome or examine(job, detector, progress=progress, timer=timer)
+                      replaces=tuple(folder / name for name in replaces)) as staged, \
+            ThreadPoolExecutor(max_workers=2) as pool:
+        # The maps are written in the pool from the moment they are made: the findings are looked for meanwhile, and
+        # gzip releases the GIL, so they compress in parallel while the findings and the picture are written.
+        writes = []
+
+        def write_maps(maps: dict[str, np.ndarray]) -> None:
+            """Start writing the maps; each is made ready for its file in its worker."""
+            def anomaly() -> Path:
+                return scan.write_map(maps["anomaly"], staged["anomaly"],
+                                      display=exports.anomaly_display(maps["anomaly"], threshold))
+
+            def uncertainty() -> Path:
+                return scan.write_map(maps["uncertainty"], staged["uncertainty"],
+                                      display=exports.uncertainty_display(maps["uncertainty"]))
+
+            def overlay() -> Path:
+                return scan.write_map(exports.overlay_map(maps["anomaly"], threshold), staged["anomaly_overlay"],
+                                      display=exports.anomaly_display(maps["anomaly"], threshold))
+
+            writes.extend(pool.submit(write) for write in (anomaly, uncertainty, overlay))
+
+        if outcome is None:
+            outcome = examine(job, detector, progress=progress, timer=timer, maps_made=write_maps)
+        else:
+            write_maps(outcome.maps)
         detection, maps, found, label_slices = outcome.detection, outcome.maps, outcome.found, outcome.label_slices
+        if found.threshold != threshold:
+            raise RuntimeError(f"the findings' threshold {found.threshold} is not the run's {threshold}")
         report = {**outcome.report, "notes": list(outcome.report["notes"]),
                   "outputs": {k: p.name for k, p in paths.items()}}
         timings["detect"] = outcome.seconds
         started = time.perf_counter()
         with timer("save"):
-            displays = {"anomaly": exports.anomaly_display(maps["anomaly"], found.threshold),
-                        "uncertainty": exports.uncertainty_display(maps["uncertainty"])}
-            # gzip releases the GIL: the maps compress in parallel while the findings and the picture are written.
-            with ThreadPoolExecutor(max_workers=2) as pool:
-                writes = [pool.submit(scan.write_map, maps[name], staged[name], display=displays[name])
-                          for name in ("anomaly", "uncertainty")]
-                def write_overlay() -> Path:  # made in the worker too: the main thread draws the picture meanwhile
-                    return scan.write_map(exports.overlay_map(maps["anomaly"], found.threshold),
-                                          staged["anomaly_overlay"], display=displays["anomaly"])
-
-                writes.append(pool.submit(write_overlay))
-                # Tri-planar: each plane's own map, for inspection, on the same grid as the fused one.
-                if detection.planes:
-                    region = from_slices(prepared.foreground & detection.scored[:, None, None], prepared.axis).numpy()
-                    writes.extend(pool.submit(scan.write_map, np.where(region, plane_map.numpy(), np.float32(0)),
-                                              staged[f"anomaly_{plane}"], display=displays["anomaly"])
-                                  for plane, plane_map in detection.planes.items())
-                # The set's findings files go to their temporaries; the files only some kinds of input get (DICOM
-                # SEG and Parametric Map, 2D PNGs) are named after the final heatmap and written whole each.
-                written, notes = exports.write_findings(
-                    found, scan, scan.to_file(maps["anomaly"]), {**staged, "anomaly": paths["anomaly"]},
-                    created=exports.creation_time(), slices=prepared.slices.numpy(),
-                    heat_slices=detection.anomaly.numpy(), label_slices=label_slices)
-                report["outputs"].update({key: paths[key].name if key in paths else path.name
-                                          for key, path in written.items()})
-                report["notes"] += notes
-                figure = overview_figure(prepared, detection, report, aspect=scan.pixel_aspect(prepared.axis),
-                                         findings=label_slices, title=title)
-                io.write_figure(figure, staged["overview"])
-                for write in writes:
-                    write.result()
+            # Tri-planar: each plane's own map, for inspection, on the same grid as the fused one.
+            if detection.planes:
+                display = exports.anomaly_display(maps["anomaly"], threshold)
+                region = from_slices(prepared.foreground & detection.scored[:, None, None], prepared.axis).numpy()
+                writes.extend(pool.submit(scan.write_map, np.where(region, plane_map.numpy(), np.float32(0)),
+                                          staged[f"anomaly_{plane}"], display=display)
+                              for plane, plane_map in detection.planes.items())
+            # The set's findings files go to their temporaries; the files only some kinds of input get (DICOM
+            # SEG and Parametric Map, 2D PNGs) are named after the final heatmap and written whole each.
+            written, notes = exports.write_findings(
+                found, scan, scan.to_file(maps["anomaly"]), {**staged, "anomaly": paths["anomaly"]},
+                created=exports.creation_time(), slices=prepared.slices.numpy(),
+                heat_slices=detection.anomaly.numpy(), label_slices=label_slices)
+            report["outputs"].update({key: paths[key].name if key in paths else path.name
+                                      for key, path in written.items()})
+            report["notes"] += notes
+            figure = overview_figure(prepared, detection, report, aspect=scan.pixel_aspect(prepared.axis),
+                                     findings=label_slices, title=title)
+            io.write_figure(figure, staged["overview"])
+            for write in writes:
+                write.result()
         timings["write"] = time.perf_counter() - started
         report["source"] = job.source
         report["timings_seconds"] = {k: round(v, 3) for k, v in timings.items()}
         io.write_json(report, staged["report"])
     return report
+
+
+def run_threshold(detector: Detector) -> float | None:
+    """The finding threshold of a run with ``detector``: its setting's, or its bank's (None without either)."""
+    settings = detector.settings
+    return findings.threshold_of(detector.bank.info.findings, fraction=settings.finding_false_positive_fraction,
+                                 override=settings.finding_threshold)[0]
 
 
 def find_findings(anomaly: np.ndarray, region: np.ndarray, scan: Scan, prepared: Prepared,

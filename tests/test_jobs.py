@@ -15,6 +15,7 @@ from conftest import OBLIQUE, SHAPE, as_stored, brain_volume, save_nifti
 
 from himatch_med import io, jobs
 from himatch_med.errors import InputError
+from himatch_med.scan import Scan
 
 
 @pytest.fixture
@@ -40,6 +41,33 @@ def full_disk(*args, **kwargs):
 def test_a_failing_picture_leaves_no_output_of_the_input_and_no_hidden_file(query, detector, tmp_path, monkeypatch):
     monkeypatch.setattr(io, "write_figure", full_disk)
     out = tmp_path / "out"
+    with pytest.raises(OSError, match="No space left"):
+        jobs.process(query, detector, out, progress=False)
+    assert listing(out) == []
+
+
+def test_a_failure_while_the_maps_are_being_written_leaves_nothing(query, detector, tmp_path, monkeypatch):
+    # The maps start writing as soon as they are made, before the findings are looked for: a failure there waits for
+    # them and removes them, and one in a map's writer fails the input.
+    started = threading.Event()
+    real_write_map = Scan.write_map
+
+    def writing(*args, **kwargs):
+        started.set()
+        return real_write_map(*args, **kwargs)
+
+    def failing_findings(*args, **kwargs):
+        assert started.wait(10)  # the maps are on their way
+        raise RuntimeError("findings failed")
+
+    monkeypatch.setattr(Scan, "write_map", writing)
+    monkeypatch.setattr(jobs, "find_findings", failing_findings)
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="findings failed"):
+        jobs.process(query, detector, out, progress=False)
+    assert listing(out) == []
+    monkeypatch.undo()
+    monkeypatch.setattr(Scan, "write_map", full_disk)
     with pytest.raises(OSError, match="No space left"):
         jobs.process(query, detector, out, progress=False)
     assert listing(out) == []
