@@ -304,7 +304,7 @@ def write_findings(found, scan, anomaly: np.ndarray, folder_paths: dict[str, Pat
     Args:
         found: the :class:`himatch_med.findings.Findings` of the input.
         scan: the input as read (:class:`himatch_med.scan.Scan`).
-        anomaly: the heatmap as written, on the file's grid.
+        anomaly: the heatmap as written, canonical (put on the file's grid only for a DICOM series' outputs).
         folder_paths: the input's output paths (:func:`finding_paths` keys, and ``anomaly``).
         slices, heat_slices, label_slices: for a 2D image, its display-oriented slice, heatmap and findings
             ``(1, H, W)``.
@@ -324,7 +324,7 @@ def write_findings(found, scan, anomaly: np.ndarray, folder_paths: dict[str, Pat
         # The NIfTI outputs stand on their own: a series highdicom cannot refer to costs only its DICOM outputs.
         try:
             written["parametric_map"] = io.write_dicom(
-                parametric_map(anomaly, sources, created=created, threshold=found.threshold),
+                parametric_map(scan.to_file(anomaly), sources, created=created, threshold=found.threshold),
                 anomaly_path.with_name(f"{stem}_anomaly_pm.dcm"))
             if records:
                 written["seg"] = io.write_dicom(segmentation(found.labels, records, sources, created=created),

@@ -892,12 +892,37 @@ def _json_safe(value):
     return value
 
 
-def write_figure(figure, path: str | Path) -> Path:
-    """Save a matplotlib figure as PNG atomically."""
+def write_figure(figure, path: str | Path, *, dpi: int = 100) -> Path:
+    """Save a matplotlib figure as PNG atomically, cropped to what it draws as ``bbox_inches="tight"`` crops it."""
     path = Path(path)
     with _atomic(path, ".png") as temporary:
-        figure.savefig(temporary, format="png", dpi=100, bbox_inches="tight")
+        figure.savefig(temporary, format="png", dpi=dpi, bbox_inches=_tight_box(figure, dpi))
     return path
+
+
+def _tight_box(figure, dpi: int):
+    """The box ``bbox_inches="tight"`` crops to (inches, with its padding), measured without making the images.
+
+    Our own because matplotlib's measure draws the whole figure once more first, images resampled and all (a third of
+    the time of writing an overview); an image clipped to its axes does not change the box, so they are hidden while
+    it is measured. Pinned equal, pixel for pixel, in a test.
+    """
+    import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    shown = figure.get_dpi()
+    images = [image for axes in figure.axes for image in axes.get_images() if image.get_visible()]
+    try:
+        figure.set_dpi(dpi)
+        renderer = FigureCanvasAgg(figure).get_renderer()
+        for image in images:
+            image.set_visible(False)
+        box = figure.get_tightbbox(renderer)
+    finally:
+        for image in images:
+            image.set_visible(True)
+        figure.set_dpi(shown)
+    return box.padded(matplotlib.rcParams["savefig.pad_inches"])
 
 
 def write_bank(tensors: dict[str, torch.Tensor], meta: Callable[[str], dict], folder: str | Path) -> Path:

@@ -316,7 +316,7 @@ def analyse(job: Job, detector: Detector, folder: Path, *, progress: bool = True
             # The set's findings files go to their temporaries; the files only some kinds of input get (DICOM
             # SEG and Parametric Map, 2D PNGs) are named after the final heatmap and written whole each.
             written, notes = exports.write_findings(
-                found, scan, scan.to_file(maps["anomaly"]), {**staged, "anomaly": paths["anomaly"]},
+                found, scan, maps["anomaly"], {**staged, "anomaly": paths["anomaly"]},
                 created=exports.creation_time(), slices=prepared.slices.numpy(),
                 heat_slices=detection.anomaly.numpy(), label_slices=label_slices)
             report["outputs"].update({key: paths[key].name if key in paths else path.name

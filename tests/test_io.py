@@ -487,3 +487,29 @@ def test_spilled_rows_come_back_memory_mapped_and_equal():
     assert torch.equal(back, torch.cat(parts))
     with pytest.raises(RuntimeError, match="differ"):
         spill.append(torch.zeros(1, 4, 6).half())
+
+
+@pytest.mark.parametrize("aspect, contours", [(1.0, False), (3.0, True), (0.2, False)])
+def test_a_figure_is_cropped_as_matplotlib_tight_crops_it(tmp_path, aspect, contours):
+    # write_figure measures the tight box with the images hidden (they are clipped to their axes); the picture must
+    # be matplotlib's own bbox_inches="tight" one, pixel for pixel.
+    from PIL import Image as Picture
+
+    from himatch_med.figures import overview
+    from himatch_med.screening import roc_figure
+
+    rng = np.random.default_rng(0)
+    slices = rng.random((3, 40, 50)).astype(np.float32)
+    maps = rng.normal(2, 2, (3, 40, 50)).astype(np.float32)
+    foreground = np.zeros((3, 40, 50), bool)
+    foreground[:, 5:35, 5:45] = True
+    labels = np.zeros((3, 40, 50), np.uint8)
+    labels[:, 10:20, 10:25] = 1
+    figures = [overview(slices, maps, foreground, ["slice k=1  score 2.00"] * 3, title="a long title\nof two lines",
+                        aspect=aspect, findings=labels, contours=foreground if contours else None),
+               roc_figure(np.array([0, 0.5, 1]), np.array([0, 0.8, 1]), 0.7, 3, 4)]
+    for number, figure in enumerate(figures):
+        ours = io.write_figure(figure, tmp_path / f"ours{number}.png")
+        figure.savefig(tmp_path / f"tight{number}.png", format="png", dpi=100, bbox_inches="tight")
+        mine, theirs = (np.asarray(Picture.open(path)) for path in (ours, tmp_path / f"tight{number}.png"))
+        assert mine.shape == theirs.shape and np.array_equal(mine, theirs), number
