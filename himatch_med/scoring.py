@@ -39,7 +39,15 @@ def top_mean(values: torch.Tensor, fraction: float) -> torch.Tensor:
     """Mean of the top ``fraction`` of ``values`` (at least one value); 0 for an empty tensor."""
     if values.numel() == 0:
         return values.new_zeros(())
-    return values.flatten().float().topk(top_count(fraction, values.numel())).values.mean()
+    flat, k = values.flatten().float(), top_count(fraction, values.numel())
+    if flat.device.type == "cpu" and not flat.requires_grad:
+        # numpy's introselect is 2-8 times faster than torch.topk on the CPU (a bank's calibration takes one top
+        # mean per sampled slice and volume). Sorted as topk sorts them, the values are added in the same order: the
+        # same float32 mean, pinned in a test.
+        array = flat.numpy()
+        top = np.sort(np.partition(array, array.size - k)[array.size - k:])[::-1]
+        return torch.from_numpy(top.copy()).mean()
+    return flat.topk(k).values.mean()
 
 
 def slice_scores(maps: torch.Tensor, foreground: torch.Tensor, scored: torch.Tensor, fraction: float,

@@ -45,6 +45,17 @@ def test_top_mean_empty_is_zero():
     assert result.shape == () and float(result) == 0.0
 
 
+@pytest.mark.parametrize("count, fraction", [(1, 0.01), (997, 0.01), (30000, 0.01), (200_003, 0.05), (64, 1.0)])
+def test_top_mean_on_the_cpu_is_torch_topk_mean_bit_for_bit(count, fraction):
+    # numpy selects the top values on the CPU; summed in topk's order they give torch's float32 mean exactly.
+    generator = torch.Generator().manual_seed(count)
+    values = torch.randn(count, generator=generator) * 3
+    values[: count // 3] = values[0]  # many ties
+    expected = values.float().topk(max(1, math.ceil(round(fraction * count, 9)))).values.mean()
+    found = top_mean(values.reshape(-1, 1), fraction)
+    assert found.dtype == torch.float32 and found.shape == () and torch.equal(found, expected)
+
+
 def test_top_mean_with_ties():
     assert float(top_mean(torch.tensor([1.0, 4.0, 4.0, 4.0]), 0.5)) == pytest.approx(4.0)
 
