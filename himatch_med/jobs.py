@@ -233,8 +233,10 @@ def examine(job: Job, detector: Detector, *, progress: bool = True, timer: Timer
     with timer("save"):
         report = make_report(scan, prepared, detection, detector, output_paths(scan.path, Path(".")))
         # Findings and viewer-ready maps (issue 13): the logic is in findings.py and exports.py.
-        region = from_slices(prepared.foreground & detection.scored[:, None, None], prepared.axis).numpy()
-        maps = {name: np.where(region, detection.canonical(name).numpy(), np.float32(0))
+        # Masked as slices and stacked back as views: one pass over each map (flipping a tensor would copy it).
+        inside = prepared.foreground & detection.scored[:, None, None]
+        region = from_slices(inside.numpy(), prepared.axis)
+        maps = {name: from_slices(torch.where(inside, getattr(detection, name), 0.0).numpy(), prepared.axis)
                 for name in ("anomaly", "uncertainty")}
         if maps_made is not None:
             maps_made(maps)

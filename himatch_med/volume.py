@@ -54,8 +54,13 @@ def to_slices(volume: torch.Tensor, axis: int) -> torch.Tensor:
     return planes.transpose(1, 2).flip(1, 2)
 
 
-def from_slices(slices: torch.Tensor, axis: int) -> torch.Tensor:
-    """Stack display-oriented slices ``(S, H, W)`` back into a canonical volume; the inverse of :func:`to_slices`."""
+def from_slices(slices: torch.Tensor | np.ndarray, axis: int) -> torch.Tensor | np.ndarray:
+    """Stack display-oriented slices ``(S, H, W)`` back into a canonical volume; the inverse of :func:`to_slices`.
+
+    A numpy array gives a view (numpy flips without copying; torch's flip copies).
+    """
+    if isinstance(slices, np.ndarray):
+        return np.moveaxis(np.flip(slices, (1, 2)).swapaxes(1, 2), 0, axis)
     return slices.flip(1, 2).transpose(1, 2).movedim(0, axis)
 
 

@@ -136,6 +136,9 @@ def test_slices_round_trip_is_exact(axis):
     volume = torch.from_numpy(unique_volume())
     slices = to_slices(volume, axis)
     assert torch.equal(from_slices(slices, axis), volume)
+    # numpy's is a view of the slices with the same values.
+    stacked = from_slices(slices.contiguous().numpy(), axis)
+    assert np.array_equal(stacked, volume.numpy()) and not stacked.flags.owndata
 
 
 @pytest.mark.parametrize(("axis", "shape"), [(0, (5, 7, 6)), (1, (6, 7, 5)), (2, (7, 6, 5))])
