@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -275,7 +276,7 @@ def analyse(job: Job, detector: Detector, folder: Path, *, progress: bool = True
     threshold = run_threshold(detector)
     with io.write_set(paths, lock=lock_path(scan.path, folder), owner=str(scan.path),
                       replaces=tuple(folder / name for name in replaces)) as staged, \
-            ThreadPoolExecutor(max_workers=2) as pool:
+            ThreadPoolExecutor(max_workers=MAP_WRITERS) as pool:
         # The maps are written in the pool from the moment they are made: the findings are looked for meanwhile, and
         # gzip releases the GIL, so they compress in parallel while the findings and the picture are written.
         writes = []
@@ -399,5 +400,9 @@ def describe_error(path: Path, error: Exception) -> str:
     return f"{path}: {type(error).__name__}: {error}"
 
 
+CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
+MAP_WRITERS = max(1, min(3, CORES - 1))
+"""Threads writing an input's maps: one per map, leaving a core to the main thread (which looks for the findings and
+draws the picture meanwhile); on two cores one writer (two made both threads wait: 0.59 against 0.53 s of writing)."""
 WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
 """Errors of the disk an output goes to."""
