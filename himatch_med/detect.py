@@ -338,25 +338,31 @@ def slice_sigma(settings: Settings, height: int, width: int, patch_size: int, as
     return settings.smoothing_sigma * width / size[1]
 
 
-def slice_maps(maps: list[torch.Tensor | None], size: tuple[int, int], sigma: float, chunk: int = 64, *,
-               resampled: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
+def slice_maps(maps: list[torch.Tensor | None], size: tuple[int, int], sigma: float, chunk: int = 64
+               ) -> torch.Tensor:
     """Patch maps of every slice (None where not scored) -> smoothed slice maps ``(S, H, W)``.
 
-    Slices that were not scored take the lowest value of the scored ones, so they read as normal. ``resampled``: the
-    slice maps of some slices already made from their patch maps, by slice index (the same as made here:
-    :func:`maps_to_slices` treats each slice alone).
+    Slices that were not scored take the lowest value of the scored ones, so they read as normal.
     """
     present = [m for m in maps if m is not None]
     if not present:
         return torch.zeros((len(maps), *size))
     low = torch.stack([m.min() for m in present]).min()
-    resampled = resampled or {}
-    missing = [i for i in range(len(maps)) if i not in resampled]
-    made = {}
-    if missing:
-        stack = torch.stack([maps[i] if maps[i] is not None else torch.full_like(present[0], low) for i in missing])
-        made = dict(zip(missing, torch.cat([maps_to_slices(part, size, sigma=sigma) for part in stack.split(chunk)])))
-    return torch.stack([resampled[i] if i in resampled else made[i] for i in range(len(maps))])
+    stack = torch.stack([m if m is not None else torch.full_like(present[0], low) for m in maps])
+    return torch.cat([maps_to_slices(part, size, sigma=sigma) for part in stack.split(chunk)])
+
+
+def filled(canvas: torch.Tensor, scored: torch.Tensor, maps: list[torch.Tensor], sigma: float) -> torch.Tensor:
+    """``canvas`` ``(S, H, W)``, made batch by batch for the ``scored`` slices ``(S,)``, with the others filled.
+
+    They take the slice map of the lowest value of the scored slices' patch ``maps``, as in :func:`slice_maps`: the
+    result is :func:`slice_maps` of all of them (:func:`maps_to_slices` treats each slice alone).
+    """
+    if not bool(scored.all()):
+        low = torch.stack([m.min() for m in maps]).min()
+        lowest = maps_to_slices(torch.full_like(maps[0], low)[None], tuple(canvas.shape[1:]), sigma=sigma)[0]
+        canvas[~scored.to(canvas.device)] = lowest
+    return canvas
 
 
 def device_of_extractor(extractor: Extractor) -> torch.device:
@@ -426,7 +432,7 @@ class Detector:
             prepared.scored & ~sliver_slices(prepared.foreground, prepared.scored, settings.sliver_area)
         # The anomaly maps go to the slice grid, and are scored, batch by batch: the candidates are chosen by score.
         sigma = slice_sigma(settings, height, width, self.extractor.patch_size, prepared.pixel_aspect)
-        resampled: dict[int, torch.Tensor] = {}
+        canvas: torch.Tensor | None = None  # the slice maps, made batch by batch
         scores = torch.zeros(count)
         for part, features, patches in pending:
             if baseline:
@@ -446,7 +452,9 @@ class Detector:
                     anomaly, uncertainty = fill_background(anomaly, patches), fill_background(uncertainty, patches)
             with timer("resample"):
                 smooth = maps_to_slices(anomaly, (height, width), sigma=sigma)
-                resampled.update(zip(part.tolist(), smooth))
+                if canvas is None:
+                    canvas = smooth.new_empty((count, height, width))
+                canvas[part.to(canvas.device)] = smooth
                 if not baseline:  # each slice's score is of its own map: the same scored in any batch
                     found = slice_scores(smooth, prepared.foreground[part].to(smooth.device),
                                          torch.ones(len(part), dtype=torch.bool), settings.top_fraction)
@@ -461,8 +469,8 @@ class Detector:
         with timer("resample"):
             scored = torch.zeros(count, dtype=torch.bool)
             scored[list(grid_maps)] = True
-            anomaly = slice_maps([grid_maps.get(i, (None, None))[0] for i in range(count)], (height, width), sigma,
-                                 resampled=resampled)
+            anomaly = torch.zeros((count, height, width)) if canvas is None else \
+                filled(canvas, scored, [a for a, _ in grid_maps.values()], sigma)
             uncertainty = slice_maps([grid_maps.get(i, (None, None))[1] for i in range(count)], (height, width),
                                      sigma)
             foreground = prepared.foreground.to(anomaly.device)

@@ -109,6 +109,11 @@ def test_slice_scores_are_those_of_the_slice_maps_scored_whole(detector):
         result = Detector(detector.extractor, detector.bank, replace(SETTINGS, batch_size=size)).detect(query)
         whole = slice_scores(result.anomaly, query.foreground, result.scored, SETTINGS.top_fraction)
         assert torch.equal(result.slice_scores, whole) and bool(result.slice_scores.any()), size
+        # Slices not scored read as normal: each the same map, of the lowest value the scored ones have.
+        unscored = result.anomaly[~result.scored]
+        assert len(unscored) >= 3 and torch.equal(unscored, unscored[:1].expand_as(unscored))
+        assert float(unscored.max() - unscored.min()) < 1e-4
+        assert float(unscored.max()) <= float(result.anomaly[result.scored].min()) + 1e-4
 
 
 def test_detection_keeps_the_slice_maps_the_picture_shows(detector):
