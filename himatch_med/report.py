@@ -5,6 +5,7 @@ Builds them; :mod:`himatch_med.jobs` writes them through :mod:`himatch_med.io`.
 
 from __future__ import annotations
 
+import functools
 import platform
 from dataclasses import asdict
 from pathlib import Path
@@ -182,6 +183,12 @@ def aspect_notes(aspect: float) -> list[str]:
 
 def versions() -> dict:
     """Versions of Python, himatch-med and the main packages (``None`` for one that is not installed)."""
+    return dict(installed_versions())
+
+
+@functools.cache
+def installed_versions() -> tuple[tuple[str, str | None], ...]:
+    """:func:`versions` as pairs, looked up once per process (reading the packages' metadata took 30 ms a report)."""
     import importlib.metadata as metadata
 
     found = {"python": platform.python_version(), "himatch_med": __version__}
@@ -190,7 +197,7 @@ def versions() -> dict:
             found[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             found[name] = None
-    return found
+    return tuple(found.items())
 
 
 def overview_figure(prepared: Prepared, detection: Detection, report: dict, *, aspect: float = 1.0,

@@ -18,7 +18,7 @@ from conftest import LESION, PERMUTED, SETTINGS, SHAPE, as_stored, brain_volume,
 
 import himatch_med
 from himatch_med import jobs
-from himatch_med.report import calibration_notes, make_report, overview_figure, versions
+from himatch_med.report import calibration_notes, installed_versions, make_report, overview_figure, versions
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +71,11 @@ def test_a_package_that_is_not_installed_is_recorded_as_none(monkeypatch):
         return real(name)
 
     monkeypatch.setattr(importlib.metadata, "version", version)
-    assert versions()["monai"] is None and versions()["torch"] == real("torch")
+    installed_versions.cache_clear()  # looked up once per process
+    try:
+        assert versions()["monai"] is None and versions()["torch"] == real("torch")
+    finally:
+        installed_versions.cache_clear()
 
 
 def test_top_slices_name_the_files_own_voxel_index(job, detector):
