@@ -15,8 +15,9 @@ import errno
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -276,7 +277,7 @@ def analyse(job: Job, detector: Detector, folder: Path, *, progress: bool = True
     threshold = run_threshold(detector)
     with io.write_set(paths, lock=lock_path(scan.path, folder), owner=str(scan.path),
                       replaces=tuple(folder / name for name in replaces)) as staged, \
-            ThreadPoolExecutor(max_workers=MAP_WRITERS) as pool:
+            map_writers() as pool:
         # The maps are written in the pool from the moment they are made: the findings are looked for meanwhile, and
         # gzip releases the GIL, so they compress in parallel while the findings and the picture are written.
         writes = []
@@ -335,6 +336,22 @@ def analyse(job: Job, detector: Detector, folder: Path, *, progress: bool = True
         report["timings_seconds"] = {k: round(v, 3) for k, v in timings.items()}
         io.write_json(report, staged["report"])
     return report
+
+
+@contextmanager
+def map_writers() -> Iterator[ThreadPoolExecutor]:
+    """The threads an input's maps are written in (:data:`MAP_WRITERS`); on leaving, they finish their writes.
+
+    On an error (or an interruption) the writes not yet started are dropped: only the running ones are waited for,
+    and then the write set removes what they wrote.
+    """
+    pool = ThreadPoolExecutor(max_workers=MAP_WRITERS)
+    try:
+        yield pool
+    except BaseException:
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
 
 
 def run_threshold(detector: Detector) -> float | None:

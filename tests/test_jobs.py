@@ -66,6 +66,27 @@ def test_a_failure_while_the_maps_are_being_written_leaves_nothing(query, detect
     with pytest.raises(RuntimeError, match="findings failed"):
         jobs.process(query, detector, out, progress=False)
     assert listing(out) == []
+    # With one writer, the maps not yet being written when it fails are dropped, not written for nothing.
+    release, calls = threading.Event(), []
+
+    def held(*args, **kwargs):
+        calls.append(args[2])
+        started.set()
+        assert release.wait(10)
+        return real_write_map(*args, **kwargs)
+
+    def failing_later(*args, **kwargs):
+        assert started.wait(10)
+        threading.Timer(0.5, release.set).start()  # the running write ends after the failure has been raised
+        raise RuntimeError("findings failed")
+
+    started.clear()
+    monkeypatch.setattr(jobs, "MAP_WRITERS", 1)
+    monkeypatch.setattr(Scan, "write_map", held)
+    monkeypatch.setattr(jobs, "find_findings", failing_later)
+    with pytest.raises(RuntimeError, match="findings failed"):
+        jobs.process(query, detector, out, progress=False)
+    assert len(calls) == 1 and listing(out) == []
     monkeypatch.undo()
     monkeypatch.setattr(Scan, "write_map", full_disk)
     with pytest.raises(OSError, match="No space left"):
