@@ -274,7 +274,8 @@ def analyse(job: Job, detector: Detector, folder: Path, *, progress: bool = True
     scan, prepared = job.scan, job.prepared
     timings = {"read_prepare": job.seconds}
     paths = output_paths(scan.path, folder, detector.settings.planes)
-    threshold = run_threshold(detector)
+    # The findings' threshold, known before they are found: the maps' headers and overlay are made with it.
+    threshold = outcome.found.threshold if outcome is not None else run_threshold(detector)
     with io.write_set(paths, lock=lock_path(scan.path, folder), owner=str(scan.path),
                       replaces=tuple(folder / name for name in replaces)) as staged, \
             map_writers() as pool:
@@ -303,8 +304,6 @@ def analyse(job: Job, detector: Detector, folder: Path, *, progress: bool = True
         else:
             write_maps(outcome.maps)
         detection, maps, found, label_slices = outcome.detection, outcome.maps, outcome.found, outcome.label_slices
-        if found.threshold != threshold:
-            raise RuntimeError(f"the findings' threshold {found.threshold} is not the run's {threshold}")
         report = {**outcome.report, "notes": list(outcome.report["notes"]),
                   "outputs": {k: p.name for k, p in paths.items()}}
         timings["detect"] = outcome.seconds
