@@ -910,7 +910,7 @@ def _tight_box(figure, dpi: int):
     import matplotlib
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    shown = figure.get_dpi()
+    shown, canvas = figure.get_dpi(), figure.canvas
     images = [image for axes in figure.axes for image in axes.get_images() if image.get_visible()]
     try:
         figure.set_dpi(dpi)
@@ -922,6 +922,7 @@ def _tight_box(figure, dpi: int):
         for image in images:
             image.set_visible(True)
         figure.set_dpi(shown)
+        figure.set_canvas(canvas)  # a figure shown in a window keeps its own
     return box.padded(matplotlib.rcParams["savefig.pad_inches"])
 
 

@@ -192,7 +192,8 @@ class Outcome:
     """What detection found for one input, in memory, before anything is written (:func:`examine`).
 
     ``job`` the input; ``detection`` the detector's slice maps and scores; ``maps`` the canonical ``anomaly`` and
-    ``uncertainty`` volumes, 0 outside the scored slices' foreground; ``found`` the findings on the file's grid;
+    ``uncertainty`` volumes, 0 outside the scored slices' foreground (numpy views of the masked slice maps, not
+    contiguous: ``np.ascontiguousarray`` one for torch); ``found`` the findings on the file's grid;
     ``label_slices`` the findings cut into the prepared slices; ``report`` the report (its ``outputs`` name the files
     :func:`analyse` writes); ``seconds`` the time detection and the findings took.
     """

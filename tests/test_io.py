@@ -509,7 +509,9 @@ def test_a_figure_is_cropped_as_matplotlib_tight_crops_it(tmp_path, aspect, cont
                         aspect=aspect, findings=labels, contours=foreground if contours else None),
                roc_figure(np.array([0, 0.5, 1]), np.array([0, 0.8, 1]), 0.7, 3, 4)]
     for number, figure in enumerate(figures):
+        canvas = figure.canvas
         ours = io.write_figure(figure, tmp_path / f"ours{number}.png")
+        assert figure.canvas is canvas  # measuring leaves a figure its own canvas (a window's stays the window's)
         figure.savefig(tmp_path / f"tight{number}.png", format="png", dpi=100, bbox_inches="tight")
         mine, theirs = (np.asarray(Picture.open(path)) for path in (ours, tmp_path / f"tight{number}.png"))
         assert mine.shape == theirs.shape and np.array_equal(mine, theirs), number
