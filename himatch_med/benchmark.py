@@ -11,6 +11,8 @@ say nothing about detection quality and none is reported), or real weights from 
 3. With ``--screen-volumes N``: a cohort of N volumes screened (reading and writing overlapped with the backbone),
    its throughput against the backbone alone on the same slices.
 4. With ``--large-bank-slices N``: a synthetic ViT-B bank of N slices (disk size, open time, query time and memory).
+5. With ``--compile-trial``: the backbone compiled by ``torch.compile`` against eager on the end-to-end volume's
+   batches (the first pass, which compiles, the passes after it, and the largest difference of the outputs).
 
 Progress goes to stderr, a summary of each part too (``-q``: none; ``-v``: also the settings and every run's phases);
 the last line of stdout is one JSON object (also written to ``--json FILE``).
@@ -79,7 +81,10 @@ def parser() -> argparse.ArgumentParser:
                              "overlapped with the backbone by --workers processes) against the backbone-only "
                              "throughput of the same slices (default 0: skipped; e.g. 32)")
     parser.add_argument("--workers", type=int, default=2, help="reader processes of the screening part (default: 2)")
-    parser.add_argument("--skip-end-to-end", action="store_true", help="only the bank and screening parts")
+    parser.add_argument("--compile-trial", action="store_true",
+                        help="also time the backbone compiled by torch.compile against eager on the end-to-end "
+                             "volume's batches, and compare their outputs (the package does not compile)")
+    parser.add_argument("--skip-end-to-end", action="store_true", help="only the bank, screening and compile parts")
     parser.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write the figures here")
     chatter = parser.add_mutually_exclusive_group()
     chatter.add_argument("-q", "--quiet", action="store_true",
@@ -219,6 +224,20 @@ def synchronizer(device):
     return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
 
 
+def backbone_images(prepared, settings, extractor, device) -> tuple[tuple[int, int], list]:
+    """The backbone's image size and input batches for a prepared volume's scored slices (the backbone-only runs)."""
+    import torch
+
+    from himatch_med.transforms import to_backbone_images
+    from himatch_med.volume import backbone_size
+
+    height, width = prepared.slices.shape[1:]
+    size = backbone_size(height, width, image_size=settings.image_size, patch_size=extractor.patch_size)
+    scored = torch.nonzero(prepared.scored).flatten()
+    return size, [to_backbone_images(prepared.slices[part].to(device), size)
+                  for part in scored.split(settings.batch_size)]
+
+
 def end_to_end(args, settings, device, work: Path) -> dict:
     """Time one volume through the whole job by phase, against the backbone alone on the same slices."""
     import torch
@@ -227,8 +246,6 @@ def end_to_end(args, settings, device, work: Path) -> dict:
     from himatch_med.bank.build import build_bank
     from himatch_med.detect import Detector, load_extractor
     from himatch_med.timing import Timer
-    from himatch_med.transforms import to_backbone_images
-    from himatch_med.volume import backbone_size
 
     timer_sync = synchronizer(device)
     say("end to end: loading the model and writing the volumes")
@@ -291,11 +308,7 @@ def end_to_end(args, settings, device, work: Path) -> dict:
         timers.append(timer)
         # Backbone alone on exactly the same backbone images and batches.
         prepared = outcome["job"].prepared
-        height, width = prepared.slices.shape[1:]
-        size = backbone_size(height, width, image_size=settings.image_size, patch_size=extractor.patch_size)
-        scored = torch.nonzero(prepared.scored).flatten()
-        images = [to_backbone_images(prepared.slices[part].to(device), size)
-                  for part in scored.split(settings.batch_size)]
+        size, images = backbone_images(prepared, settings, extractor, device)
         backbone_runs.append(timed(lambda images=images: [extractor(batch) for batch in images]))
         say(f"end to end: run {repeat + 1}/{args.repeats}: {runs[-1]:.2f} s, backbone alone {backbone_runs[-1]:.2f} s")
         say(f"end to end: run {repeat + 1} phases {dict(timer.seconds)}", logging.DEBUG)
@@ -399,13 +412,9 @@ def screening_throughput(args, settings, device, work: Path, extractor) -> dict:
     works on the next, so its throughput should come close to the backbone's: the ratio shows how much of the I/O
     stays hidden.
     """
-    import torch
-
     from himatch_med import jobs, screening
     from himatch_med.bank.build import build_bank
     from himatch_med.detect import Detector
-    from himatch_med.transforms import to_backbone_images
-    from himatch_med.volume import backbone_size
 
     timer_sync = synchronizer(device)
     count = args.screen_volumes
@@ -433,12 +442,8 @@ def screening_throughput(args, settings, device, work: Path, extractor) -> dict:
     backbone_seconds, slices = 0.0, 0
     for path in paths:
         prepared = jobs.read(path, settings).prepared  # reading is not counted: only the backbone's own time
-        height, width = prepared.slices.shape[1:]
-        size = backbone_size(height, width, image_size=settings.image_size, patch_size=extractor.patch_size)
-        scored = torch.nonzero(prepared.scored).flatten()
-        images = [to_backbone_images(prepared.slices[part].to(device), size)
-                  for part in scored.split(settings.batch_size)]
-        slices += len(scored)
+        images = backbone_images(prepared, settings, extractor, device)[1]
+        slices += int(prepared.scored.sum())
         if timer_sync:
             timer_sync()
         begun = time.perf_counter()
@@ -454,6 +459,61 @@ def screening_throughput(args, settings, device, work: Path, extractor) -> dict:
                "throughput_ratio_to_backbone": round(backbone_seconds / seconds, 3)}
     say(f"screening: {count} volumes in {seconds:.2f} s ({figures['slices_per_second']} slices/s), backbone alone "
         f"{backbone_seconds:.2f} s: throughput {figures['throughput_ratio_to_backbone']} x the backbone's")
+    return figures
+
+
+def compile_trial(args, settings, device, work: Path) -> dict:
+    """The backbone compiled by ``torch.compile`` (inductor) against eager, on the end-to-end volume's batches.
+
+    Reports the first pass (the compile: inductor caches its graphs on disk, so a second process shows what a later
+    run pays), the fastest of ``--repeats`` passes of each, and how far the compiled outputs are from eager's (the
+    largest absolute difference of any CLS or stage-grid component; both are unit vectors). The package itself does
+    not compile: this part is there to decide whether it should.
+    """
+    import torch
+
+    from himatch_med import jobs
+    from himatch_med.detect import load_extractor
+
+    timer_sync = synchronizer(device)
+
+    def timed(job) -> float:
+        if timer_sync:
+            timer_sync()
+        started = time.perf_counter()
+        job()
+        if timer_sync:
+            timer_sync()
+        return time.perf_counter() - started
+
+    extractor = load_extractor(settings, str(device))
+    query = save(synthetic_brain((args.in_plane, args.in_plane, args.slices), 3), work / "compile_query.nii.gz")
+    size, images = backbone_images(jobs.read(query, settings).prepared, settings, extractor, device)
+    eager = [extractor(batch) for batch in images]  # also the warm-up of the eager runs
+    eager_seconds = min(timed(lambda: [extractor(batch) for batch in images]) for _ in range(args.repeats))
+    model = extractor.model
+    say(f"compile: compiling the backbone for {len({tuple(b.shape) for b in images})} batch shapes of {size}")
+    extractor.model = torch.compile(model, dynamic=False)
+    try:
+        compiled = []
+        compile_seconds = timed(lambda: compiled.extend(extractor(batch) for batch in images))
+        compiled_seconds = min(timed(lambda: [extractor(batch) for batch in images]) for _ in range(args.repeats))
+    finally:
+        extractor.model = model
+
+    def largest(pairs) -> float:
+        return max(float((a - b).abs().max()) for a, b in pairs)
+
+    stages = len(eager[0][1])
+    figures = {"backbone_image": list(size), "batches": len(images), "first_pass_seconds": round(compile_seconds, 3),
+               "eager_seconds": round(eager_seconds, 3), "compiled_seconds": round(compiled_seconds, 3),
+               "speedup": round(eager_seconds / compiled_seconds, 3),
+               "max_abs_difference": {
+                   "cls": largest((e[0], c[0]) for e, c in zip(eager, compiled)),
+                   "stages": [largest((e[1][i], c[1][i]) for e, c in zip(eager, compiled)) for i in range(stages)]},
+               "inductor_cache": os.environ.get("TORCHINDUCTOR_CACHE_DIR") or "the default (/tmp/torchinductor_USER)"}
+    say(f"compile: first pass {compile_seconds:.2f} s; eager {eager_seconds:.3f} s, compiled {compiled_seconds:.3f} s "
+        f"({figures['speedup']} x); largest difference {figures['max_abs_difference']}")
     return figures
 
 
@@ -605,6 +665,8 @@ def measure(args: argparse.Namespace) -> int:
             result["screening"] = screening_throughput(args, settings, device, work, extractor)
         if args.large_bank_slices:
             result["large_bank"] = large_bank(args, device, work)
+        if args.compile_trial:
+            result["compile"] = compile_trial(args, settings, device, work)
     result["peak_host_mib"] = round(peak_host_mib(), 1)
     text = json.dumps(result)
     if args.json is not None:

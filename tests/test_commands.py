@@ -164,3 +164,41 @@ def test_the_benchmark_says_nothing_with_quiet_and_more_with_verbose(capfd):
     verbose = capfd.readouterr()
     assert "settings: Settings(model=" in verbose.err and "x the backbone; phases" in verbose.err
     assert "end_to_end" not in json.loads(verbose.out.splitlines()[-1])
+
+
+def test_the_benchmark_compile_trial_compiles_the_backbone_and_compares_it_with_eager(tiny_dinov3, tmp_path,
+                                                                                      monkeypatch, capfd):
+    """``--compile-trial`` times inductor's backbone against eager on the same batches and reports their gap."""
+    import json
+
+    import torch._dynamo
+
+    from himatch_med.benchmark import main as benchmark
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    assert benchmark(["--model", str(tiny_dinov3), "--image-size", "32", "--slices", "8", "--in-plane", "64",
+                      "--repeats", "1", "--bank-slices", "--skip-end-to-end", "--compile-trial", "--device", "cpu",
+                      "--precision", "float32", "-q"]) == 0
+    figures = json.loads(capfd.readouterr().out.splitlines()[-1])["compile"]
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # inductor compiled something
+    assert figures["batches"] >= 1 and figures["first_pass_seconds"] > 0 and figures["compiled_seconds"] > 0
+    differences = [figures["max_abs_difference"]["cls"], *figures["max_abs_difference"]["stages"]]
+    assert len(differences) == 5 and max(differences) < 1e-4  # float32: the same features within rounding
+    assert figures["inductor_cache"] == str(tmp_path / "inductor")
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_the_gpu_figures_script_refuses_a_machine_without_a_gpu_and_says_where_to_run_it(tmp_path):
+    """``pipelines/gpu_figures.sh`` (README, Performance) is valid bash and stops at once, writing nothing, without CUDA.
+
+    Its full run was checked on a CPU with ``GPU_FIGURES_DEVICE=cpu GPU_FIGURES_QUICK=1`` (100 s: the compile trial
+    compiles twice), too slow for this suite.
+    """
+    script = Path(__file__).resolve().parents[1] / "pipelines" / "gpu_figures.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    done = subprocess.run(["bash", str(script), str(tmp_path / "figures")], capture_output=True, text=True,
+                          env={**os.environ, "PYTHON": sys.executable}, timeout=120)
+    assert done.returncode == 1 and "sees no CUDA device; run this on the GPU machine" in done.stderr
+    assert list((tmp_path / "figures").iterdir()) == []
