@@ -231,6 +231,46 @@ def test_the_spread_calibration_equals_querying_each_sample_alone():
             torch.testing.assert_close(spread["spread_std"][replicate], every.std(dim=1), rtol=0, atol=1e-6)
     assert short > 0 and math.isfinite(float(spread["spread_mean"].sum()))  # the case the runs are keyed for
 
+def test_a_subset_holding_every_other_volume_takes_the_full_calibrations_values(monkeypatch):
+    """Such a sample retrieves what it retrieved in the full calibration: its values are reused, not computed again,
+    and the subsets' calibrations are bit for bit those computed from scratch (2 volumes: nothing is computed)."""
+    import himatch_med.bank.build as build
+    from himatch_med.bank.build import Sample, spread_calibration
+
+    settings = Settings(model="m", references_k=8, position_window=0.2, chunk_size=7, batch_size=16,
+                        spread_calibration_slices=40).resolved()
+    computed = []
+
+    def counted(features, *args, **kwargs):
+        computed.append(len(features.cls))
+        return stage_distances(features, *args, **kwargs)
+
+    for volumes in (2, 4):
+        stored = stored_bank()  # 40 slices
+        probe = replace(stored, groups=torch.arange(len(stored)) * volumes // len(stored)).to("cpu")
+        grids = [unit_rows(len(probe), 2, 2, 16, seed=s) for s in (11, 12)]
+        foreground = torch.rand(len(probe), 2, 2, generator=torch.Generator().manual_seed(3)) > 0.3
+        samples = [Sample(probe.cls[row].float(), probe.layout[row].float(), tuple(g[row] for g in grids),
+                          foreground[row], torch.ones(4, 4, dtype=torch.bool), float(probe.positions[row]),
+                          int(probe.groups[row]), row) for row in range(len(probe))]
+        full = []  # as calibrate_bank finds them: its batches, each sample without its own volume
+        for part in build._runs(samples, settings.batch_size):
+            maps, _ = stage_distances(build._features(part, torch.device("cpu")), probe, settings,
+                                      torch.tensor([s.position for s in part]), torch.tensor([s.group for s in part]))
+            full.extend(maps[:, row][:, s.patch_foreground] for row, s in enumerate(part))
+        mean, std = torch.zeros(2), torch.ones(2)
+        monkeypatch.setattr(build, "stage_distances", counted)
+        scratch = spread_calibration(probe, samples, settings, mean, std)
+        from_scratch, computed[:] = sum(computed), []
+        reused = spread_calibration(probe, samples, settings, mean, std, full=full)
+        monkeypatch.setattr(build, "stage_distances", stage_distances)
+        for name in ("spread_draws", "spread_mean", "spread_std"):
+            assert torch.equal(reused[name], scratch[name]), (volumes, name)
+        assert 0 < from_scratch and sum(computed) < from_scratch  # of 4 volumes too, some subsets hold the others
+        if volumes == 2:
+            assert sum(computed) == 0
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # building in full backbone batches, calibrating in batches
 

@@ -515,3 +515,20 @@ def test_a_figure_is_cropped_as_matplotlib_tight_crops_it(tmp_path, aspect, cont
         figure.savefig(tmp_path / f"tight{number}.png", format="png", dpi=100, bbox_inches="tight")
         mine, theirs = (np.asarray(Picture.open(path)) for path in (ours, tmp_path / f"tight{number}.png"))
         assert mine.shape == theirs.shape and np.array_equal(mine, theirs), number
+
+
+def test_a_stage_first_bank_gathers_the_same_centroids_and_stores_none_of_its_copy(tmp_path):
+    """``to(stage_first=True)`` (the calibration's) keeps a float32 stage-first copy when it fits the budget:
+    :meth:`Bank.memory` gives exactly what the stored fp16 rows converted give, and the copy is never stored."""
+    bank = _bank()
+    io.write_bank(bank.tensors(), bank.metadata, tmp_path / "bank")
+    loaded = Bank.from_stored(*io.read_bank(tmp_path / "bank"), source="bank")  # fp16, memory-mapped
+    indices = torch.tensor([[4, 0, 4], [1, 2, 3]])
+    plain = loaded.to("cpu")
+    staged = loaded.to("cpu", stage_first=True)
+    assert plain.query_centroids is None and staged.query_centroids.dtype == torch.float32
+    assert loaded.to("cpu", stage_first=True, descriptor_budget=10).query_centroids is None  # over the budget
+    expected = plain.memory(indices, torch.device("cpu"))
+    assert torch.equal(staged.memory(indices, torch.device("cpu")), expected)
+    assert torch.equal(expected[1, 0, 0], loaded.centroids[4, 1].float()) and expected.is_contiguous()
+    assert staged.tensors().keys() == plain.tensors().keys() and "query_centroids" not in staged.tensors()

@@ -241,7 +241,7 @@ def calibrate_bank(bank: Bank, samples: list[Sample], settings: Settings, patch_
     if len(bank) < 2:
         raise InputError("a bank needs at least two reference slices to calibrate; add reference images")
     # Made ready for queries once (descriptors converted, on the device), not by every query.
-    probe = replace(bank, groups=groups).to(device)
+    probe = replace(bank, groups=groups).to(device, stage_first=True)
     raw = []
     for part in _runs(samples, settings.batch_size):
         stage_maps, per_reference = stage_distances(
@@ -272,7 +272,7 @@ def calibrate_bank(bank: Bank, samples: list[Sample], settings: Settings, patch_
     volume_scores = [_volume_score(v, settings.top_fraction) for v in volume_values.values()]
     peaks = [max((float(x.max()) for _, x, _ in v if x.numel()), default=-math.inf) for v in volume_values.values()]
     findings = calibration_record(normal, peaks, settings.finding_false_positive_fraction)
-    spread = spread_calibration(probe, samples, settings, mean, std) if not single else {}
+    spread = spread_calibration(probe, samples, settings, mean, std, full=foreground_values) if not single else {}
     return replace(calibrated, calibration_slice_scores=torch.tensor(slice_values, dtype=torch.float32),
                    calibration_volume_scores=torch.tensor(volume_scores, dtype=torch.float32),
                    calibration_volume_groups=torch.tensor(list(volume_values), dtype=torch.int64),
@@ -280,7 +280,7 @@ def calibrate_bank(bank: Bank, samples: list[Sample], settings: Settings, patch_
 
 
 def spread_calibration(probe: Bank, samples: list[Sample], settings: Settings, mean: torch.Tensor,
-                       std: torch.Tensor) -> dict[str, torch.Tensor]:
+                       std: torch.Tensor, *, full: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The bank subsets of a score's spread: a seeded bootstrap over the reference volumes, each calibrated.
 
     Replicate ``b`` draws the reference volumes with replacement; its subset is the references of the volumes drawn.
@@ -294,6 +294,10 @@ def spread_calibration(probe: Bank, samples: list[Sample], settings: Settings, m
         samples: the calibration sample.
         settings: resolved settings (``spread_replicates``, ``seed``, retrieval).
         mean, std: the full calibration ``(L,)``.
+        full: each sample's foreground stage values ``(L, n)`` in the full calibration. A sample whose subset holds
+            every other volume, and as many references to retrieve, retrieves exactly what it retrieved there, so
+            its values are taken from there, not computed again (with two reference volumes that is every sample
+            the subsets keep).
 
     Returns:
         ``spread_draws`` ``(B, volumes)``, ``spread_mean`` and ``spread_std`` ``(B, L)``; empty when none are made.
@@ -305,7 +309,9 @@ def spread_calibration(probe: Bank, samples: list[Sample], settings: Settings, m
     draws = bootstrap_draws(volumes, settings.spread_replicates, settings.seed)
     # Evenly spaced: a subset's mean and spread of distances need thousands of patches, not every sampled slice.
     step = max(1, math.ceil(len(samples) / settings.spread_calibration_slices))
-    samples = samples[::step]
+    samples, full = samples[::step], None if full is None else full[::step]
+    # The full calibration's K: the references left to the sample of the largest volume.
+    whole = min(settings.references_k, len(probe) - int(torch.bincount(probe.groups).max()))
     means, stds = [], []
     for drawn in draws:
         kept = drawn.to(device)[probe.groups] > 0
@@ -313,14 +319,22 @@ def spread_calibration(probe: Bank, samples: list[Sample], settings: Settings, m
         # (capped at K), so that a batch of several volumes retrieves as many references as each volume alone.
         left = (int(kept.sum()) - torch.bincount(probe.groups[kept], minlength=volumes)).clamp(
             max=settings.references_k).tolist()
-        values = []
-        for part in _runs(samples, settings.batch_size, key=lambda sample: left[sample.group]):
-            if not left[part[0].group]:
-                continue
+        missing = (drawn == 0).long()
+        everything = (int(missing.sum()) - missing == 0).tolist()  # the subset holds every other volume
+        values: list[torch.Tensor | None] = [None] * len(samples)
+        if full is not None:
+            for number, sample in enumerate(samples):
+                if everything[sample.group] and left[sample.group] == whole:
+                    values[number] = full[number]
+        number_of = {id(sample): number for number, sample in enumerate(samples)}
+        pending = [s for number, s in enumerate(samples) if values[number] is None and left[s.group]]
+        for part in _runs(pending, settings.batch_size, key=lambda sample: left[sample.group]):
             stage_maps, _ = stage_distances(_features(part, device), probe, settings,
                                             torch.tensor([s.position for s in part]),
                                             torch.tensor([s.group for s in part]), allowed=kept)
-            values.extend(stage_maps[:, row][:, s.patch_foreground.to(device)] for row, s in enumerate(part))
+            for row, sample in enumerate(part):
+                values[number_of[id(sample)]] = stage_maps[:, row][:, sample.patch_foreground.to(device)]
+        values = [v for v in values if v is not None]  # in the samples' order, as the full calibration sums them
         every = torch.cat(values, dim=1) if values else None
         means.append(mean if every is None else every.mean(dim=1).cpu().float())
         stds.append(std if every is None else every.std(dim=1).clamp(min=1e-6).cpu().float())
