@@ -1,6 +1,7 @@
 """Files: reading every input kind, atomic writes, banks on disk."""
 
 import gzip
+from dataclasses import replace
 
 import nibabel as nib
 import numpy as np
@@ -532,3 +533,8 @@ def test_a_stage_first_bank_gathers_the_same_centroids_and_stores_none_of_its_co
     assert torch.equal(staged.memory(indices, torch.device("cpu")), expected)
     assert torch.equal(expected[1, 0, 0], loaded.centroids[4, 1].float()) and expected.is_contiguous()
     assert staged.tensors().keys() == plain.tensors().keys() and "query_centroids" not in staged.tensors()
+    built = replace(bank, centroids=bank.centroids.float())  # float32, as a bank built in memory holds them
+    for made in (staged, built.to("cpu", stage_first=True)):
+        # Contiguous stage first: a strided view gathers 25 times slower.
+        assert made.query_centroids.is_contiguous() and made.query_centroids.shape == (2, 5, 3, 8)
+        assert torch.equal(made.memory(indices, torch.device("cpu")), expected)

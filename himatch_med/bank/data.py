@@ -225,7 +225,9 @@ class Bank:
         centroids = self.centroids.to(device) if fits else self.centroids
         query = None
         if stage_first and fits and self.centroids.numel() * 4 <= descriptor_budget:
-            query = centroids.movedim(1, 0).to(torch.float32, memory_format=torch.contiguous_format)
+            query = centroids.movedim(1, 0)  # one copy, contiguous: ``to`` would keep a float32 bank's view
+            query = query.contiguous() if query.dtype == torch.float32 else query.to(
+                torch.float32, memory_format=torch.contiguous_format)
         return replace(self, **moved, centroids=centroids, others=others, query_centroids=query)
 
     def memory(self, indices: torch.Tensor, device: torch.device) -> torch.Tensor:
