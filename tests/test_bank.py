@@ -254,8 +254,11 @@ def test_a_subset_holding_every_other_volume_takes_the_full_calibrations_values(
                           foreground[row], torch.ones(4, 4, dtype=torch.bool), float(probe.positions[row]),
                           int(probe.groups[row]), row) for row in range(len(probe))]
         full = []  # as calibrate_bank finds them: its batches, each sample without its own volume
-        for part in build._runs(samples, settings.batch_size):
-            maps, _ = stage_distances(build._features(part, torch.device("cpu")), probe, settings,
+        for start in range(0, len(samples), settings.batch_size):  # one grid shape: runs of batch_size
+            part = samples[start:start + settings.batch_size]
+            features = Features(torch.stack([s.cls for s in part]), torch.stack([s.layout for s in part]),
+                                tuple(torch.stack([s.grids[stage] for s in part]) for stage in range(2)))
+            maps, _ = stage_distances(features, probe, settings,
                                       torch.tensor([s.position for s in part]), torch.tensor([s.group for s in part]))
             full.extend(maps[:, row][:, s.patch_foreground] for row, s in enumerate(part))
         mean, std = torch.zeros(2), torch.ones(2)
