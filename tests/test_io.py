@@ -1,7 +1,6 @@
 """Files: reading every input kind, atomic writes, banks on disk."""
 
 import gzip
-from dataclasses import replace
 
 import nibabel as nib
 import numpy as np
@@ -529,24 +528,3 @@ def test_a_figure_is_cropped_as_matplotlib_tight_crops_it(tmp_path, aspect, cont
         mine, theirs = (np.asarray(Picture.open(path)) for path in (ours, tmp_path / f"tight{number}.png"))
         assert mine.shape == theirs.shape and np.array_equal(mine, theirs), number
 
-
-def test_a_stage_first_bank_gathers_the_same_centroids_and_stores_none_of_its_copy(tmp_path):
-    """``to(stage_first=True)`` (the calibration's) keeps a float32 stage-first copy when it fits the budget:
-    :meth:`Bank.memory` gives exactly what the stored fp16 rows converted give, and the copy is never stored."""
-    bank = _bank()
-    io.write_bank(bank.tensors(), bank.metadata, tmp_path / "bank")
-    loaded = Bank.from_stored(*io.read_bank(tmp_path / "bank"), source="bank")  # fp16, memory-mapped
-    indices = torch.tensor([[4, 0, 4], [1, 2, 3]])
-    plain = loaded.to("cpu")
-    staged = loaded.to("cpu", stage_first=True)
-    assert plain.query_centroids is None and staged.query_centroids.dtype == torch.float32
-    assert loaded.to("cpu", stage_first=True, descriptor_budget=10).query_centroids is None  # over the budget
-    expected = plain.memory(indices, torch.device("cpu"))
-    assert torch.equal(staged.memory(indices, torch.device("cpu")), expected)
-    assert torch.equal(expected[1, 0, 0], loaded.centroids[4, 1].float()) and expected.is_contiguous()
-    assert staged.tensors().keys() == plain.tensors().keys() and "query_centroids" not in staged.tensors()
-    built = replace(bank, centroids=bank.centroids.float())  # float32, as a bank built in memory holds them
-    for made in (staged, built.to("cpu", stage_first=True)):
-        # Contiguous stage first: a strided view gathers 25 times slower.
-        assert made.query_centroids.is_contiguous() and made.query_centroids.shape == (2, 5, 3, 8)
-        assert torch.equal(made.memory(indices, torch.device("cpu")), expected)

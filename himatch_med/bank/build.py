@@ -241,7 +241,7 @@ def calibrate_bank(bank: Bank, samples: list[Sample], settings: Settings, patch_
     if len(bank) < 2:
         raise InputError("a bank needs at least two reference slices to calibrate; add reference images")
     # Made ready for queries once (descriptors converted, on the device), not by every query.
-    probe = replace(bank, groups=groups).to(device, stage_first=True)
+    probe = replace(bank, groups=groups).to(device)
     raw = []
     for part in _runs(samples, settings.batch_size):
         stage_maps, per_reference = stage_distances(

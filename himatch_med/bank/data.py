@@ -118,9 +118,6 @@ class Bank:
     spread_mean: torch.Tensor | None = None
     spread_std: torch.Tensor | None = None
     others: tuple[Bank, ...] = ()
-    query_centroids: torch.Tensor | None = None
-    """The centroids stage first in float32 ``(L, N, c, D)``, made by :meth:`to` when they fit: :meth:`memory` then
-    gathers each batch's references in one copy, with nothing to convert. Not stored."""
 
     @classmethod
     def from_stored(cls, tensors: dict[str, torch.Tensor], meta: dict, *, source: str) -> Bank:
@@ -200,17 +197,14 @@ class Bank:
         return {**meta, **{key: value for key, value in stored.items() if value is not None}}
 
     def to(self, device: torch.device | str, *, centroid_budget: int = 8 << 30,
-           descriptor_budget: int = 1 << 30, stage_first: bool = False) -> Bank:
+           descriptor_budget: int = 1 << 30) -> Bank:
         """This bank ready for queries on ``device``: its retrieval arrays there, the descriptors in float32.
 
         ``cls`` and ``layout`` are converted to float32 once here when that copy fits ``descriptor_budget`` bytes, so
         that retrieval does not convert the whole bank on every call; else they stay as stored and retrieval converts
         the rows it scores, chunk by chunk. The centroids follow when they fit ``centroid_budget`` bytes; else they
-        stay memory-mapped on the host and only the retrieved rows travel. With ``stage_first`` (for many queries
-        against a bank: its calibration), a float32, stage-first copy of the centroids is made once where it fits
-        ``descriptor_budget`` bytes too (:attr:`query_centroids`), so that matching gathers its references without
-        converting them batch by batch; one volume's queries gather fewer rows than a large bank holds, so a run does
-        not make it. A bank made for queries is not for storing: store the bank as built.
+        stay memory-mapped on the host and only the retrieved rows travel. A bank made for queries is not for
+        storing: store the bank as built.
         """
         device = torch.device(device)
         on_host = device.type == "cpu"
@@ -220,21 +214,12 @@ class Bank:
             moved["cls"], moved["layout"] = moved["cls"].float(), moved["layout"].float()
         moved = {name: tensor for name, tensor in moved.items() if "." not in name}  # the other planes': below
         fits = on_host or self.centroids.numel() * self.centroids.element_size() <= centroid_budget
-        others = tuple(other.to(device, centroid_budget=centroid_budget, descriptor_budget=descriptor_budget,
-                                stage_first=stage_first) for other in self.others)
-        centroids = self.centroids.to(device) if fits else self.centroids
-        query = None
-        if stage_first and fits and self.centroids.numel() * 4 <= descriptor_budget:
-            query = centroids.movedim(1, 0)  # one copy, contiguous: ``to`` would keep a float32 bank's view
-            query = query.contiguous() if query.dtype == torch.float32 else query.to(
-                torch.float32, memory_format=torch.contiguous_format)
-        return replace(self, **moved, centroids=centroids, others=others, query_centroids=query)
+        others = tuple(other.to(device, centroid_budget=centroid_budget, descriptor_budget=descriptor_budget)
+                       for other in self.others)
+        return replace(self, **moved, centroids=self.centroids.to(device) if fits else self.centroids, others=others)
 
     def memory(self, indices: torch.Tensor, device: torch.device) -> torch.Tensor:
         """Centroids of the references ``indices`` ``(B, K)`` as float32 ``(L, B, K, c, D)`` on ``device``."""
-        if self.query_centroids is not None:
-            flat = indices.flatten().to(self.query_centroids.device)
-            return torch.index_select(self.query_centroids, 1, flat).to(device).unflatten(1, indices.shape)
         rows = self.centroids[indices.flatten().to(self.centroids.device)].to(device)
         # Stage first and contiguous in the one copy that converts them, so that each stage's (B, K * c, D)
         # view for the matching is free (moving the stage axis after converting copied them twice).
