@@ -18,6 +18,8 @@ from himatch_med.errors import InputError
 
 BANK_META = "bank.json"
 """The bank's description (as :data:`himatch_med.io.BANK_META`)."""
+BANK_ARRAYS = "bank.safetensors"
+"""The bank's arrays (as :data:`himatch_med.io.BANK_ARRAYS`)."""
 
 
 def existing(paths: list[Path]) -> None:
@@ -77,8 +79,9 @@ def bank_fits(folder: Path, settings: Settings) -> None:
     the loaded model: they are checked when the bank is opened).
     """
     meta_path = Path(folder) / BANK_META
-    if not meta_path.is_file():
-        missing = BANK_META if Path(folder).is_dir() else "the folder"
+    lacking = [name for name in (BANK_META, BANK_ARRAYS) if not (Path(folder) / name).is_file()]
+    if lacking:
+        missing = " and ".join(lacking) if Path(folder).is_dir() else "the folder"
         raise InputError(f"{folder}: not a complete bank (missing {missing}); build it with "
                          "`python -m himatch_med.bank build`")
     try:

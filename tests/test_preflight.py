@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def fake_bank(folder: Path, **settings) -> Path:
     folder.mkdir(parents=True)
     (folder / "bank.json").write_text(json.dumps({"format_version": 2, "settings": settings}))
+    (folder / "bank.safetensors").write_bytes(b"")  # there; what it holds is checked when the bank is opened
     return folder
 
 
@@ -61,6 +62,9 @@ def test_a_bank_built_with_other_settings_is_refused_before_it_is_opened(tmp_pat
         preflight.bank_fits(other, settings)
     with pytest.raises(InputError, match="not a complete bank"):
         preflight.bank_fits(tmp_path / "nothing", settings)
+    (other / "bank.safetensors").unlink()  # a copy cut short: its description without its arrays
+    with pytest.raises(InputError, match=r"other: not a complete bank \(missing bank.safetensors\)"):
+        preflight.bank_fits(other, settings)
 
 
 COMMANDS = {
@@ -110,3 +114,9 @@ def test_common_mistakes_are_reported_before_torch_is_imported(tmp_path, command
         code, stderr, heavy = answer(command, argv)
         assert code == 2 and message in stderr, (argv, stderr)
         assert not heavy & {"torch", "monai", "transformers"}, (argv, heavy)
+
+
+def test_the_bank_file_names_are_those_io_writes():
+    from himatch_med import io
+
+    assert (preflight.BANK_META, preflight.BANK_ARRAYS) == (io.BANK_META, io.BANK_ARRAYS)
