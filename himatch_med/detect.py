@@ -127,7 +127,7 @@ def prepare(canonical: torch.Tensor, settings: Settings, *, foreground: torch.Te
 
     def cut(plane: str) -> Prepared:
         axis = AXIS_INDEX[plane]
-        slices, fg = to_slices(scaled, axis), to_slices(mask.bool(), axis)
+        slices, fg = to_slices(scaled, axis), to_slices(mask.bool(), axis).contiguous()
         scored = foreground_counts(fg).float() / fg[0].numel() >= max(settings.min_foreground, 1e-9)
         if excluded is not None:
             scored &= ~to_slices(excluded.bool(), axis).flatten(1).any(dim=1)

@@ -317,6 +317,17 @@ def test_a_2d_set_goes_through_the_backbone_in_batches(stand_in):
     assert_banks_close(batched, one_by_one)
 
 
+def test_images_of_two_sizes_on_one_patch_grid_calibrate_in_runs_like_one_at_a_time(stand_in):
+    # 56 x 60 and 58 x 62 both become 64 x 72 backbone images (an 8 x 9 grid): their samples share calibration runs,
+    # but each is resampled to its own size.
+    images = [(f"image{i}", prepare(torch.from_numpy(brain_volume(40 + i, (56 + 2 * (i % 2), 60 + 2 * (i % 2), 3))[0]
+                                                     [..., 1:2].copy()), SETTINGS)) for i in range(8)]
+    batched = build_bank(stand_in, images, replace(SETTINGS, batch_size=4))
+    assert len(batched) == 8
+    one_by_one = build_bank(stand_in, images, replace(SETTINGS, batch_size=1))
+    assert_banks_close(batched, one_by_one)
+
+
 def test_volumes_share_batches_and_calibrate_in_batches_like_one_slice_at_a_time(stand_in):
     volumes = [(f"normal{i}", prepare(torch.from_numpy(to_canonical(as_stored(brain_volume(i, SHAPE)[0], affine),
                                                                     affine)[0]), SETTINGS))

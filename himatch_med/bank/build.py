@@ -33,7 +33,7 @@ from himatch_med.errors import InputError
 from himatch_med.features import Extractor, Features
 from himatch_med.findings import ValueHistogram, calibration_record
 from himatch_med.matching import spherical_kmeans
-from himatch_med.scoring import bootstrap_draws, foreground_shares, top_mean
+from himatch_med.scoring import bootstrap_draws, foreground_shares, masked, top_mean
 from himatch_med.timing import NO_TIMER, Timer
 from himatch_med.volume import maps_to_slices
 
@@ -242,33 +242,40 @@ def calibrate_bank(bank: Bank, samples: list[Sample], settings: Settings, patch_
         raise InputError("a bank needs at least two reference slices to calibrate; add reference images")
     # Made ready for queries once (descriptors converted, on the device), not by every query.
     probe = replace(bank, groups=groups).to(device)
-    raw = []
+    raw = []  # per run of samples: (samples, stage maps (L, B, h, w), per-reference distances)
     for part in _runs(samples, settings.batch_size):
         stage_maps, per_reference = stage_distances(
             _features(part, device), probe, settings, torch.tensor([s.position for s in part]),
             torch.tensor([s.row if single else s.group for s in part]))
-        raw.extend((stage_maps[:, row:row + 1], per_reference[:, row:row + 1]) for row in range(len(part)))
-    foreground_values = [a[:, 0][:, s.patch_foreground.to(a.device)] for (a, _), s in zip(raw, samples)]
+        raw.append((part, stage_maps, per_reference))
+    foreground_values = [stage_maps[:, row][:, s.patch_foreground.to(stage_maps.device)]
+                         for part, stage_maps, _ in raw for row, s in enumerate(part)]
     every = torch.cat(foreground_values, dim=1)
     mean = every.mean(dim=1).cpu().float()
     std = every.std(dim=1).clamp(min=1e-6).cpu().float()
     calibrated = replace(bank, calibration_mean=mean, calibration_std=std)
     slice_values, volume_values = [], {}
     normal = ValueHistogram()  # findings: the normal voxels' distribution sets the finding threshold
-    for (stage_maps, per_reference), sample in zip(raw, samples):
+    # Scored a run at a time, as a query's batch is (a 2D set's samples are one slice each: one by one, the fusion
+    # and resampling of 500 images took a third of the calibration); only the foreground values are per sample.
+    for part, stage_maps, per_reference in raw:
         anomaly, _ = fused_maps(stage_maps, per_reference, calibrated, settings)
-        anomaly = fill_background(anomaly, sample.patch_foreground[None].to(anomaly.device)).cpu()
-        height, width = sample.foreground.shape
-        sigma = slice_sigma(settings, height, width, patch_size, sample.aspect)
-        slice_map = maps_to_slices(anomaly, (height, width), sigma=sigma)[0]
-        values = slice_map[sample.foreground]
-        normal.add(values)
-        # Slivers neither rank nor count in a query's volume score: nor in the scores it is compared with.
-        sliver = sample.area < settings.sliver_area
-        score = None if sliver else float(top_mean(values, settings.top_fraction))
-        if score is not None:
-            slice_values.append(score)
-        volume_values.setdefault(sample.group, []).append((sliver, values, score))
+        patches = torch.stack([s.patch_foreground for s in part]).to(anomaly.device)
+        anomaly = fill_background(anomaly, patches).cpu()
+        for start, size in _same_slices(part):
+            height, width = part[start].foreground.shape
+            sigma = slice_sigma(settings, height, width, patch_size, part[start].aspect)
+            slice_maps = maps_to_slices(anomaly[start:start + size], (height, width), sigma=sigma)
+            found = [masked(slice_map, sample.foreground) for slice_map, sample in zip(slice_maps,
+                                                                                     part[start:start + size])]
+            normal.add(torch.cat(found))  # a histogram and the extremes: the same counted at once
+            for values, sample in zip(found, part[start:start + size]):
+                # Slivers neither rank nor count in a query's volume score: nor in the scores it is compared with.
+                sliver = sample.area < settings.sliver_area
+                score = None if sliver else float(top_mean(values, settings.top_fraction))
+                if score is not None:
+                    slice_values.append(score)
+                volume_values.setdefault(sample.group, []).append((sliver, values, score))
     volume_scores = [_volume_score(v, settings.top_fraction) for v in volume_values.values()]
     peaks = [max((float(x.max()) for _, x, _ in v if x.numel()), default=-math.inf) for v in volume_values.values()]
     findings = calibration_record(normal, peaks, settings.finding_false_positive_fraction)
@@ -351,6 +358,16 @@ def _volume_score(entries: list[tuple[bool, torch.Tensor, float | None]], fracti
     if len(kept) == 1:
         return kept[0][1]
     return float(top_mean(torch.cat([values for values, _ in kept] or [values for _, values, _ in entries]), fraction))
+
+
+def _same_slices(part: list[Sample]) -> Iterator[tuple[int, int]]:
+    """``(start, count)`` of the runs of consecutive samples with one slice size and pixel aspect (resampled alike)."""
+    start = 0
+    for end in range(1, len(part) + 1):
+        if end == len(part) or (part[end].foreground.shape, part[end].aspect) != (part[start].foreground.shape,
+                                                                                  part[start].aspect):
+            yield start, end - start
+            start = end
 
 
 def _features(part: list[Sample], device: torch.device) -> Features:

@@ -220,7 +220,9 @@ class Bank:
 
     def memory(self, indices: torch.Tensor, device: torch.device) -> torch.Tensor:
         """Centroids of the references ``indices`` ``(B, K)`` as float32 ``(L, B, K, c, D)`` on ``device``."""
-        rows = self.centroids[indices.flatten().to(self.centroids.device)].to(device)
+        # index_select, not advanced indexing: the same rows, gathered 3-4 times faster on the CPU (3.5 against
+        # 0.9 ms for a batch's 16 x 8 references of 4 stages x 32 x 384).
+        rows = self.centroids.index_select(0, indices.flatten().to(self.centroids.device)).to(device)
         # Stage first and contiguous in the one copy that converts them, so that each stage's (B, K * c, D)
         # view for the matching is free (moving the stage axis after converting copied them twice).
         rows = rows.movedim(1, 0)
