@@ -66,6 +66,11 @@ class Backbone:
         """Where the weights live."""
         return next(self.model.parameters()).device
 
+    @property
+    def arithmetic(self) -> str:
+        """``float32`` or ``bfloat16``: what it computes in on its device (:func:`arithmetic` of its precision)."""
+        return arithmetic(self.precision, self.device)
+
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         """Images ``(S, 3, H', W')`` -> unit CLS ``(S, D)`` and one unit grid ``(S, h, w, D)`` per stage (float32)."""

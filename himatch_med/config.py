@@ -169,9 +169,10 @@ class Settings:
         check=True)
     seed: int = _setting(0, "seed of every random choice (k-means, calibration sample)", built=True)
     batch_size: int = _setting(16, "slices per backbone batch", speed=True)
-    precision: str = _setting("auto", "arithmetic of the backbone: bfloat16 (about twice as fast where the device has "
-                              "it natively; unit features move by about 1e-4 in cosine), float32, or auto (bfloat16 on "
-                              "CUDA and on CPUs with native bf16, AVX512_BF16 or AMX; float32 elsewhere)", PRECISIONS)
+    precision: str = _setting("auto", "arithmetic of the backbone and of matching its features: bfloat16 (about twice "
+                              "as fast where the device has it natively; unit features move by about 1e-4 in cosine, "
+                              "maps by about 0.01 z), float32, or auto (bfloat16 on CUDA and on CPUs with native bf16, "
+                              "AVX512_BF16 or AMX; float32 elsewhere)", PRECISIONS)
     chunk_size: int = _setting(4096, "bank rows compared at once (bounds memory)", speed=True)
 
     def __post_init__(self) -> None:

@@ -224,11 +224,13 @@ def reference_batches(extractor: Extractor, references: Iterable[tuple[str, Prep
 
 def stage_distances(features: Features, bank: Bank, settings: Settings, positions: torch.Tensor,
                     groups: torch.Tensor | None = None, timer: Timer = NO_TIMER, *,
-                    allowed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    allowed: torch.Tensor | None = None, dtype: torch.dtype = torch.float32
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Retrieve references for a batch and measure each stage against their centroids.
 
     ``groups``: each query's reference volume, left out of its retrieval; ``allowed``: the bank rows any query may
-    retrieve ``(N,)`` (a subset of the bank; with ``groups``, each query leaves its own volume out of the subset).
+    retrieve ``(N,)`` (a subset of the bank; with ``groups``, each query leaves its own volume out of the subset);
+    ``dtype``: what the patches are compared with the centroids in (:func:`matching_dtype`), float32 results.
 
     Returns:
         Stage maps ``A`` ``(L, B, h, w)`` and per-reference distances ``d`` ``(L, B, h, w, K)``.
@@ -252,8 +254,9 @@ def stage_distances(features: Features, bank: Bank, settings: Settings, position
                             query_groups=None if groups is None else groups.to(device),
                             bank_groups=None if groups is None else bank.groups, allowed=allowed)
     with timer("matching"):
-        memory = bank.memory(index, device)
-        distances = torch.stack([reference_distances(grid.flatten(1, 2), memory[stage], chunk=settings.chunk_size)
+        memory = bank.memory(index, device, dtype)
+        distances = torch.stack([reference_distances(grid.flatten(1, 2).to(dtype), memory[stage],
+                                                     chunk=settings.chunk_size)
                                  for stage, grid in enumerate(features.grids)])
         per_reference = distances.unflatten(2, features.grid)
         return per_reference.amin(dim=-1), per_reference
@@ -370,6 +373,19 @@ def device_of_extractor(extractor: Extractor) -> torch.device:
     return getattr(extractor, "device", torch.device("cpu"))
 
 
+def matching_dtype(extractor: Extractor) -> torch.dtype:
+    """What patches are compared with centroids in: bfloat16 when the extractor computes its features in it.
+
+    Features from a bfloat16 backbone carry its rounding already; comparing them in bfloat16 too about halves the
+    matching where the device has it (AVX512_BF16, CUDA). Measured on a 240 x 240 x 155 volume (random ViT-S/16,
+    bf16 backbone, :func:`himatch_med.matching.reference_distances` taking cos - 1 in bfloat16): the anomaly map
+    moves by 0.002 z on average (at most 0.02), the volume score by 4e-4 z, while the bf16 backbone itself moves
+    them from float32's by 0.009 on average (at most 1.3) and 1e-3. Float32 features (``--precision float32``, an
+    extractor that does not say) are compared in float32, exactly as before.
+    """
+    return torch.bfloat16 if getattr(extractor, "arithmetic", "float32") == "bfloat16" else torch.float32
+
+
 @dataclass(frozen=True, eq=False)
 class Detector:
     """What detection needs, loaded once: the extractor, a calibrated bank, and the method settings.
@@ -389,6 +405,11 @@ class Detector:
     def device(self) -> torch.device:
         """Where the extractor computes."""
         return device_of_extractor(self.extractor)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """What its patches are compared with the bank's centroids in (:func:`matching_dtype`)."""
+        return matching_dtype(self.extractor)
 
     def batches(self, prepared: Prepared, timer: Timer = NO_TIMER
                 ) -> Iterator[tuple[torch.Tensor, Features, torch.Tensor]]:
@@ -446,7 +467,7 @@ class Detector:
                 if kept is not None:
                     kept.append((part, features, patches))
                 stage_maps, per_reference = stage_distances(features, bank, settings, prepared.positions[part],
-                                                            timer=timer)
+                                                            timer=timer, dtype=self.dtype)
                 with timer("fusion"):
                     anomaly, uncertainty = fused_maps(stage_maps, per_reference, bank, settings)
                     anomaly, uncertainty = fill_background(anomaly, patches), fill_background(uncertainty, patches)
@@ -555,10 +576,10 @@ class Detector:
             pending += list(self.batches(replace(prepared, scored=missing)))
         for part, features, patches in pending:
             positions = prepared.positions[part]
-            whole = stage_distances(features, self.bank, settings, positions)
+            whole = stage_distances(features, self.bank, settings, positions, dtype=self.dtype)
             for target, (allowed, calibrated) in zip(maps, [(None, self.bank), *subsets]):
                 distances = whole if allowed is None else stage_distances(features, self.bank, settings, positions,
-                                                                          allowed=allowed)
+                                                                          allowed=allowed, dtype=self.dtype)
                 target.update(zip(part.tolist(), fill_background(fused_maps(*distances, calibrated, settings)[0],
                                                                  patches)))
         indices = sorted(maps[0])

@@ -146,3 +146,12 @@ def test_a_first_download_shows_its_progress(tiny_dinov3):
     load_backbone(str(tiny_dinov3))
     assert not are_progress_bars_disabled()
     assert not hf_logging.is_progress_bar_enabled()
+
+
+def test_a_backbone_says_what_it_computes_in_and_its_features_are_matched_in_that(tiny_dinov3):
+    from himatch_med.detect import matching_dtype
+
+    exact = load_backbone(str(tiny_dinov3), precision="float32")
+    half = load_backbone(str(tiny_dinov3), precision="bfloat16")
+    assert (exact.arithmetic, matching_dtype(exact)) == ("float32", torch.float32)
+    assert (half.arithmetic, matching_dtype(half)) == ("bfloat16", torch.bfloat16)

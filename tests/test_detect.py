@@ -10,7 +10,7 @@ from sklearn.metrics import roc_auc_score
 
 from himatch_med.bank.build import build_bank
 from himatch_med.config import Settings
-from himatch_med.detect import Detector, batches, prepare, slice_sigma, stage_distances
+from himatch_med.detect import Detector, batches, matching_dtype, prepare, slice_sigma, stage_distances
 from himatch_med.volume import to_canonical
 
 RADIUS = 3.0
@@ -159,3 +159,46 @@ def test_smoothing_sigma_follows_the_rounded_backbone_height():
     # pixel is 50/112 slice pixels, not 30/64.
     settings = replace(SETTINGS, smoothing_sigma=2.0)
     assert slice_sigma(settings, 50, 30, 16) == pytest.approx(2.0 * 50 / 112)
+
+
+class SaysBfloat16:
+    """The stand-in, saying that it computes its features in bfloat16 (as a bf16 backbone does)."""
+
+    arithmetic = "bfloat16"
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.model_id, self.patch_size, self.stages, self.device = (inner.model_id, inner.patch_size, inner.stages,
+                                                                     inner.device)
+
+    def __call__(self, images):
+        return self.inner(images)
+
+
+def test_features_of_a_bfloat16_extractor_are_matched_in_bfloat16_close_to_float32(stand_in, references, detector):
+    from himatch_med import jobs
+
+    said = SaysBfloat16(stand_in)
+    assert matching_dtype(said) == torch.bfloat16 and matching_dtype(stand_in) == torch.float32
+    paths = sorted(references.iterdir())
+    half = Detector(said, build_bank(said, ((str(p), jobs.read(p, SETTINGS).prepared) for p in paths), SETTINGS),
+                    SETTINGS)
+    assert half.dtype == torch.bfloat16 and detector.dtype == torch.float32
+    # The calibration was matched in bfloat16 too: its z-units are the queries'.
+    assert not torch.equal(half.bank.calibration_std, detector.bank.calibration_std)
+    torch.testing.assert_close(half.bank.calibration_std, detector.bank.calibration_std, rtol=0.05, atol=0)
+    array, lesion = synthetic(11, lesion=LESION)
+    query = prepared(array, OBLIQUE)
+    exact, rounded = detector.detect(query), half.detect(query)
+    assert not torch.equal(exact.anomaly, rounded.anomaly)
+    inside = query.foreground & exact.scored[:, None, None]
+    difference = (exact.anomaly - rounded.anomaly)[inside].abs()
+    # The stand-in's last stage spreads its normal distances over 0.004 only (a real backbone's over 0.03): its
+    # bfloat16 rounding is a larger share here than it is on a real volume (0.002 z on average there).
+    assert float(difference.mean()) < 0.05 and float(difference.max()) < 0.5
+    assert rounded.volume_score == pytest.approx(exact.volume_score, rel=0.03)
+    assert len(rounded.replicate_scores) == len(exact.replicate_scores) > 0
+    canonical, _ = to_canonical(as_stored(array, OBLIQUE), OBLIQUE)
+    truth, _ = to_canonical(as_stored(lesion, OBLIQUE), OBLIQUE)
+    foreground = canonical != 0
+    assert roc_auc_score(truth[foreground], rounded.canonical("anomaly").numpy()[foreground]) >= 0.95

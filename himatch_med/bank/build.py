@@ -25,6 +25,7 @@ from himatch_med.detect import (
     device_of_extractor,
     fill_background,
     fused_maps,
+    matching_dtype,
     reference_batches,
     slice_sigma,
     stage_distances,
@@ -211,7 +212,8 @@ def build_bank(extractor: Extractor, references: Iterable[tuple[str, Prepared]],
                     calibrated_with=settings.calibration_fields(), patch_size=extractor.patch_size)
     bank = builder.bank(info)
     with timer("calibration"):
-        return calibrate_bank(bank, builder.samples, settings, extractor.patch_size, device)
+        return calibrate_bank(bank, builder.samples, settings, extractor.patch_size, device,
+                              dtype=matching_dtype(extractor))
 
 
 
@@ -230,11 +232,12 @@ def build_planes(extractor: Extractor, references: Callable[[Settings], Iterable
     return replace(bank, others=others)
 
 def calibrate_bank(bank: Bank, samples: list[Sample], settings: Settings, patch_size: int,
-                   device: torch.device) -> Bank:
+                   device: torch.device, *, dtype: torch.dtype = torch.float32) -> Bank:
     """The bank calibrated by querying sampled references against it without their own volume.
 
     The samples are queried ``batch_size`` at a time (consecutive samples of one grid shape). A bank made from a
-    single volume (or image) leaves out only the sampled slice itself.
+    single volume (or image) leaves out only the sampled slice itself. ``dtype``: what the matching computes in, as
+    the queries' will (:func:`himatch_med.detect.matching_dtype` of the extractor).
     """
     single = bank.groups.unique().numel() == 1
     groups = torch.arange(len(bank)) if single else bank.groups
@@ -246,7 +249,7 @@ def calibrate_bank(bank: Bank, samples: list[Sample], settings: Settings, patch_
     for part in _runs(samples, settings.batch_size):
         stage_maps, per_reference = stage_distances(
             _features(part, device), probe, settings, torch.tensor([s.position for s in part]),
-            torch.tensor([s.row if single else s.group for s in part]))
+            torch.tensor([s.row if single else s.group for s in part]), dtype=dtype)
         raw.append((part, stage_maps, per_reference))
     foreground_values = [stage_maps[:, row][:, s.patch_foreground.to(stage_maps.device)]
                          for part, stage_maps, _ in raw for row, s in enumerate(part)]
@@ -279,7 +282,8 @@ def calibrate_bank(bank: Bank, samples: list[Sample], settings: Settings, patch_
     volume_scores = [_volume_score(v, settings.top_fraction) for v in volume_values.values()]
     peaks = [max((float(x.max()) for _, x, _ in v if x.numel()), default=-math.inf) for v in volume_values.values()]
     findings = calibration_record(normal, peaks, settings.finding_false_positive_fraction)
-    spread = spread_calibration(probe, samples, settings, mean, std, full=foreground_values) if not single else {}
+    spread = spread_calibration(probe, samples, settings, mean, std, full=foreground_values, dtype=dtype) \
+        if not single else {}
     return replace(calibrated, calibration_slice_scores=torch.tensor(slice_values, dtype=torch.float32),
                    calibration_volume_scores=torch.tensor(volume_scores, dtype=torch.float32),
                    calibration_volume_groups=torch.tensor(list(volume_values), dtype=torch.int64),
@@ -287,7 +291,8 @@ def calibrate_bank(bank: Bank, samples: list[Sample], settings: Settings, patch_
 
 
 def spread_calibration(probe: Bank, samples: list[Sample], settings: Settings, mean: torch.Tensor,
-                       std: torch.Tensor, *, full: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+                       std: torch.Tensor, *, full: list[torch.Tensor] | None = None,
+                       dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """The bank subsets of a score's spread: a seeded bootstrap over the reference volumes, each calibrated.
 
     Replicate ``b`` draws the reference volumes with replacement; its subset is the references of the volumes drawn.
@@ -305,6 +310,7 @@ def spread_calibration(probe: Bank, samples: list[Sample], settings: Settings, m
             every other volume, and as many references to retrieve, retrieves exactly what it retrieved there, so
             its values are taken from there, not computed again (with two reference volumes that is every sample
             the subsets keep).
+        dtype: what the matching computes in (:func:`calibrate_bank`).
 
     Returns:
         ``spread_draws`` ``(B, volumes)``, ``spread_mean`` and ``spread_std`` ``(B, L)``; empty when none are made.
@@ -338,7 +344,7 @@ def spread_calibration(probe: Bank, samples: list[Sample], settings: Settings, m
         for part in _runs(pending, settings.batch_size, key=lambda sample: left[sample.group]):
             stage_maps, _ = stage_distances(_features(part, device), probe, settings,
                                             torch.tensor([s.position for s in part]),
-                                            torch.tensor([s.group for s in part]), allowed=kept)
+                                            torch.tensor([s.group for s in part]), allowed=kept, dtype=dtype)
             for row, sample in enumerate(part):
                 values[number_of[id(sample)]] = stage_maps[:, row][:, sample.patch_foreground.to(device)]
         values = [v for v in values if v is not None]  # in the samples' order, as the full calibration sums them

@@ -22,7 +22,7 @@ from himatch_med.bank.build import Sample, bank_settings, build_planes, calibrat
 from himatch_med.bank.check import check_record, check_references
 from himatch_med.bank.data import STORAGE_DTYPE, Bank
 from himatch_med.config import ReadOptions, Settings
-from himatch_med.detect import batches, device_of_extractor, reference_patches
+from himatch_med.detect import batches, device_of_extractor, matching_dtype, reference_patches
 from himatch_med.errors import InputError
 from himatch_med.features import Extractor
 from himatch_med.readahead import read_ahead
@@ -379,9 +379,11 @@ def recalibrated(bank: Bank, rows: list[Settings], extractor: Extractor, *, refe
             continue
         # An evaluation gives no spread: the subsets' calibrations would only cost time.
         quiet = replace(row, spread_replicates=0)
+        dtype = matching_dtype(extractor)
         others = tuple(calibrate_bank(other, plane_samples[other.plane], replace(quiet, axis=other.plane),
-                                      extractor.patch_size, device) for other in bank.others)
-        calibrated = replace(calibrate_bank(bank, samples, quiet, extractor.patch_size, device), others=others)
+                                      extractor.patch_size, device, dtype=dtype) for other in bank.others)
+        calibrated = replace(calibrate_bank(bank, samples, quiet, extractor.patch_size, device, dtype=dtype),
+                             others=others)
         info = replace(calibrated.info, calibrated_with={**calibrated.info.calibrated_with,
                                                          **{k: getattr(row, k) for k in keys}}, recalibrated=True)
         banks.append(replace(calibrated, info=info))
