@@ -226,7 +226,7 @@ def overlay_map(anomaly: np.ndarray, threshold: float | None) -> np.ndarray:
     from himatch_med.figures import OVERLAY_FLOOR
 
     bottom = float(threshold) if threshold is not None else OVERLAY_FLOOR
-    return np.where(anomaly > bottom, anomaly, np.float32(np.nan)).astype(np.float32)
+    return np.where(anomaly > bottom, anomaly, np.float32(np.nan)).astype(np.float32, copy=False)
 
 
 def uncertainty_display(uncertainty: np.ndarray) -> Display:

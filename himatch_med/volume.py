@@ -35,16 +35,19 @@ def to_canonical(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.
     return np.ascontiguousarray(nio.apply_orientation(array, to_ras)), orientation
 
 
-def from_canonical(array: np.ndarray, orientation: np.ndarray, *, order: str = "C") -> np.ndarray:
+def from_canonical(array: np.ndarray, orientation: np.ndarray, *, order: str | None = "C") -> np.ndarray:
     """Undo :func:`to_canonical`: put a canonical ``(X', Y', Z')`` array back on the file's own voxel grid.
 
     ``order``: the memory order of the result, ``C`` or ``F`` (NIfTI's: a map written from an F-ordered array is
-    copied once, not reordered on the way to the file).
+    copied once, not reordered on the way to the file), or ``None`` for a view of ``array`` (axes permuted and
+    flipped, nothing copied) for a reader that takes any strides.
     """
-    if order not in ("C", "F"):
-        raise ValueError(f"order={order!r} is not C or F")
+    if order not in ("C", "F", None):
+        raise ValueError(f"order={order!r} is not C, F or None")
     back = nio.ornt_transform(nio.axcodes2ornt("RAS"), orientation)
     placed = nio.apply_orientation(array, back)
+    if order is None:
+        return placed
     return np.asfortranarray(placed) if order == "F" else np.ascontiguousarray(placed)
 
 

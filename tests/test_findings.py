@@ -33,6 +33,22 @@ def _blob(shape, centre, radius, height):
     return np.where(distance <= radius, height - distance, 0.0)
 
 
+def test_findings_of_a_strided_view_are_those_of_its_copy():
+    # The run hands the findings views on the file's grid (flipped and permuted canonical maps, nothing copied).
+    shape = (30, 30, 20)
+    heat = _blob(shape, (6, 6, 6), 3, 4.0) + _blob(shape, (20, 20, 12), 4, 9.0) + _blob(shape, (25, 5, 15), 2, 6.0)
+    region = heat > -1
+    region[:, :, :3] = False
+    view, inside = (np.flip(a.transpose(2, 0, 1), (0, 2)) for a in (heat, region))
+    assert not view.flags.c_contiguous and not view.flags.f_contiguous
+    affine = np.diag([0.8, 0.9, 2.0, 1.0])
+    found, copied = (describe_findings(labels, a, affine, slice_axis=0)
+                     for a, labels in ((a, label_findings(a, 1.0, voxel_volume=1.44, min_volume=5.0, foreground=f))
+                                       for a, f in ((view, inside), (np.ascontiguousarray(view),
+                                                                     np.ascontiguousarray(inside)))))
+    assert len(found) == 3 and found == copied
+
+
 def test_regions_are_numbered_from_the_highest_peak_and_small_ones_dropped():
     shape = (30, 30, 20)
     heat = _blob(shape, (6, 6, 6), 3, 4.0) + _blob(shape, (20, 20, 12), 4, 9.0) + _blob(shape, (25, 5, 15), 1, 6.0)

@@ -528,3 +528,13 @@ def test_a_figure_is_cropped_as_matplotlib_tight_crops_it(tmp_path, aspect, cont
         mine, theirs = (np.asarray(Picture.open(path)) for path in (ours, tmp_path / f"tight{number}.png"))
         assert mine.shape == theirs.shape and np.array_equal(mine, theirs), number
 
+
+def test_a_figure_is_compressed_at_the_fast_zlib_level(tmp_path):
+    # zlib's header says which kind of level compressed a stream (FLEVEL: 0 for 1, 1 for 2-5, 2 for PIL's default 6).
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(2, 2))
+    figure.subplots().imshow(np.random.default_rng(0).random((20, 20)))
+    data = io.write_figure(figure, tmp_path / "f.png").read_bytes()
+    start = data.index(b"IDAT") + 4
+    assert io.FIGURE_COMPRESSION == 3 and data[start + 1] >> 6 == 1

@@ -71,10 +71,12 @@ def test_back_on_the_file_grid_in_nifti_order_is_the_same_array_and_the_same_fil
     c_order, f_order = from_canonical(canonical, orientation), from_canonical(canonical, orientation, order="F")
     assert np.array_equal(f_order, c_order) and np.array_equal(f_order, array)
     assert f_order.flags.f_contiguous and c_order.flags.c_contiguous
+    view = from_canonical(canonical, orientation, order=None)  # for readers of any strides: nothing copied
+    assert np.array_equal(view, array) and np.shares_memory(view, canonical)
     header = nib.Nifti1Image(array, AFFINES[name]).header
-    written = [write_map(a, header, tmp_path / f"{order}.nii.gz").read_bytes() for order, a in (("c", c_order),
-                                                                                                  ("f", f_order))]
-    assert written[0] == written[1]
+    written = [write_map(a, header, tmp_path / f"{order}.nii.gz").read_bytes()
+               for order, a in (("c", c_order), ("f", f_order), ("view", view))]
+    assert written[0] == written[1] == written[2]
 
 
 @pytest.mark.parametrize("name", list(AFFINES))
