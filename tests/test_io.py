@@ -262,6 +262,27 @@ def test_compression_is_read_from_the_content_not_the_name(content, name, tmp_pa
     assert any(expected in n and "read by its content" in n for n in image.notes), image.notes
 
 
+@pytest.mark.parametrize("decompressor", ["isal", "zlib"])
+@pytest.mark.parametrize("kind", [nib.Nifti1Image, nib.Nifti2Image])
+def test_a_gzipped_nifti_reads_as_nibabel_loads_it(tmp_path, monkeypatch, kind, decompressor):
+    if decompressor == "isal":
+        pytest.importorskip("isal")
+    else:
+        monkeypatch.setattr(io, "_igzip", None)
+    array = np.random.default_rng(2).integers(-1000, 3000, (9, 8, 7)).astype(np.int16)
+    image = kind(array, OBLIQUE)
+    image.header.set_slope_inter(0.5, -10)
+    image.header.extensions.append(nib.nifti1.Nifti1Extension("comment", b"made by a scanner"))
+    image.set_qform(OBLIQUE, code=1)
+    path = tmp_path / "scan.nii.gz"
+    nib.save(image, path)
+    read, loaded = io.read_image(path), nib.load(path)
+    np.testing.assert_array_equal(read.array, loaded.get_fdata(dtype=np.float32))
+    np.testing.assert_array_equal(read.affine, loaded.affine)
+    assert type(read.header) is type(loaded.header) and read.header.get_qform(coded=True)[1] == 1
+    assert len(read.header.extensions) == 1 and read.notes == ()
+
+
 def test_a_truncated_gzip_is_still_called_truncated(tmp_path):
     data = save_nifti(ct_volume(3, (20, 22, 6)), OBLIQUE, tmp_path / "whole.nii.gz").read_bytes()
     (tmp_path / "cut.nii.gz").write_bytes(data[: len(data) // 2])
