@@ -254,8 +254,8 @@ def stage_distances(features: Features, bank: Bank, settings: Settings, position
                             query_groups=None if groups is None else groups.to(device),
                             bank_groups=None if groups is None else bank.groups, allowed=allowed)
     with timer("matching"):
-        memory = bank.memory(index, device, dtype)
-        distances = torch.stack([reference_distances(grid.flatten(1, 2).to(dtype), memory[stage],
+        distances = torch.stack([reference_distances(grid.flatten(1, 2).to(dtype),
+                                                     bank.memory(index, stage, device, dtype),
                                                      chunk=settings.chunk_size)
                                  for stage, grid in enumerate(features.grids)])
         per_reference = distances.unflatten(2, features.grid)

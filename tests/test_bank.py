@@ -358,9 +358,10 @@ def test_finite_finds_one_nan_or_infinity_anywhere_as_isfinite_does(dtype):
 
 def test_centroids_for_bfloat16_matching_are_the_stored_ones_rounded_once(bank):
     index = torch.tensor([[0, 3, 7], [5, 1, 2]])
-    exact = bank.memory(index, torch.device("cpu"))
-    half = bank.memory(index, torch.device("cpu"), torch.bfloat16)
-    assert exact.dtype == torch.float32 and half.dtype == torch.bfloat16 and half.is_contiguous()
     assert bank.centroids.dtype == torch.float16  # stored so: float32 holds them exactly, bfloat16 rounds them
-    stored = bank.centroids[index.flatten()].movedim(1, 0).unflatten(1, index.shape)
-    assert torch.equal(exact, stored.float()) and torch.equal(half, stored.float().bfloat16())
+    for stage in range(bank.centroids.shape[1]):
+        exact = bank.memory(index, stage, torch.device("cpu"))
+        half = bank.memory(index, stage, torch.device("cpu"), torch.bfloat16)
+        assert exact.dtype == torch.float32 and half.dtype == torch.bfloat16 and half.is_contiguous()
+        stored = bank.centroids[index.flatten(), stage].unflatten(0, index.shape)
+        assert torch.equal(exact, stored.float()) and torch.equal(half, stored.float().bfloat16())

@@ -147,9 +147,9 @@ def test_bank_round_trip_memory_mapped(tmp_path):
         assert torch.equal(getattr(loaded, name), tensor), name
     assert loaded.info.settings == bank.info.settings and len(meta["arrays_sha256"]) == 64
     assert loaded.id == meta["arrays_sha256"][:16] and bank.id == ""
-    memory = loaded.memory(torch.tensor([[4, 0]]), torch.device("cpu"))
-    assert memory.shape == (2, 1, 2, 3, 8)
-    assert torch.equal(memory[1, 0, 0], bank.centroids[4, 1].float())
+    memory = loaded.memory(torch.tensor([[4, 0]]), 1, torch.device("cpu"))
+    assert memory.shape == (1, 2, 3, 8) and memory.dtype == torch.float32
+    assert torch.equal(memory[0, 0], bank.centroids[4, 1].float()) and torch.equal(memory[0, 1], bank.centroids[0, 1].float())
 
 
 def test_a_damaged_bank_is_refused(tmp_path):
