@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
+from itertools import groupby
 
 import numpy as np
 import torch
@@ -265,14 +266,15 @@ def calibrate_bank(bank: Bank, samples: list[Sample], settings: Settings, patch_
         anomaly, _ = fused_maps(stage_maps, per_reference, calibrated, settings)
         patches = torch.stack([s.patch_foreground for s in part]).to(anomaly.device)
         anomaly = fill_background(anomaly, patches).cpu()
-        for start, size in _same_slices(part):
-            height, width = part[start].foreground.shape
-            sigma = slice_sigma(settings, height, width, patch_size, part[start].aspect)
-            slice_maps = maps_to_slices(anomaly[start:start + size], (height, width), sigma=sigma)
-            found = [masked(slice_map, sample.foreground) for slice_map, sample in zip(slice_maps,
-                                                                                     part[start:start + size])]
+        rows = iter(anomaly)
+        # Consecutive samples of one slice size and pixel aspect are resampled alike, together.
+        for (size, aspect), alike in groupby(part, key=lambda sample: (tuple(sample.foreground.shape), sample.aspect)):
+            alike = list(alike)
+            sigma = slice_sigma(settings, *size, patch_size, aspect)
+            slice_maps = maps_to_slices(torch.stack([next(rows) for _ in alike]), size, sigma=sigma)
+            found = [masked(slice_map, sample.foreground) for slice_map, sample in zip(slice_maps, alike)]
             normal.add(torch.cat(found))  # a histogram and the extremes: the same counted at once
-            for values, sample in zip(found, part[start:start + size]):
+            for values, sample in zip(found, alike):
                 # Slivers neither rank nor count in a query's volume score: nor in the scores it is compared with.
                 sliver = sample.area < settings.sliver_area
                 score = None if sliver else float(top_mean(values, settings.top_fraction))
@@ -364,16 +366,6 @@ def _volume_score(entries: list[tuple[bool, torch.Tensor, float | None]], fracti
     if len(kept) == 1:
         return kept[0][1]
     return float(top_mean(torch.cat([values for values, _ in kept] or [values for _, values, _ in entries]), fraction))
-
-
-def _same_slices(part: list[Sample]) -> Iterator[tuple[int, int]]:
-    """``(start, count)`` of the runs of consecutive samples with one slice size and pixel aspect (resampled alike)."""
-    start = 0
-    for end in range(1, len(part) + 1):
-        if end == len(part) or (part[end].foreground.shape, part[end].aspect) != (part[start].foreground.shape,
-                                                                                  part[start].aspect):
-            yield start, end - start
-            start = end
 
 
 def _features(part: list[Sample], device: torch.device) -> Features:
