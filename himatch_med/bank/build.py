@@ -266,12 +266,13 @@ def calibrate_bank(bank: Bank, samples: list[Sample], settings: Settings, patch_
         anomaly, _ = fused_maps(stage_maps, per_reference, calibrated, settings)
         patches = torch.stack([s.patch_foreground for s in part]).to(anomaly.device)
         anomaly = fill_background(anomaly, patches).cpu()
-        rows = iter(anomaly)
+        start = 0
         # Consecutive samples of one slice size and pixel aspect are resampled alike, together.
         for (size, aspect), alike in groupby(part, key=lambda sample: (tuple(sample.foreground.shape), sample.aspect)):
             alike = list(alike)
             sigma = slice_sigma(settings, *size, patch_size, aspect)
-            slice_maps = maps_to_slices(torch.stack([next(rows) for _ in alike]), size, sigma=sigma)
+            slice_maps = maps_to_slices(anomaly[start:start + len(alike)], size, sigma=sigma)
+            start += len(alike)
             found = [masked(slice_map, sample.foreground) for slice_map, sample in zip(slice_maps, alike)]
             normal.add(torch.cat(found))  # a histogram and the extremes: the same counted at once
             for values, sample in zip(found, alike):
