@@ -482,6 +482,38 @@ def test_a_volume_goes_through_the_backbone_once_for_its_spread(root, stand_in, 
     assert recomputed.volume_score == again.volume_score
 
 
+def test_shared_references_hold_each_querys_references_once_and_give_every_retrieval_back():
+    generator = torch.Generator().manual_seed(0)
+    indices = [torch.randint(0, 30, (5, k), generator=generator) for k in (8, 8, 6, 8)]
+    indices[1][2] = indices[0][2]  # a subset that retrieves what the whole bank does
+    rows, columns = detect.shared_references(indices)
+    for index, where in zip(indices, columns):
+        assert torch.equal(rows.gather(1, where), index)
+    for row, query in zip(rows, torch.cat(indices, dim=1)):
+        distinct = query.unique()  # sorted
+        assert torch.equal(row[:len(distinct)], distinct) and (row[len(distinct):] == distinct[-1]).all()
+    assert rows.shape[1] == max(len(query.unique()) for query in torch.cat(indices, dim=1)) < 30
+
+
+def test_the_spread_measured_once_against_shared_references_is_each_subsets_own(root, stand_in, bank10,
+                                                                                monkeypatch):
+    """Each slice is matched once against the union of what the subsets retrieve: the same scores as matching each
+    subset's own references."""
+    job = jobs.read(root / "queries" / "lesion.nii.gz", SETTINGS)
+    detector = Detector(stand_in, bank10, SETTINGS)
+    shared = detector.detect(job.prepared).replicate_scores
+
+    def separately(indices):  # every subset's references measured as its own, side by side
+        starts = [sum(index.shape[1] for index in indices[:i]) for i in range(len(indices))]
+        return torch.cat(indices, dim=1), [torch.arange(start, start + index.shape[1]).expand_as(index)
+                                           for start, index in zip(starts, indices)]
+
+    monkeypatch.setattr(detect, "shared_references", separately)
+    own = detector.detect(job.prepared).replicate_scores
+    assert len(shared) == 8 and len(set(shared)) > 1
+    assert shared == pytest.approx(own, abs=1e-6)
+
+
 @pytest.mark.parametrize("spread_slices", [1, 2, 3, 5])
 def test_the_spread_keeps_the_features_of_exactly_the_slices_it_rescores(root, stand_in, bank2, spread_slices,
                                                                           monkeypatch):
