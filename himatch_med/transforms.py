@@ -112,9 +112,12 @@ def intensity_range(volume: torch.Tensor, foreground: torch.Tensor, *, modality:
     if foreground.dtype != torch.bool or foreground.shape != volume.shape:
         raise ValueError(f"the foreground must be a boolean mask of the volume's shape {tuple(volume.shape)}, not "
                          f"{foreground.dtype} {tuple(foreground.shape)}")
-    everything = volume.flatten().cpu().numpy()
+    # Both read in the volume's memory order (a percentile does not depend on the order): a canonical volume in the
+    # file's order (Fortran's for NIfTI) is not copied into C's first (25 ms for 240 x 240 x 155).
+    order = sorted(range(volume.ndim), key=volume.stride, reverse=True)
+    everything = volume.permute(order).flatten().cpu().numpy()
     # numpy's boolean indexing selects the same values in the same order 15 times faster than torch's on the CPU.
-    inside = everything[foreground.flatten().cpu().numpy()] if foreground.any() else everything
+    inside = everything[foreground.permute(order).flatten().cpu().numpy()] if foreground.any() else everything
     if intensity == "headroom":
         # OCT's zero is the dark speckle around the retina (the image's 1st percentile): the Otsu foreground starts
         # just above it, and its own 1st percentile would saturate the bright layers.
@@ -156,7 +159,8 @@ def to_backbone_images(slices: torch.Tensor, size: tuple[int, int]) -> torch.Ten
     images = F.interpolate(slices[:, None].float(), size=size, mode="bilinear", align_corners=False, antialias=True)
     mean = torch.tensor(IMAGENET_MEAN, dtype=images.dtype, device=images.device)[:, None, None]
     std = torch.tensor(IMAGENET_STD, dtype=images.dtype, device=images.device)[:, None, None]
-    return (images.expand(-1, 3, -1, -1) - mean) / std
+    # Divided in place: the same values as (images - mean) / std without a second 3-channel tensor.
+    return (images - mean).div_(std)
 
 
 def patch_foreground(foreground: torch.Tensor, grid: tuple[int, int], threshold: float) -> torch.Tensor:

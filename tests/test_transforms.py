@@ -270,6 +270,15 @@ def test_backbone_images_shape_and_imagenet_normalisation():
     assert float(raw.min()) >= -1e-5 and float(raw.max()) <= 1 + 1e-5
 
 
+def test_backbone_images_are_exactly_the_imagenet_formula():
+    slices = torch.rand(4, 20, 30, generator=torch.Generator().manual_seed(0))
+    resized = torch.nn.functional.interpolate(slices[:, None], size=(32, 48), mode="bilinear", align_corners=False,
+                                              antialias=True)
+    mean = torch.tensor(IMAGENET_MEAN)[:, None, None]
+    std = torch.tensor(IMAGENET_STD)[:, None, None]
+    assert torch.equal(to_backbone_images(slices, (32, 48)), (resized.expand(-1, 3, -1, -1) - mean) / std)
+
+
 @pytest.mark.parametrize("value", [0.0, 0.5, 1.0])
 def test_backbone_images_of_constant_slice_known_answer(value):
     images = to_backbone_images(torch.full((1, 17, 23), value), (32, 32))

@@ -94,7 +94,25 @@ def test_canonical_array_is_ras(name):
     affine = AFFINES[name]
     canonical, _ = to_canonical(unique_volume(), affine)
     assert nio.aff2axcodes(canonical_affine(affine, SHAPE)) == ("R", "A", "S")
-    assert canonical.flags["C_CONTIGUOUS"]
+    # One block of memory with no flipped axis (its axes in some order): torch takes it as it is.
+    axes = sorted(range(3), key=lambda axis: canonical.strides[axis])
+    dense = [canonical.itemsize * int(np.prod([canonical.shape[a] for a in axes[:i]])) for i in range(3)]
+    assert [canonical.strides[axis] for axis in axes] == dense
+    assert torch.from_numpy(canonical).shape == canonical.shape
+
+
+@pytest.mark.parametrize("name", list(AFFINES))
+def test_canonical_array_keeps_the_files_memory_order_so_axial_slices_are_contiguous(name):
+    affine = AFFINES[name]
+    stored = np.asfortranarray(unique_volume())  # as nibabel reads a NIfTI file
+    canonical, _ = to_canonical(stored, affine)
+    assert not np.shares_memory(canonical, stored)
+    assert np.array_equal(canonical, np.ascontiguousarray(to_canonical(np.ascontiguousarray(stored), affine)[0]))
+    # In memory as the file was, flips undone: the canonical axis stored fastest is the file's first axis.
+    fastest = int(np.argmin(canonical.strides))
+    assert fastest == int(nio.io_orientation(affine)[0, 0])
+    if nio.io_orientation(affine)[:, 0].tolist() == [0, 1, 2]:  # axial slices: display-oriented, whole in memory
+        assert to_slices(torch.from_numpy(canonical), 2).is_contiguous()
 
 
 @pytest.mark.parametrize("name", list(AFFINES))
