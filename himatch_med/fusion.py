@@ -14,7 +14,11 @@ def calibrate(distance: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> 
 def stage_uncertainty(per_reference: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """Disagreement of the K references ``(L, ..., K)`` -> ``(L, ...)``: their std, in the stage's own units."""
     shape = (-1,) + (1,) * (per_reference.dim() - 2)
-    return per_reference.std(dim=-1, correction=0) / std.view(shape)
+    # Two passes (the mean, then the mean squared deviation from it), not Tensor.std: torch reduces a short last axis
+    # like the K references many times slower (1.6 against 0.18 ms for (4, 16, 14, 14, 9), 18 calls a 155-slice
+    # volume). The same values to float32 rounding, pinned against Tensor.std in a test.
+    deviation = per_reference - per_reference.mean(dim=-1, keepdim=True)
+    return deviation.square_().mean(dim=-1).sqrt_() / std.view(shape)
 
 
 def uncertainty_weights(uncertainty: torch.Tensor, temperature: float) -> torch.Tensor:

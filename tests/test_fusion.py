@@ -65,6 +65,15 @@ def test_stage_uncertainty_is_population_std_over_k_in_stage_units():
     torch.testing.assert_close(u, torch.from_numpy(expected))
 
 
+def test_stage_uncertainty_is_torchs_population_std_to_float32_rounding():
+    # A batch's distances as matching gives them (4 stages, 16 slices, 14 x 14 patches, K = 9 references), around
+    # 0.3 with a small spread, as normal tissue has: the two-pass std is Tensor.std's to float32 rounding.
+    per_reference = 0.3 + 0.05 * torch.randn(4, 16, 14, 14, 9, generator=torch.Generator().manual_seed(5))
+    std = torch.tensor([0.04, 0.05, 0.06, 0.08])
+    expected = per_reference.std(dim=-1, correction=0) / std.view(-1, 1, 1, 1)
+    torch.testing.assert_close(stage_uncertainty(per_reference, std), expected, rtol=1e-5, atol=1e-6)
+
+
 def test_stage_uncertainty_single_reference_is_zero():
     u = stage_uncertainty(random(2, 6, 1, seed=3), torch.tensor([0.3, 0.7]))
     assert torch.equal(u, torch.zeros(2, 6))
