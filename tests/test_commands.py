@@ -159,6 +159,11 @@ def test_the_benchmark_says_nothing_with_quiet_and_more_with_verbose(capfd):
     quiet = capfd.readouterr()
     figures = json.loads(quiet.out.splitlines()[-1])
     assert figures["end_to_end"]["scored_slices"] >= 1 and figures["bank_building"][0]["slices"] >= 2
+    run = figures["end_to_end"]  # the fastest run's whole time against its own backbone phase
+    assert 0 < run["outside_backbone_seconds"] == pytest.approx(
+        run["end_to_end_seconds"] - run["phases_seconds"]["backbone"], abs=2e-3)
+    assert run["ratio_to_own_backbone"] == pytest.approx(
+        run["end_to_end_seconds"] / run["phases_seconds"]["backbone"], rel=0.02)  # of phases rounded to 1 ms
     assert quiet.err == ""
     assert benchmark([*tiny, "-v", "--skip-end-to-end"]) == 0
     verbose = capfd.readouterr()
