@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from himatch_med import hub
 from himatch_med.config import default_stages
 from himatch_med.errors import WeightsUnavailableError
 
@@ -28,10 +29,6 @@ DINOv3 weights are gated on the Hugging Face Hub. To use them:
 or pass weights you already have: `--model /path/to/local/folder` (a folder saved with `save_pretrained`),
 or use an ungated DINOv2 model, e.g. `--model facebook/dinov2-base`."""
 
-
-GATED_HELP = """
-DINOv3 weights are gated: on a machine with network, accept the licence on the model's page while signed in, log in
-(`hf auth login` or HF_TOKEN) and run once; the weights are then cached, or can be saved and copied as a folder."""
 
 
 class Backbone:
@@ -159,7 +156,7 @@ def load_backbone(model_id: str, *, stages: tuple[int, ...] = (), device: str | 
         _refuse_custom_code(model_id, custom_code(Path(source)))
         # One name for one folder, whatever the spelling (`model/`, `../x/model`): banks and reports record it.
         model_id = str(Path(source).resolve())
-    offline = None if Path(source).is_dir() else hub_unreachable()
+    offline = None if Path(source).is_dir() else hub.unreachable()
     try:
         # trust_remote_code=False: transformers neither runs a repository's code nor prompts "[y/N]" for it.
         # Without network, only this machine's Hub cache is looked at: huggingface_hub would retry for half a minute.
@@ -167,11 +164,7 @@ def load_backbone(model_id: str, *, stages: tuple[int, ...] = (), device: str | 
     except (OSError, ValueError) as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         if offline is not None:
-            raise WeightsUnavailableError(
-                f"--model {model_id}: not in this machine's Hugging Face cache, and the Hub cannot be reached "
-                f"({offline}); check the spelling of the id, or, on a machine without network, pass --model "
-                "/path/to/folder (weights saved with `save_pretrained`, e.g. copied from a machine with network)"
-                + (GATED_HELP if "dinov3" in model_id.lower() else "")) from error
+            raise WeightsUnavailableError(hub.offline_help(model_id, offline)) from error
         if type(error).__name__ == "RepositoryNotFoundError" or "is not a valid model identifier" in str(error):
             raise WeightsUnavailableError(f"--model {model_id}: no such model on the Hugging Face Hub (check the "
                                           "spelling, e.g. facebook/dinov3-vitb16-pretrain-lvd1689m)") from error
@@ -187,22 +180,6 @@ def load_backbone(model_id: str, *, stages: tuple[int, ...] = (), device: str | 
         raise WeightsUnavailableError(f"{model_id!r} is a {type(model).__name__}, not a DINOv3/DINOv2 vision "
                                       "transformer; pass a DINOv3 or DINOv2 model with --model")
     return Backbone(model.to(device), model_id, stages, precision=precision)
-
-
-def hub_unreachable(timeout: float = 3.0) -> str | None:
-    """Why the Hugging Face Hub cannot be reached (None when it can, or when ``HF_HUB_OFFLINE`` already says so)."""
-    import os
-    import socket
-    from urllib.parse import urlparse
-
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
-        return None
-    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    try:
-        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout).close()
-    except OSError as error:
-        return f"{endpoint.hostname}: {error.strerror or error}"
-    return None
 
 
 def custom_code(folder: Path) -> list[str]:

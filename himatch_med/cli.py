@@ -167,7 +167,8 @@ def check_early(args: argparse.Namespace, settings: Settings) -> None:
     """The checks of :mod:`himatch_med.preflight` for the options every command shares, before any heavy import.
 
     The model folder, and the bank source of :func:`add_bank_source` when the command has one: ``--bank`` fits
-    these settings, ``--references`` exist, ``--reference-labels`` names labels in one of its forms.
+    these settings, ``--references`` exist, ``--reference-labels`` names labels in one of its forms; then a Hub id
+    that neither this machine's cache nor the Hub can give.
     """
     from himatch_med import preflight
     from himatch_med.errors import InputError
@@ -181,6 +182,7 @@ def check_early(args: argparse.Namespace, settings: Settings) -> None:
     preflight.existing([*(getattr(args, "references", None) or ())])
     if getattr(args, "reference_labels", None):
         preflight.reference_labels(args.reference_labels)
+    preflight.model_available(settings.model)  # last: the mistakes above are the user's to fix first
 
 
 def bank_from(args: argparse.Namespace, settings: Settings, extractor):

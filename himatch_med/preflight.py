@@ -1,9 +1,11 @@
 """Checks that answer before the heavy imports: the inputs exist, the output folder can be written, a bank fits.
 
-Standard library only (besides :mod:`himatch_med.config` and :mod:`himatch_med.errors`), so that the common
-mistakes (a missing file, an unwritable folder, a bank built with other settings, a model folder that is not there)
-are reported within a second, not after the ten seconds or more that importing torch and MONAI takes. The complete
-checks still run later where the files are opened; these only make the common mistakes fast.
+Standard library only (besides :mod:`himatch_med.config`, :mod:`himatch_med.errors` and :mod:`himatch_med.hub`,
+which imports huggingface_hub's cache lookup, 0.15 s, only when the Hub cannot be reached), so that the common
+mistakes (a missing file, an unwritable folder, a bank built with other settings, a model folder that is not there,
+weights neither cached nor downloadable) are reported within a second, not after the ten seconds or more that
+importing torch and MONAI takes. The complete checks still run later where the files are opened; these only make the
+common mistakes fast.
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ import os
 import tempfile
 from pathlib import Path
 
+from himatch_med import hub
 from himatch_med.config import Settings
-from himatch_med.errors import InputError
+from himatch_med.errors import InputError, WeightsUnavailableError
 
 BANK_META = "bank.json"
 """The bank's description (as :data:`himatch_med.io.BANK_META`)."""
@@ -70,6 +73,20 @@ def model_folder(model: str) -> None:
     if model.startswith((".", "/", "~")) and not Path(model).expanduser().is_dir():
         raise InputError(f"--model {model}: no such folder; pass a folder saved with `save_pretrained` or a Hub id "
                          "such as facebook/dinov2-base")
+
+
+def model_available(model: str) -> None:
+    """Raise :class:`WeightsUnavailableError` for a Hub id out of reach: the Hub cannot be asked, the cache lacks it.
+
+    Without network (or with ``HF_HUB_OFFLINE`` set) only the cache can give the weights: a first run of the quick
+    start then says so in half a second instead of after six of imports. A folder, or a reachable Hub, passes (the
+    model is loaded, and its errors explained, by :func:`himatch_med.backbone.load_backbone`).
+    """
+    if model.startswith((".", "/", "~")) or Path(model).is_dir():
+        return
+    reason = "HF_HUB_OFFLINE is set" if hub.offline() else hub.unreachable()
+    if reason is not None and not hub.cached(model):
+        raise WeightsUnavailableError(hub.offline_help(model, reason))
 
 
 def bank_fits(folder: Path, settings: Settings) -> None:

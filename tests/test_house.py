@@ -14,8 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "himatch_med"
 METHOD = ("volume", "transforms", "backbone", "features", "retrieval", "matching", "fusion", "scoring", "metrics")
 """The method modules: small, pure, known-answer tested."""
-METHOD_MAY_IMPORT = ("config", "errors", "features")
-"""The only modules of the package a method module may import."""
+METHOD_MAY_IMPORT = ("config", "errors", "features", "hub")
+"""The only modules of the package a method module may import (``hub``: the backbone asks where weights come from)."""
 MONAI_ALLOWED = ("volume", "transforms")
 TRANSFORMERS_ALLOWED = ("backbone", "benchmark")
 """``benchmark`` makes random-initialised DINOv3 weights with transformers (as the tests do) to time the real

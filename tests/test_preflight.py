@@ -12,7 +12,7 @@ import pytest
 
 from himatch_med import preflight
 from himatch_med.config import Settings
-from himatch_med.errors import InputError
+from himatch_med.errors import InputError, WeightsUnavailableError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,6 +51,58 @@ def test_a_model_path_that_is_not_a_folder_is_refused(tmp_path):
     preflight.model_folder(str(tmp_path))
     with pytest.raises(InputError, match="no such folder"):
         preflight.model_folder(str(tmp_path / "weights"))
+
+
+def hub_cache(folder: Path, repo: str) -> Path:
+    """A Hugging Face cache holding ``repo``'s config.json, laid out as huggingface_hub lays it out."""
+    repo_folder = folder / f"models--{repo.replace('/', '--')}"
+    (repo_folder / "snapshots" / "abc123").mkdir(parents=True)
+    (repo_folder / "snapshots" / "abc123" / "config.json").write_text("{}")
+    (repo_folder / "refs").mkdir()
+    (repo_folder / "refs" / "main").write_text("abc123")
+    return folder
+
+
+def test_a_hub_id_out_of_reach_is_refused_unless_cached_or_reachable(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    from himatch_med import hub
+
+    repo = "facebook/dinov3-vitb16-pretrain-lvd1689m"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(WeightsUnavailableError, match=r"not in this machine's Hugging Face cache.*HF_HUB_OFFLINE is "
+                                                      r"set.*--model /path/to/folder(.|\n)*accept the licence"):
+        preflight.model_available(repo)
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(hub, "unreachable", lambda timeout=3.0: "huggingface.co: Name or service not known")
+    with pytest.raises(WeightsUnavailableError, match="cannot be reached \\(huggingface.co: Name or service"):
+        preflight.model_available(repo)
+    preflight.model_available(str(tmp_path))  # a folder is the backbone's to read
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub_cache(tmp_path / "cache", repo)))
+    preflight.model_available(repo)  # cached: transformers finds it offline
+    with pytest.raises(WeightsUnavailableError):
+        preflight.model_available("facebook/dinov3-vits16-pretrain-lvd1689m")  # another id is not
+    monkeypatch.setattr(hub, "unreachable", lambda timeout=3.0: None)
+    preflight.model_available("facebook/dinov3-vits16-pretrain-lvd1689m")  # the Hub will be asked
+
+
+def test_the_quick_start_without_weights_and_network_answers_before_the_heavy_imports(tmp_path):
+    """The README's first line on a machine that has neither the weights nor the Hub: the real cause, at once."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_CACHE": str(tmp_path / "cache"),
+           "HF_ENDPOINT": "https://hub.invalid"}  # .invalid never resolves (RFC 6761)
+    env.pop("HF_HUB_OFFLINE", None)
+    code = ("import sys, time\nfrom himatch_med.run import main\nstarted = time.perf_counter()\n"
+            f"rc = main(['sample_data/query.nii.gz', '--references', 'sample_data/references', '--image-size', '224',"
+            f" '-o', {str(tmp_path / 'results')!r}])\n"
+            "print(sorted(m for m in ('torch', 'monai', 'transformers', 'nibabel') if m in sys.modules))\n"
+            "sys.exit(rc)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, encoding="utf-8",
+                          errors="replace", timeout=120, env=env, cwd=ROOT)
+    assert done.returncode == 2, done.stderr
+    assert "cannot be reached (hub.invalid" in done.stderr and "accept the licence" in done.stderr, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+    assert not (tmp_path / "results").exists() and "Traceback" not in done.stderr
 
 
 def test_a_bank_built_with_other_settings_is_refused_before_it_is_opened(tmp_path):

@@ -142,10 +142,11 @@ import sys, time
 from pathlib import Path
 
 import conftest
-from himatch_med import detect, io, run
+from himatch_med import detect, io, preflight, run
 
 flag, where = Path(sys.argv[1]), sys.argv[2]
 detect.load_extractor = lambda settings, device="auto": conftest.StandIn()
+preflight.model_available = lambda model: None  # the stand-in needs no weights from the Hub
 
 
 def slowed(real):
@@ -214,7 +215,7 @@ def test_a_second_run_into_the_same_outputs_is_refused_while_the_first_writes(co
 
     from conftest import StandIn
 
-    from himatch_med import detect
+    from himatch_med import detect, preflight
 
     out, flag, cache = tmp_path / "out", tmp_path / "slowed", tmp_path / "cache"
     query = cohort / "query.nii.gz"
@@ -222,6 +223,7 @@ def test_a_second_run_into_the_same_outputs_is_refused_while_the_first_writes(co
     try:
         _wait_for(flag, first)
         monkeypatch.setattr(detect, "load_extractor", lambda settings, device="auto": StandIn())
+        monkeypatch.setattr(preflight, "model_available", lambda model: None)  # the stand-in needs no weights
         code = main([str(query), "--references", str(cohort / "refs"), "--bank-cache", str(cache), "-o", str(out),
                      *STAND_IN])
         err = capsys.readouterr().err

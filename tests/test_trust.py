@@ -240,7 +240,7 @@ def test_a_hub_id_without_network_fails_in_seconds_with_the_real_cause(monkeypat
     import socket
     import time
 
-    from himatch_med import backbone
+    from himatch_med import backbone, hub
     from himatch_med.errors import WeightsUnavailableError
 
     def no_network(*args, **kwargs):
@@ -248,7 +248,7 @@ def test_a_hub_id_without_network_fails_in_seconds_with_the_real_cause(monkeypat
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(socket, "create_connection", no_network)
-    assert "Name or service not known" in backbone.hub_unreachable()
+    assert "Name or service not known" in hub.unreachable()
     started = time.perf_counter()
     with pytest.raises(WeightsUnavailableError, match="cannot be reached.*check the spelling"):
         backbone.load_backbone("facebook/dinov3-vitb16-typo")
