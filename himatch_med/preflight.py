@@ -84,7 +84,7 @@ def model_available(model: str) -> None:
     """
     if model.startswith((".", "/", "~")) or Path(model).is_dir():
         return
-    reason = "HF_HUB_OFFLINE is set" if hub.offline() else hub.unreachable()
+    reason = "HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE is set" if hub.offline() else hub.unreachable()
     if reason is not None and not hub.cached(model):
         raise WeightsUnavailableError(hub.offline_help(model, reason))
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import LESION, LPS, OBLIQUE, PERMUTED, SETTINGS, SHAPE, as_stored, brain_volume, save_nifti
 
-from himatch_med import io
+from himatch_med import io, preflight
 from himatch_med.bank.__main__ import bank_main
 from himatch_med.bank.check import check_references, robust_z
 from himatch_med.bank.data import Bank
@@ -80,7 +80,7 @@ def test_exclude_leaves_the_flagged_reference_out(cohort, built, stand_in, tmp_p
     assert len(check.volumes) == 5 and not check.flagged
 
 
-def test_exclude_names_that_match_nothing_or_several_are_refused(cohort, tmp_path):
+def test_exclude_names_that_match_nothing_or_several_are_refused(cohort, tmp_path, capsys, monkeypatch):
     files = sorted(cohort.iterdir())
     kept, removed = excluded_references(files, ["suspect"])
     assert [p.name for p in removed] == ["suspect.nii.gz"] and len(kept) == 5
@@ -94,8 +94,10 @@ def test_exclude_names_that_match_nothing_or_several_are_refused(cohort, tmp_pat
         excluded_references([*files, other / "suspect.nii.gz"], ["suspect"])
     listed = tmp_path / "list.txt"
     listed.write_text("# from bank check\nnobody\n", encoding="utf-8")
+    monkeypatch.setattr(preflight, "model_available", lambda model: None)  # the stand-in needs no weights
     assert bank_main(["build", str(cohort), "-o", str(tmp_path / "b"), "--model", "stand-in",
                       "--exclude-list", str(listed)]) == 2
+    assert "--exclude nobody: no reference is named so" in capsys.readouterr().err
 
 
 def test_a_bank_without_volume_groups_still_opens_and_check_asks_for_a_rebuild(built, tmp_path, capsys):

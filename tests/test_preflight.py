@@ -71,8 +71,8 @@ def test_a_hub_id_out_of_reach_is_refused_unless_cached_or_reachable(tmp_path, m
     repo = "facebook/dinov3-vitb16-pretrain-lvd1689m"
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(WeightsUnavailableError, match=r"not in this machine's Hugging Face cache.*HF_HUB_OFFLINE is "
-                                                      r"set.*--model /path/to/folder(.|\n)*accept the licence"):
+    with pytest.raises(WeightsUnavailableError, match=r"not in this machine's Hugging Face cache \(.*empty\).*HF_HUB_OFFLINE"
+                                                      r".*--model /path/to/folder(.|\n)*accept the licence"):
         preflight.model_available(repo)
     monkeypatch.delenv("HF_HUB_OFFLINE")
     monkeypatch.setattr(hub, "unreachable", lambda timeout=3.0: "huggingface.co: Name or service not known")
@@ -85,13 +85,72 @@ def test_a_hub_id_out_of_reach_is_refused_unless_cached_or_reachable(tmp_path, m
         preflight.model_available("facebook/dinov3-vits16-pretrain-lvd1689m")  # another id is not
     monkeypatch.setattr(hub, "unreachable", lambda timeout=3.0: None)
     preflight.model_available("facebook/dinov3-vits16-pretrain-lvd1689m")  # the Hub will be asked
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(hub, "unreachable", lambda timeout=3.0: "huggingface.co: Name or service not known")
+    (tmp_path / "mymodel").mkdir()
+    preflight.model_available("mymodel")  # a folder named without ./ is a folder too, as transformers reads it
+    with pytest.raises(WeightsUnavailableError, match="--model nomodel: not in"):
+        preflight.model_available("nomodel")
+
+
+@pytest.fixture
+def probing(monkeypatch):
+    """No offline mode, no proxy, and the probe's memory of earlier answers cleared (before and after)."""
+    from himatch_med import hub
+
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_ENDPOINT", "http_proxy", "https_proxy", "all_proxy",
+                 "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    hub.probe.cache_clear()
+    yield hub
+    hub.probe.cache_clear()
+
+
+def test_the_hub_is_probed_once_at_its_endpoints_port_and_a_proxy_counts_as_reachable(probing, monkeypatch):
+    import socket
+
+    hub, calls = probing, []
+
+    def refused(address, timeout=None):
+        calls.append(address)
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    monkeypatch.setattr(socket, "create_connection", refused)
+    monkeypatch.setenv("HF_ENDPOINT", "http://mirror.example")
+    assert hub.unreachable() == "mirror.example: Connection refused"
+    assert hub.unreachable() == "mirror.example: Connection refused"
+    assert calls == [("mirror.example", 80)]  # http's port, and asked once for the checks and the loading
+    monkeypatch.setenv("HF_ENDPOINT", "https://mirror.example:8443")
+    assert hub.unreachable() is not None and calls[-1] == ("mirror.example", 8443)
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:3128")
+    assert hub.unreachable() is None  # the proxy may reach it: huggingface_hub finds out
+    monkeypatch.setenv("NO_PROXY", "mirror.example")
+    assert hub.unreachable() is not None  # not for a host the proxy is bypassed for
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    assert hub.offline() and hub.unreachable() is None
+
+
+def test_a_hub_that_never_answers_is_given_up_after_the_timeout_name_lookup_included(probing, monkeypatch):
+    import socket
+    import time
+
+    hub = probing
+    def stalled(address, timeout=None):  # a name lookup that a dropping resolver stretches past the timeout
+        time.sleep(3)
+        raise TimeoutError("timed out")
+
+    monkeypatch.setattr(socket, "create_connection", stalled)
+    started = time.perf_counter()
+    assert hub.probe("stalled.example", 443, 0.3) == "stalled.example: no answer in 0.3 s"
+    assert time.perf_counter() - started < 2
 
 
 def test_the_quick_start_without_weights_and_network_answers_before_the_heavy_imports(tmp_path):
     """The README's first line on a machine that has neither the weights nor the Hub: the real cause, at once."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_CACHE": str(tmp_path / "cache"),
-           "HF_ENDPOINT": "https://hub.invalid"}  # .invalid never resolves (RFC 6761)
-    env.pop("HF_HUB_OFFLINE", None)
+    # A closed local port (discard, 9) stands for the Hub out of reach on any machine, whatever its resolver.
+    env = {name: value for name, value in os.environ.items() if "proxy" not in name.lower()
+           and name not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env.update(PYTHONPATH=str(ROOT), HF_HUB_CACHE=str(tmp_path / "cache"), HF_ENDPOINT="http://127.0.0.1:9")
     code = ("import sys, time\nfrom himatch_med.run import main\nstarted = time.perf_counter()\n"
             f"rc = main(['sample_data/query.nii.gz', '--references', 'sample_data/references', '--image-size', '224',"
             f" '-o', {str(tmp_path / 'results')!r}])\n"
@@ -100,7 +159,7 @@ def test_the_quick_start_without_weights_and_network_answers_before_the_heavy_im
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, encoding="utf-8",
                           errors="replace", timeout=120, env=env, cwd=ROOT)
     assert done.returncode == 2, done.stderr
-    assert "cannot be reached (hub.invalid" in done.stderr and "accept the licence" in done.stderr, done.stderr
+    assert "cannot be reached (127.0.0.1: Connection refused" in done.stderr and "accept the licence" in done.stderr, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "[]"
     assert not (tmp_path / "results").exists() and "Traceback" not in done.stderr
 

@@ -246,8 +246,10 @@ def test_a_hub_id_without_network_fails_in_seconds_with_the_real_cause(monkeypat
     def no_network(*args, **kwargs):
         raise socket.gaierror(-2, "Name or service not known")
 
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)  # a proxy would count as reachable
     monkeypatch.setattr(socket, "create_connection", no_network)
+    hub.probe.cache_clear()  # an earlier answer in this process would be taken as it is
     assert "Name or service not known" in hub.unreachable()
     started = time.perf_counter()
     with pytest.raises(WeightsUnavailableError, match="cannot be reached.*check the spelling"):
