@@ -30,7 +30,6 @@ or pass weights you already have: `--model /path/to/local/folder` (a folder save
 or use an ungated DINOv2 model, e.g. `--model facebook/dinov2-base`."""
 
 
-
 class Backbone:
     """A frozen ViT returning unit-norm CLS and unit-norm, layer-normed patch grids of chosen stages.
 
